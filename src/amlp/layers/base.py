@@ -1,0 +1,198 @@
+"""The mixer contract shared by every layer.
+
+    y = mixer(x, context=None, *, x_mask=None, context_mask=None)   # [B, T, E] -> [B, T, E]
+    state = mixer.init_state(batch_size)                            # causal mixers with a step
+    y_t, state = mixer.step(x_t, state)                             # x_t [B, E] -> y_t [B, E]
+
+``context=None`` is self-mixing; a tensor ``[B, S, E]`` is cross-mixing (S may differ from T).
+Masks are boolean ``[B, T]`` / ``[B, S]``, True = real token. Causality is fixed at construction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..ops._checks import check_mask
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a mixer can do, as data: the registry builds, refuses and tests from this record."""
+
+    causal: bool = False
+    noncausal: bool = True
+    cross: bool = False
+    padding: bool = True
+    recurrent: bool = False
+    max_length: int | None = None
+    #: name of the constructor option that sets ``max_length`` per instance, if any
+    max_length_option: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Mixer(nn.Module):
+    """Base class of every sequence mixer; subclasses implement :meth:`mix_tokens`."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities()
+    #: registry name, filled in by :func:`amlp.layers.registry.register_mixer`
+    mixer_name: ClassVar[str] = "mixer"
+
+    def __init__(self, dim: int, heads: int, *, causal: bool = False, cross: bool = False):
+        super().__init__()
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        if not isinstance(heads, int) or heads < 1:
+            raise ValueError(f"heads must be a positive int, got {heads!r}")
+        if dim % heads != 0:
+            raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
+        caps = self.capabilities
+        if causal and not caps.causal:
+            raise ValueError(f"mixer {self.mixer_name!r} has no causal form (capability 'causal')")
+        if not causal and not caps.noncausal:
+            raise ValueError(f"mixer {self.mixer_name!r} has no non-causal form (capability 'noncausal'); pass causal=True")
+        if cross and not caps.cross:
+            raise ValueError(f"mixer {self.mixer_name!r} cannot mix a separate context (capability 'cross')")
+        self.dim = dim
+        self.heads = heads
+        self.head_dim = dim // heads
+        self.causal = causal
+        self.cross = cross
+
+    #: per-instance maximum length, for mixers whose limit is a constructor option
+    _max_length: int | None = None
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest input this instance accepts (None: unbounded)."""
+        return self._max_length if self._max_length is not None else self.capabilities.max_length
+
+    # -- the public call -------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        *,
+        x_mask: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self._check_input(x, "x")
+        B, T, _ = x.shape
+        check_mask(x_mask, B, T, "x_mask")
+        if context is None:
+            if context_mask is not None:
+                raise ValueError("context_mask was given without a context; use x_mask for self-mixing")
+        else:
+            if not self.capabilities.cross:
+                raise ValueError(f"mixer {self.mixer_name!r} cannot mix a separate context (capability 'cross')")
+            self._check_input(context, "context")
+            if context.shape[0] != B:
+                raise ValueError(f"context must have the batch size of x ({B}), got {context.shape[0]}")
+            check_mask(context_mask, B, context.shape[1], "context_mask")
+        if x_mask is not None and not self.capabilities.padding:
+            raise ValueError(f"mixer {self.mixer_name!r} does not take padding masks (capability 'padding')")
+        limit = self.max_length
+        for name, t in (("x", x), ("context", context)):
+            if limit is not None and t is not None and t.shape[1] > limit:
+                raise ValueError(
+                    f"mixer {self.mixer_name!r} has a maximum length of {limit} (capability 'max_length'); "
+                    f"{name} has length {t.shape[1]}"
+                )
+        return self.mix_tokens(x, context, x_mask, context_mask)
+
+    def _check_input(self, t: torch.Tensor, name: str) -> None:
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.dim:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be shaped [B, T, E] with E = {self.dim}, got {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        if t.shape[1] == 0:
+            raise ValueError(f"{name} must hold at least one token, got length 0")
+
+    def mix_tokens(self, x, context, x_mask, context_mask) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def reference(self, x, context=None, *, x_mask=None, context_mask=None) -> torch.Tensor:
+        """The same computation as :meth:`forward` through the plain reference op (slow, for tests
+        and for the correctness gate of the benchmark)."""
+        self._check_input(x, "x")
+        if context is not None:
+            self._check_input(context, "context")
+        return self.reference_tokens(x, context, x_mask, context_mask)
+
+    def reference_tokens(self, x, context, x_mask, context_mask) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError(f"mixer {self.mixer_name!r} has no reference form")
+
+    # -- recurrent interface (causal mixers with capability 'recurrent') --------------------------
+    def init_state(self, batch_size: int, *, device=None, dtype=None) -> Any:
+        raise ValueError(f"mixer {self.mixer_name!r} has no recurrent step (capability 'recurrent')")
+
+    def step(self, x_t: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
+        raise ValueError(f"mixer {self.mixer_name!r} has no recurrent step (capability 'recurrent')")
+
+    def state_size(self, length: int) -> int | None:
+        """Number of floats of recurrent state per batch row after ``length`` tokens (None: no step)."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, heads={self.heads}, causal={self.causal}"
+
+
+class ProjectedMixer(Mixer):
+    """A mixer with the usual q, k, v and output projections around a per-head op.
+
+    Subclasses implement :meth:`mix_heads` on ``[B, T, H, D]`` tensors.
+    """
+
+    def __init__(self, dim: int, heads: int, *, causal: bool = False, cross: bool = False,
+                 dropout: float = 0.0, bias: bool = True):
+        super().__init__(dim, heads, causal=causal, cross=cross)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.q_proj = nn.Linear(dim, dim, bias=bias)
+        self.k_proj = nn.Linear(dim, dim, bias=bias)
+        self.v_proj = nn.Linear(dim, dim, bias=bias)
+        self.out_proj = nn.Linear(dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+        self._reset_projections()
+
+    def _reset_projections(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=1 / math.sqrt(2))
+        nn.init.xavier_uniform_(self.out_proj.weight)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if proj.bias is not None:
+                nn.init.zeros_(proj.bias)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(t.shape[0], t.shape[1], self.heads, self.head_dim)
+
+    def _project_and_mix(self, mix, x, context, x_mask, context_mask):
+        source = x if context is None else context
+        kv_mask = x_mask if context is None else context_mask
+        q = self.split_heads(self.q_proj(x))
+        k = self.split_heads(self.k_proj(source))
+        v = self.split_heads(self.v_proj(source))
+        out = mix(q, k, v, x_mask, kv_mask)
+        out = out.reshape(x.shape[0], x.shape[1], self.dim)
+        return self.dropout(self.out_proj(out))
+
+    def mix_tokens(self, x, context, x_mask, context_mask):
+        return self._project_and_mix(self.mix_heads, x, context, x_mask, context_mask)
+
+    def reference_tokens(self, x, context, x_mask, context_mask):
+        return self._project_and_mix(self.mix_heads_reference, x, context, x_mask, context_mask)
+
+    def mix_heads(self, q, k, v, q_mask, kv_mask) -> torch.Tensor:  # pragma: no cover - abstract
+        """The fast op on ``[B, T, H, D]`` heads."""
+        raise NotImplementedError
+
+    def mix_heads_reference(self, q, k, v, q_mask, kv_mask) -> torch.Tensor:  # pragma: no cover
+        """The plain reference op on ``[B, T, H, D]`` heads (same parameters as :meth:`mix_heads`)."""
+        raise NotImplementedError(f"mixer {self.mixer_name!r} has no reference form")

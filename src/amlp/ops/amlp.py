@@ -1,0 +1,349 @@
+r"""AMLP-Cov and AMLP-PQuery (Attentive MLP, arXiv 2310.09512, section 2.3).
+
+Both compute a two-layer MLP whose weights come from the context (eq. 8):
+
+    AMLP(Q; K, V) = sigma_1(Q W_QK) W_QKV,    W_QK = L in R^{D x c},  W_QKV in R^{c x D}
+
+**AMLP-Cov** (eqs. 9-10) builds ``L`` from feature covariances:
+
+    L^T   = C_q sigma_2(Q^T Q) + C_k sigma_2(K^T K)          (c x D)
+    W_QKV = L^T sigma_2(K^T V)                               (c x D)
+
+**AMLP-PQuery** (eqs. 11-12) pools ``c`` pseudo-queries over positions:
+
+    L^T   = [sigma_2(C_q Q^T) Q ; sigma_2(C_k K^T) K] W      (c x 2D) (2D x D)
+    W_QKV = sigma_2(L^T K^T) V                               (c x D)
+
+``sigma_2`` is a row-wise softmax and ``sigma_1`` is chosen by ``activation`` (softmax over the c
+hidden units by default). Time and memory are linear in the sequence length.
+
+Forms
+-----
+``form="paper"`` is the equations as printed: raw Gram matrices, unscaled logits (``scale``
+overrides the sigma_1 logit scale only).
+
+``form="stable"`` (the default of the layers) makes the op invariant to the length of the sequence
+and to the scale of q, k and v, which the paper form is not: its Gram matrices grow like ``T *
+|x|^2``, so ``sigma_2`` of them saturates into a one-hot on long or large inputs and the
+gradient through it vanishes. The remedies, as in the authors' released code but applied throughout:
+
+* every feature column of Q, K and V is normalised over the (real) positions of the sequence, so
+  the Gram matrices become cosine similarities between feature columns, bounded in [-1, 1]
+  whatever T is (Cov); the same normalised columns are pooled in PQuery;
+* each sigma_2 map has a learned per-head temperature (``temperature``, ``[H, 3]``), so the model
+  can still choose how peaked the maps are;
+* Cov applies a ReLU to ``L^T``; sigma_1 logits are scaled by ``1/sqrt(D)`` and the readout uses
+  the column-normalised queries (root-mean-square 1), so the readout is scale free as well.
+
+The layers add a LayerNorm on each head's output (as the released code does). Normalising the
+columns costs two extra reductions over T and is folded into the small ``c x D`` matrices, so no
+normalised copy of Q, K or V is ever made.
+
+Padding: padded queries and keys take no part in any statistic; outputs at padded queries are zero,
+and every output of a batch row whose keys are all padding is zero.
+
+Implementation: the only steps that touch T are Gram matrices (a custom autograd function that keeps
+only its inputs for backward), column sums of squares, and softmax poolings over positions, which
+run on :func:`torch.nn.functional.scaled_dot_product_attention` (a fused kernel that keeps no
+T-by-c probability matrix for backward). Everything else is on ``c x D`` or ``D x D`` tensors.
+Half-precision inputs are computed in float32 and returned in their own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_landmarks, check_mask, check_qkv, compute_dtype, padded_rows_to_zero, real_counts
+from ._common import activate, check_activation, column_scale, masked_gram, masked_sumsq
+from .softmax import key_mask_for_sdpa
+
+FORMS = ("paper", "stable")
+DEFAULT_EPS = 1e-6
+
+
+def _check_common(q, k, v, q_mask, kv_mask, activation, form, temperature):
+    check_qkv(q, k, v)
+    B, Tq, H, D = q.shape
+    check_mask(q_mask, B, Tq, "q_mask")
+    check_mask(kv_mask, B, k.shape[1], "kv_mask")
+    check_activation(activation)
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if temperature is not None and (not isinstance(temperature, torch.Tensor) or tuple(temperature.shape) != (H, 3)):
+        shape = tuple(temperature.shape) if isinstance(temperature, torch.Tensor) else type(temperature).__name__
+        raise ValueError(f"temperature must be shaped [H, 3] = [{H}, 3], got {shape}")
+
+
+def _temperatures(temperature, H, dtype, device):
+    if temperature is None:
+        return torch.ones(H, 3, dtype=dtype, device=device)
+    return temperature.to(dtype)
+
+
+def _finish(out, q_mask, kv_mask, dtype):
+    """Zero padded queries and rows without any real key; cast back to the input dtype."""
+    B, Tq = out.shape[:2]
+    if kv_mask is not None:
+        has_keys = kv_mask.any(1)
+        if not bool(has_keys.all()):
+            out = padded_rows_to_zero(out, has_keys.unsqueeze(1).expand(B, Tq))
+    out = padded_rows_to_zero(out, q_mask)
+    return out.to(dtype)
+
+
+def _pool(query, keys, values, mask, scale):
+    """Softmax pooling over positions: ``softmax(query keys^T * scale) values``.
+
+    ``query`` is ``[B, H, c, D]``; ``keys, values`` are ``[B, T, H, D]``; ``mask`` is ``[B, T]`` or
+    None. Returns ``[B, H, c, D]``. Runs on the fused SDPA kernel.
+    """
+    attn_mask, _ = key_mask_for_sdpa(mask)
+    return F.scaled_dot_product_attention(
+        query, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=attn_mask, scale=scale
+    )
+
+
+def _readout(q, keys, values, activation, scale):
+    """``sigma_1(q keys^T * scale) values`` for ``q`` ``[B, T, H, D]`` and ``keys, values``
+    ``[B, H, c, D]``; returns ``[B, T, H, D]``. Softmax runs on the fused SDPA kernel."""
+    if activation == "softmax":
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, scale=scale)
+        return out.transpose(1, 2)
+    logits = torch.einsum("bthd,bhcd->bthc", q, keys) * scale
+    return torch.einsum("bthc,bhcd->bthd", activate(logits, activation), values)
+
+
+def amlp_cov(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cq: torch.Tensor,
+    ck: torch.Tensor,
+    *,
+    q_mask: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
+    activation: str = "softmax",
+    form: str = "stable",
+    temperature: torch.Tensor | None = None,
+    scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """AMLP-Cov (eqs. 8-10): ``sigma_1(Q L) L^T sigma_2(K^T V)`` with ``L^T = C_q sigma_2(Q^T Q) + C_k sigma_2(K^T K)``.
+
+    Args:
+        q: ``[B, Tq, H, D]``; k, v: ``[B, Tk, H, D]`` (Tq may differ from Tk: cross-mixing).
+        cq, ck: landmarks ``[H, c, D]``.
+        q_mask, kv_mask: boolean ``[B, Tq]`` / ``[B, Tk]``, True = real token.
+        activation: sigma_1, one of ``softmax`` (over the c hidden units), ``relu``, ``sigmoid``,
+            ``identity``.
+        form: ``"paper"`` or ``"stable"`` (see the module docstring).
+        temperature: ``[H, 3]`` multipliers of the three Gram matrices (Q^T Q, K^T K, K^T V) before
+            sigma_2; ones when None.
+        scale: sigma_1 logit scale; 1 in the paper form and ``1/sqrt(D)`` in the stable form by default.
+        eps: floor of the column norms in the stable form.
+
+    Returns ``[B, Tq, H, D]`` in the dtype of ``q``.
+    """
+    _check_common(q, k, v, q_mask, kv_mask, activation, form, temperature)
+    B, Tq, H, D = q.shape
+    check_landmarks(cq, H, D, "cq")
+    check_landmarks(ck, H, D, "ck")
+    if cq.shape != ck.shape:
+        raise ValueError(f"cq and ck must have the same shape [H, c, D], got {tuple(cq.shape)} and {tuple(ck.shape)}")
+    out_dtype = q.dtype
+    cdt = compute_dtype(q.dtype)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    cq, ck = cq.to(cdt), ck.to(cdt)
+    tau = _temperatures(temperature, H, cdt, q.device)
+
+    g_q = masked_gram(q, q, q_mask)  # [B, H, D, D]
+    g_k = masked_gram(k, k, kv_mask)
+    g_kv = masked_gram(k, v, kv_mask)
+    if form == "paper":
+        s_q, s_k, s_kv = g_q, g_k, g_kv
+        read_scale = 1.0 if scale is None else float(scale)
+        keys_scale = None
+    else:
+        n_q = g_q.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()  # column norms [B, H, D]
+        n_k = g_k.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()
+        n_v = masked_sumsq(v, kv_mask).clamp_min(eps * eps).sqrt()
+        s_q = g_q / (n_q.unsqueeze(-1) * n_q.unsqueeze(-2))
+        s_k = g_k / (n_k.unsqueeze(-1) * n_k.unsqueeze(-2))
+        s_kv = g_kv / (n_k.unsqueeze(-1) * n_v.unsqueeze(-2))
+        read_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+        count_q = real_counts(q_mask, B, Tq, cdt, q.device)
+        keys_scale = count_q.sqrt()[:, None, None] / n_q  # unit-RMS query columns, folded into L
+    t = tau.view(1, H, 3, 1, 1)
+    l_t = torch.einsum("hcd,bhde->bhce", cq, torch.softmax(s_q * t[:, :, 0], dim=-1)) + torch.einsum(
+        "hcd,bhde->bhce", ck, torch.softmax(s_k * t[:, :, 1], dim=-1)
+    )  # L^T, [B, H, c, D]
+    if form == "stable":
+        l_t = F.relu(l_t)
+    w_qkv = l_t @ torch.softmax(s_kv * t[:, :, 2], dim=-1)  # [B, H, c, D]
+    keys = l_t if keys_scale is None else l_t * keys_scale.unsqueeze(-2)
+    out = _readout(q, keys, w_qkv, activation, read_scale)
+    return _finish(out, q_mask, kv_mask, out_dtype)
+
+
+def _check_w(w, w_bias, H, D):
+    if not isinstance(w, torch.Tensor) or not (
+        tuple(w.shape) == (2 * D, D) or tuple(w.shape) == (H, 2 * D, D)
+    ):
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+        raise ValueError(f"w must be shaped [2D, D] = [{2 * D}, {D}] or [H, 2D, D] = [{H}, {2 * D}, {D}], got {shape}")
+    if w_bias is not None and not (tuple(w_bias.shape) == (D,) or tuple(w_bias.shape) == (H, D)):
+        raise ValueError(f"w_bias must be shaped [D] = [{D}] or [H, D] = [{H}, {D}], got {tuple(w_bias.shape)}")
+
+
+def amlp_pquery(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cq: torch.Tensor,
+    ck: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    w_bias: torch.Tensor | None = None,
+    q_mask: torch.Tensor | None = None,
+    kv_mask: torch.Tensor | None = None,
+    activation: str = "softmax",
+    form: str = "stable",
+    temperature: torch.Tensor | None = None,
+    scale: float | None = None,
+    eps: float = DEFAULT_EPS,
+) -> torch.Tensor:
+    """AMLP-PQuery (eqs. 8, 11, 12): pseudo-queries pooled over positions.
+
+    ``L^T = [sigma_2(C_q Q^T) Q ; sigma_2(C_k K^T) K] W (+ w_bias)``,
+    ``W_QKV = sigma_2(L^T K^T) V``, output ``sigma_1(Q L) W_QKV``.
+
+    Args:
+        q, k, v, cq, ck, q_mask, kv_mask, activation, form, eps: as in :func:`amlp_cov`.
+        w: ``[2D, D]`` (shared by the heads) or ``[H, 2D, D]``; ``w_bias``: ``[D]`` or ``[H, D]``.
+        temperature: ``[H, 3]`` multipliers of the three pooling logits (C_q Q^T, C_k K^T, L^T K^T);
+            ones when None.
+        scale: sigma_1 logit scale; 1 in the paper form and ``1/sqrt(D)`` in the stable form. The
+            pooling logits are unscaled in the paper form and scaled by ``1/sqrt(D)`` in the stable form.
+
+    Returns ``[B, Tq, H, D]`` in the dtype of ``q``.
+    """
+    _check_common(q, k, v, q_mask, kv_mask, activation, form, temperature)
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    check_landmarks(cq, H, D, "cq")
+    check_landmarks(ck, H, D, "ck")
+    _check_w(w, w_bias, H, D)
+    out_dtype = q.dtype
+    cdt = compute_dtype(q.dtype)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    cq, ck, w = cq.to(cdt), ck.to(cdt), w.to(cdt)
+    tau = _temperatures(temperature, H, cdt, q.device).view(1, H, 3, 1, 1)
+
+    if form == "paper":
+        pool_scale = 1.0
+        read_scale = 1.0 if scale is None else float(scale)
+        cs_q = cs_k = None
+    else:
+        pool_scale = 1.0 / math.sqrt(D)
+        read_scale = pool_scale if scale is None else float(scale)
+        cs_q = column_scale(masked_sumsq(q, q_mask), real_counts(q_mask, B, Tq, cdt, q.device), eps)
+        cs_k = column_scale(masked_sumsq(k, kv_mask), real_counts(kv_mask, B, Tk, cdt, q.device), eps)
+
+    def normalised_pool(landmarks, x, cs, mask, t):
+        # softmax(C Xn^T) Xn with Xn = X diag(cs): fold cs into the pseudo-query and the result.
+        query = (landmarks * t).expand(B, H, -1, D) if cs is None else landmarks * t * cs.unsqueeze(-2)
+        pooled = _pool(query, x, x, mask, pool_scale)
+        return pooled if cs is None else pooled * cs.unsqueeze(-2)
+
+    pq = normalised_pool(cq.unsqueeze(0), q, cs_q, q_mask, tau[:, :, 0])  # [B, H, c, D]
+    pk = normalised_pool(ck.unsqueeze(0), k, cs_k, kv_mask, tau[:, :, 1])
+    l_t = torch.cat([pq, pk], dim=-1) @ w  # [B, H, c, D]
+    if w_bias is not None:
+        l_t = l_t + (w_bias.to(cdt) if w_bias.dim() == 1 else w_bias.to(cdt).unsqueeze(1))
+    query = l_t * tau[:, :, 2] if cs_k is None else l_t * tau[:, :, 2] * cs_k.unsqueeze(-2)
+    w_qkv = _pool(query, k, v, kv_mask, pool_scale)  # [B, H, c, D]
+    keys = l_t if cs_q is None else l_t * cs_q.unsqueeze(-2)
+    out = _readout(q, keys, w_qkv, activation, read_scale)
+    return _finish(out, q_mask, kv_mask, out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain references: one batch row and one head at a time, padded rows dropped by indexing.
+
+
+def _real_rows(x, mask, b, h):
+    rows = x[b, :, h]
+    return rows if mask is None else rows[mask[b]]
+
+
+def _scatter_rows(out, rows_out, mask, b, h):
+    if mask is None:
+        out[b, :, h] = rows_out
+    else:
+        out[b, mask[b], h] = rows_out
+
+
+def amlp_cov_reference(q, k, v, cq, ck, *, q_mask=None, kv_mask=None, activation="softmax", form="stable",
+                       temperature=None, scale=None, eps=DEFAULT_EPS):
+    """Reference AMLP-Cov, written for clarity: eqs. 9-10 per batch row and head."""
+    B, Tq, H, D = q.shape
+    tau = torch.ones(H, 3, dtype=q.dtype) if temperature is None else temperature
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            Q, K, V = _real_rows(q, q_mask, b, h), _real_rows(k, kv_mask, b, h), _real_rows(v, kv_mask, b, h)
+            if K.shape[0] == 0:
+                continue
+            if form == "stable":
+                nq = Q.norm(dim=0).clamp_min(eps)
+                nk = K.norm(dim=0).clamp_min(eps)
+                nv = V.norm(dim=0).clamp_min(eps)
+                Qn, Kn, Vn = Q / nq, K / nk, V / nv
+                Qread = Qn * math.sqrt(Q.shape[0])
+                s = 1.0 / math.sqrt(D) if scale is None else scale
+            else:
+                Qn, Kn, Vn, Qread = Q, K, V, Q
+                s = 1.0 if scale is None else scale
+            Lt = cq[h] @ torch.softmax(tau[h, 0] * (Qn.T @ Qn), -1) + ck[h] @ torch.softmax(
+                tau[h, 1] * (Kn.T @ Kn), -1
+            )
+            if form == "stable":
+                Lt = torch.relu(Lt)
+            W_qkv = Lt @ torch.softmax(tau[h, 2] * (Kn.T @ Vn), -1)
+            hidden = activate(s * (Qread @ Lt.T), activation)
+            _scatter_rows(out, hidden @ W_qkv, q_mask, b, h)
+    return out
+
+
+def amlp_pquery_reference(q, k, v, cq, ck, w, *, w_bias=None, q_mask=None, kv_mask=None, activation="softmax",
+                          form="stable", temperature=None, scale=None, eps=DEFAULT_EPS):
+    """Reference AMLP-PQuery, written for clarity: eqs. 11-12 per batch row and head."""
+    B, Tq, H, D = q.shape
+    tau = torch.ones(H, 3, dtype=q.dtype) if temperature is None else temperature
+    out = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            Q, K, V = _real_rows(q, q_mask, b, h), _real_rows(k, kv_mask, b, h), _real_rows(v, kv_mask, b, h)
+            if K.shape[0] == 0:
+                continue
+            if form == "stable":
+                Q = Q / Q.norm(dim=0).clamp_min(eps) * math.sqrt(Q.shape[0])
+                K = K / K.norm(dim=0).clamp_min(eps) * math.sqrt(K.shape[0])
+                ps = 1.0 / math.sqrt(D)
+                s = ps if scale is None else scale
+            else:
+                ps = 1.0
+                s = 1.0 if scale is None else scale
+            Wh = w if w.dim() == 2 else w[h]
+            pseudo_q = torch.softmax(tau[h, 0] * ps * (cq[h] @ Q.T), -1) @ Q
+            pseudo_k = torch.softmax(tau[h, 1] * ps * (ck[h] @ K.T), -1) @ K
+            Lt = torch.cat([pseudo_q, pseudo_k], -1) @ Wh
+            if w_bias is not None:
+                Lt = Lt + (w_bias if w_bias.dim() == 1 else w_bias[h])
+            W_qkv = torch.softmax(tau[h, 2] * ps * (Lt @ K.T), -1) @ V
+            hidden = activate(s * (Q @ Lt.T), activation)
+            _scatter_rows(out, hidden @ W_qkv, q_mask, b, h)
+    return out

@@ -1,0 +1,159 @@
+"""The registry-wide suite: every registered mixer goes through the same checks, driven by its
+capability record."""
+
+import pytest
+import torch
+
+import amlp
+from amlp.layers import get_mixer_info
+from amlp.layers.check import check_mixer
+
+from conftest import ALL_MIXERS, default_causal
+
+DIM, HEADS = 24, 3
+
+
+def build(name, **kw):
+    kw.setdefault("causal", default_causal(name))
+    return amlp.build_mixer(name, dim=DIM, heads=HEADS, **kw).double().eval()
+
+
+def caps(name):
+    return get_mixer_info(name).capabilities
+
+
+def test_at_least_the_foundation_is_registered():
+    assert {"softmax", "amlp-cov", "amlp-pquery"} <= set(ALL_MIXERS)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_shape_dtype_and_backward(name):
+    m = build(name)
+    x = torch.randn(2, 11, DIM, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_single_token(name):
+    m = build(name)
+    y = m(torch.randn(3, 1, DIM, dtype=torch.float64))
+    assert y.shape == (3, 1, DIM) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_fast_path_equals_reference(name):
+    res = check_mixer(name, dim=DIM, heads=HEADS)
+    assert res.passed, res.message
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_half_precision_returns_input_dtype(name):
+    m = amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=default_causal(name)).eval().to(torch.bfloat16)
+    x = torch.randn(2, 9, DIM).to(torch.bfloat16)
+    y = m(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_cross_mixing_or_refusal(name):
+    if caps(name).cross:
+        m = build(name, cross=True)
+        x = torch.randn(2, 7, DIM, dtype=torch.float64)
+        ctx = torch.randn(2, 12, DIM, dtype=torch.float64)
+        y = m(x, ctx)
+        assert y.shape == x.shape and torch.isfinite(y).all()
+    else:
+        with pytest.raises(ValueError, match=rf"{name}.*cross"):
+            amlp.build_mixer(name, dim=DIM, heads=HEADS, cross=True, causal=default_causal(name))
+        m = build(name)
+        with pytest.raises(ValueError, match="cross"):
+            m(torch.randn(2, 7, DIM, dtype=torch.float64), torch.randn(2, 5, DIM, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_causal_refusal(name):
+    if not caps(name).causal:
+        with pytest.raises(ValueError, match=rf"{name}.*causal"):
+            amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=True)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_right_padding_does_not_change_real_outputs(name):
+    if not caps(name).padding:
+        pytest.skip("mixer takes no padding masks")
+    m = build(name)
+    T, n_real = 12, 8
+    x = torch.randn(2, T, DIM, dtype=torch.float64)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, n_real:] = False
+    y = m(x, x_mask=mask)
+    alone = m(x[1:, :n_real])
+    torch.testing.assert_close(y[1, :n_real], alone[0], rtol=1e-7, atol=1e-9)
+    junk = x.clone()
+    junk[1, n_real:] = 100 * torch.randn(T - n_real, DIM, dtype=torch.float64)
+    torch.testing.assert_close(m(junk, x_mask=mask)[1, :n_real], y[1, :n_real], rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_causal_form_ignores_the_future(name):
+    if not caps(name).causal:
+        pytest.skip("no causal form")
+    m = build(name, causal=True)
+    x = torch.randn(2, 10, DIM, dtype=torch.float64)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn(2, 4, DIM, dtype=torch.float64)
+    torch.testing.assert_close(m(x)[:, :6], m(x2)[:, :6], rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_step_equals_forward(name):
+    if not caps(name).recurrent:
+        pytest.skip("no recurrent step")
+    m = build(name, causal=True)
+    x = torch.randn(2, 9, DIM, dtype=torch.float64)
+    full = m(x)
+    state = m.init_state(2, dtype=torch.float64)
+    outs = []
+    for t in range(x.shape[1]):
+        y_t, state = m.step(x[:, t], state)
+        outs.append(y_t)
+    torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_bad_inputs_raise_value_error(name):
+    m = build(name)
+    with pytest.raises(ValueError, match="x must be shaped"):
+        m(torch.randn(2, 5, DIM + 1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x must be shaped"):
+        m(torch.randn(5, DIM, dtype=torch.float64))
+    if caps(name).padding:
+        x = torch.randn(2, 5, DIM, dtype=torch.float64)
+        with pytest.raises(ValueError, match="x_mask"):
+            m(x, x_mask=torch.ones(2, 4, dtype=torch.bool))
+        with pytest.raises(ValueError, match="x_mask"):
+            m(x, x_mask=torch.ones(2, 5))
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_maximum_length_is_enforced(name):
+    m = build(name)
+    limit = m.max_length
+    if limit is None:
+        pytest.skip("no maximum length")
+    with pytest.raises(ValueError, match="maximum length"):
+        m(torch.randn(1, limit + 1, DIM, dtype=torch.float64))
+
+
+def test_dim_not_divisible_by_heads():
+    with pytest.raises(ValueError, match="divisible"):
+        amlp.build_mixer("softmax", dim=10, heads=3)
+
+
+def test_unknown_mixer_lists_the_names():
+    with pytest.raises(ValueError, match="amlp-cov"):
+        amlp.build_mixer("nope", dim=8, heads=2)
