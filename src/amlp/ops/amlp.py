@@ -57,8 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_landmarks, check_mask, check_qkv, compute_dtype, padded_rows_to_zero, real_counts
-from ._common import activate, check_activation, column_scale, masked_gram, masked_sumsq
-from .softmax import key_mask_for_sdpa
+from . import _sequence_passes as passes
+from ._common import activate, check_activation, column_scale
 
 FORMS = ("paper", "stable")
 DEFAULT_EPS = 1e-6
@@ -94,26 +94,79 @@ def _finish(out, q_mask, kv_mask, dtype):
     return out.to(dtype)
 
 
-def _pool(query, keys, values, mask, scale):
-    """Softmax pooling over positions: ``softmax(query keys^T * scale) values``.
+def _cov_weights(g_q, g_k, g_kv, s_v, count_q, cq, ck, tau, form, eps, scale):
+    """The small half of AMLP-Cov: from the Gram matrices to the readout's keys ``L^T`` (with the
+    column scale of the queries folded in) and values ``W_QKV``, both ``[B, H, c, D]``."""
+    H, D = cq.shape[0], cq.shape[2]
+    if form == "paper":
+        s_q, s_k, s_kv = g_q, g_k, g_kv
+        read_scale = 1.0 if scale is None else float(scale)
+    else:
+        n_q = g_q.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()  # column norms [B, H, D]
+        n_k = g_k.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()
+        n_v = s_v.clamp_min(eps * eps).sqrt()
+        s_q = g_q / (n_q.unsqueeze(-1) * n_q.unsqueeze(-2))  # cosine similarities of feature columns
+        s_k = g_k / (n_k.unsqueeze(-1) * n_k.unsqueeze(-2))
+        s_kv = g_kv / (n_k.unsqueeze(-1) * n_v.unsqueeze(-2))
+        read_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    t = tau.view(1, H, 3, 1, 1)
+    l_t = torch.einsum("hcd,bhde->bhce", cq, torch.softmax(s_q * t[:, :, 0], dim=-1)) + torch.einsum(
+        "hcd,bhde->bhce", ck, torch.softmax(s_k * t[:, :, 1], dim=-1)
+    )  # L^T, eq. 9
+    if form == "stable":
+        l_t = F.relu(l_t)
+    values = l_t @ torch.softmax(s_kv * t[:, :, 2], dim=-1)  # W_QKV, eq. 10
+    if form == "stable":  # unit-RMS query columns, folded into the keys
+        keys = l_t * (count_q.sqrt()[:, None, None] / n_q).unsqueeze(-2)
+    else:
+        keys = l_t
+    return keys, values, read_scale
 
-    ``query`` is ``[B, H, c, D]``; ``keys, values`` are ``[B, T, H, D]``; ``mask`` is ``[B, T]`` or
-    None. Returns ``[B, H, c, D]``. Runs on the fused SDPA kernel.
-    """
-    attn_mask, _ = key_mask_for_sdpa(mask)
-    return F.scaled_dot_product_attention(
-        query, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=attn_mask, scale=scale
-    )
+
+def _small_leaves(*tensors):
+    return [None if t is None else t.detach().requires_grad_(True) for t in tensors]
 
 
-def _readout(q, keys, values, activation, scale):
-    """``sigma_1(q keys^T * scale) values`` for ``q`` ``[B, T, H, D]`` and ``keys, values``
-    ``[B, H, c, D]``; returns ``[B, T, H, D]``. Softmax runs on the fused SDPA kernel."""
-    if activation == "softmax":
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, scale=scale)
-        return out.transpose(1, 2)
-    logits = torch.einsum("bthd,bhcd->bthc", q, keys) * scale
-    return torch.einsum("bthc,bhcd->bthd", activate(logits, activation), values)
+class _AMLPCovFunction(torch.autograd.Function):
+    """AMLP-Cov with a hand-written backward over the sequence: only the inputs and the ``D x D``
+    Gram matrices are kept; the small ``c x D`` graph is recomputed and differentiated by autograd,
+    the passes over T accumulate straight into the input gradients."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cq, ck, tau, q_mask, kv_mask, activation, form, eps, scale):
+        g_q = passes.gram(q, q, q_mask)
+        g_k = passes.gram(k, k, kv_mask)
+        g_kv = passes.gram(k, v, kv_mask)
+        s_v = passes.sumsq(v, kv_mask) if form == "stable" else None
+        count_q = real_counts(q_mask, q.shape[0], q.shape[1], q.dtype, q.device)
+        keys, values, read_scale = _cov_weights(g_q, g_k, g_kv, s_v, count_q, cq, ck, tau, form, eps, scale)
+        ctx.save_for_backward(q, k, v, cq, ck, tau, g_q, g_k, g_kv, s_v, count_q, q_mask, kv_mask)
+        ctx.options = (activation, form, eps, scale)
+        return passes.readout(q, keys, values, activation, read_scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, cq, ck, tau, g_q, g_k, g_kv, s_v, count_q, q_mask, kv_mask = ctx.saved_tensors
+        activation, form, eps, scale = ctx.options
+        leaves = _small_leaves(g_q, g_k, g_kv, s_v, cq, ck, tau)
+        with torch.enable_grad():
+            keys, values, read_scale = _cov_weights(*leaves[:4], count_q, *leaves[4:], form, eps, scale)
+        grad_q = torch.empty_like(q)
+        d_keys, d_values = passes.readout_vjp(grad_out, q, keys.detach(), values.detach(), activation, read_scale,
+                                              grad_q, first=True)
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad([keys, values], wanted, [d_keys, d_values], allow_unused=True))
+        dg_q, dg_k, dg_kv, ds_v, d_cq, d_ck, d_tau = (None if t is None else next(grads) for t in leaves)
+        passes.add_linear_vjp(grad_q, (q,), (dg_q + dg_q.transpose(-1, -2),), q_mask)
+        grad_k = torch.empty_like(k)
+        passes.add_linear_vjp(grad_k, (k, v), (dg_k + dg_k.transpose(-1, -2), dg_kv.transpose(-1, -2)), kv_mask,
+                              first=True)
+        grad_v = torch.empty_like(v)
+        passes.add_linear_vjp(grad_v, (k,), (dg_kv,), kv_mask, first=True)
+        if ds_v is not None:
+            passes.add_sumsq_vjp(grad_v, v, ds_v, kv_mask)
+        return grad_q, grad_k, grad_v, d_cq, d_ck, d_tau, None, None, None, None, None, None
 
 
 def amlp_cov(
@@ -155,36 +208,9 @@ def amlp_cov(
         raise ValueError(f"cq and ck must have the same shape [H, c, D], got {tuple(cq.shape)} and {tuple(ck.shape)}")
     out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)
-    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-    cq, ck = cq.to(cdt), ck.to(cdt)
     tau = _temperatures(temperature, H, cdt, q.device)
-
-    g_q = masked_gram(q, q, q_mask)  # [B, H, D, D]
-    g_k = masked_gram(k, k, kv_mask)
-    g_kv = masked_gram(k, v, kv_mask)
-    if form == "paper":
-        s_q, s_k, s_kv = g_q, g_k, g_kv
-        read_scale = 1.0 if scale is None else float(scale)
-        keys_scale = None
-    else:
-        n_q = g_q.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()  # column norms [B, H, D]
-        n_k = g_k.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()
-        n_v = masked_sumsq(v, kv_mask).clamp_min(eps * eps).sqrt()
-        s_q = g_q / (n_q.unsqueeze(-1) * n_q.unsqueeze(-2))
-        s_k = g_k / (n_k.unsqueeze(-1) * n_k.unsqueeze(-2))
-        s_kv = g_kv / (n_k.unsqueeze(-1) * n_v.unsqueeze(-2))
-        read_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-        count_q = real_counts(q_mask, B, Tq, cdt, q.device)
-        keys_scale = count_q.sqrt()[:, None, None] / n_q  # unit-RMS query columns, folded into L
-    t = tau.view(1, H, 3, 1, 1)
-    l_t = torch.einsum("hcd,bhde->bhce", cq, torch.softmax(s_q * t[:, :, 0], dim=-1)) + torch.einsum(
-        "hcd,bhde->bhce", ck, torch.softmax(s_k * t[:, :, 1], dim=-1)
-    )  # L^T, [B, H, c, D]
-    if form == "stable":
-        l_t = F.relu(l_t)
-    w_qkv = l_t @ torch.softmax(s_kv * t[:, :, 2], dim=-1)  # [B, H, c, D]
-    keys = l_t if keys_scale is None else l_t * keys_scale.unsqueeze(-2)
-    out = _readout(q, keys, w_qkv, activation, read_scale)
+    out = _AMLPCovFunction.apply(q.to(cdt), k.to(cdt), v.to(cdt), cq.to(cdt), ck.to(cdt), tau, q_mask, kv_mask,
+                                 activation, form, eps, scale)
     return _finish(out, q_mask, kv_mask, out_dtype)
 
 
@@ -198,6 +224,99 @@ def _check_w(w, w_bias, H, D):
         raise ValueError(f"w_bias must be shaped [D] = [{D}] or [H, D] = [{H}, {D}], got {tuple(w_bias.shape)}")
 
 
+def _pquery_landmark_queries(s_q, s_k, count_q, count_k, cq, ck, tau, eps, batch):
+    """Pseudo-queries of the two first poolings, with the column normalisation of the stable form
+    folded in (``s_q, s_k`` are None in the paper form). Returns (query_q, query_k, cs_q, cs_k)."""
+    t = tau.view(1, tau.shape[0], 3, 1, 1)
+    if s_q is None:
+        query_q = (cq.unsqueeze(0) * t[:, :, 0]).expand(batch, -1, -1, -1)
+        query_k = (ck.unsqueeze(0) * t[:, :, 1]).expand(batch, -1, -1, -1)
+        return query_q, query_k, None, None
+    cs_q = column_scale(s_q, count_q, eps)  # [B, H, D]
+    cs_k = column_scale(s_k, count_k, eps)
+    return cq * t[:, :, 0] * cs_q.unsqueeze(-2), ck * t[:, :, 1] * cs_k.unsqueeze(-2), cs_q, cs_k
+
+
+def _pquery_weights(pooled_q, pooled_k, cs_q, cs_k, w, w_bias, tau):
+    """``L^T = [pooled Q ; pooled K] W + b`` (eq. 11); returns the query of the third pooling (eq. 12)
+    and the readout keys, both ``[B, H, c, D]``."""
+    if cs_q is not None:
+        pooled_q, pooled_k = pooled_q * cs_q.unsqueeze(-2), pooled_k * cs_k.unsqueeze(-2)
+    l_t = torch.cat([pooled_q, pooled_k], dim=-1) @ w
+    if w_bias is not None:
+        l_t = l_t + (w_bias if w_bias.dim() == 1 else w_bias.unsqueeze(1))
+    t3 = tau[:, 2].view(1, -1, 1, 1)
+    if cs_q is None:
+        return l_t * t3, l_t
+    return l_t * t3 * cs_k.unsqueeze(-2), l_t * cs_q.unsqueeze(-2)
+
+
+class _AMLPPQueryFunction(torch.autograd.Function):
+    """AMLP-PQuery with a hand-written backward over the sequence (see :class:`_AMLPCovFunction`):
+    three softmax poolings over positions and the readout, whose VJPs accumulate into the input
+    gradients chunk by chunk; the small graph in between is recomputed and left to autograd."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cq, ck, w, w_bias, tau, q_mask, kv_mask, activation, form, eps, scale):
+        B, Tq, _, D = q.shape
+        stable = form == "stable"
+        pool_scale = 1.0 / math.sqrt(D) if stable else 1.0
+        read_scale = (pool_scale if stable else 1.0) if scale is None else float(scale)
+        s_q = passes.sumsq(q, q_mask) if stable else None
+        s_k = passes.sumsq(k, kv_mask) if stable else None
+        count_q = real_counts(q_mask, B, Tq, q.dtype, q.device)
+        count_k = real_counts(kv_mask, B, k.shape[1], q.dtype, q.device)
+        qm, km = passes.open_empty_rows(q_mask), passes.open_empty_rows(kv_mask)
+        query_q, query_k, cs_q, cs_k = _pquery_landmark_queries(s_q, s_k, count_q, count_k, cq, ck, tau, eps, B)
+        pooled_q, lse_q = passes.pool(query_q, q, q, qm, pool_scale)
+        pooled_k, lse_k = passes.pool(query_k, k, k, km, pool_scale)
+        query_v, keys = _pquery_weights(pooled_q, pooled_k, cs_q, cs_k, w, w_bias, tau)
+        values, lse_v = passes.pool(query_v, k, v, km, pool_scale)
+        ctx.save_for_backward(q, k, v, cq, ck, w, w_bias, tau, s_q, s_k, count_q, count_k, qm, km,
+                              pooled_q, pooled_k, values, lse_q, lse_k, lse_v)
+        ctx.options = (activation, eps, pool_scale, read_scale)
+        return passes.readout(q, keys, values, activation, read_scale)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        (q, k, v, cq, ck, w, w_bias, tau, s_q, s_k, count_q, count_k, qm, km,
+         pooled_q, pooled_k, values, lse_q, lse_k, lse_v) = ctx.saved_tensors
+        activation, eps, pool_scale, read_scale = ctx.options
+        B = q.shape[0]
+        leaves = _small_leaves(s_q, s_k, cq, ck, w, w_bias, tau, pooled_q, pooled_k)
+        l_sq, l_sk, l_cq, l_ck, l_w, l_b, l_tau, l_pq, l_pk = leaves
+        with torch.enable_grad():
+            query_q, query_k, cs_q, cs_k = _pquery_landmark_queries(l_sq, l_sk, count_q, count_k, l_cq, l_ck, l_tau, eps, B)
+            query_v, keys = _pquery_weights(l_pq, l_pk, cs_q, cs_k, l_w, l_b, l_tau)
+        grad_q = torch.empty_like(q)
+        d_keys, d_values = passes.readout_vjp(grad_out, q, keys.detach(), values, activation, read_scale, grad_q,
+                                              first=True)
+        grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+        d_query_v = passes.pool_vjp(d_values, values, lse_v, query_v.detach(), k, v, km, pool_scale, grad_k, grad_v,
+                                    first=True)
+        params = [t for t in (l_sq, l_sk, l_cq, l_ck, l_w, l_b, l_tau) if t is not None]
+        first = torch.autograd.grad([keys, query_v], [l_pq, l_pk] + params, [d_keys, d_query_v],
+                                    retain_graph=True, allow_unused=True)
+        d_pq, d_pk = first[0], first[1]
+        d_query_q = passes.pool_vjp(d_pq, pooled_q, lse_q, query_q.detach(), q, q, qm, pool_scale, grad_q, grad_q)
+        d_query_k = passes.pool_vjp(d_pk, pooled_k, lse_k, query_k.detach(), k, k, km, pool_scale, grad_k, grad_k)
+        second = torch.autograd.grad([query_q, query_k], params, [d_query_q, d_query_k], allow_unused=True)
+        summed = iter(_add_grads(a, b) for a, b in zip(first[2:], second))
+        d_sq, d_sk, d_cq, d_ck, d_w, d_b, d_tau = (None if t is None else next(summed)
+                                                   for t in (l_sq, l_sk, l_cq, l_ck, l_w, l_b, l_tau))
+        if d_sq is not None:
+            # rows opened by open_empty_rows have no output, hence a zero gradient: the opened
+            # masks give the same result as the original ones here
+            passes.add_sumsq_vjp(grad_q, q, d_sq, qm)
+            passes.add_sumsq_vjp(grad_k, k, d_sk, km)
+        return (grad_q, grad_k, grad_v, d_cq, d_ck, d_w, d_b, d_tau) + (None,) * 6
+
+
+def _add_grads(a, b):
+    if a is None:
+        return b
+    return a if b is None else a + b
 def amlp_pquery(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -238,35 +357,10 @@ def amlp_pquery(
     _check_w(w, w_bias, H, D)
     out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)
-    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-    cq, ck, w = cq.to(cdt), ck.to(cdt), w.to(cdt)
-    tau = _temperatures(temperature, H, cdt, q.device).view(1, H, 3, 1, 1)
-
-    if form == "paper":
-        pool_scale = 1.0
-        read_scale = 1.0 if scale is None else float(scale)
-        cs_q = cs_k = None
-    else:
-        pool_scale = 1.0 / math.sqrt(D)
-        read_scale = pool_scale if scale is None else float(scale)
-        cs_q = column_scale(masked_sumsq(q, q_mask), real_counts(q_mask, B, Tq, cdt, q.device), eps)
-        cs_k = column_scale(masked_sumsq(k, kv_mask), real_counts(kv_mask, B, Tk, cdt, q.device), eps)
-
-    def normalised_pool(landmarks, x, cs, mask, t):
-        # softmax(C Xn^T) Xn with Xn = X diag(cs): fold cs into the pseudo-query and the result.
-        query = (landmarks * t).expand(B, H, -1, D) if cs is None else landmarks * t * cs.unsqueeze(-2)
-        pooled = _pool(query, x, x, mask, pool_scale)
-        return pooled if cs is None else pooled * cs.unsqueeze(-2)
-
-    pq = normalised_pool(cq.unsqueeze(0), q, cs_q, q_mask, tau[:, :, 0])  # [B, H, c, D]
-    pk = normalised_pool(ck.unsqueeze(0), k, cs_k, kv_mask, tau[:, :, 1])
-    l_t = torch.cat([pq, pk], dim=-1) @ w  # [B, H, c, D]
-    if w_bias is not None:
-        l_t = l_t + (w_bias.to(cdt) if w_bias.dim() == 1 else w_bias.to(cdt).unsqueeze(1))
-    query = l_t * tau[:, :, 2] if cs_k is None else l_t * tau[:, :, 2] * cs_k.unsqueeze(-2)
-    w_qkv = _pool(query, k, v, kv_mask, pool_scale)  # [B, H, c, D]
-    keys = l_t if cs_q is None else l_t * cs_q.unsqueeze(-2)
-    out = _readout(q, keys, w_qkv, activation, read_scale)
+    tau = _temperatures(temperature, H, cdt, q.device)
+    bias = None if w_bias is None else w_bias.to(cdt)
+    out = _AMLPPQueryFunction.apply(q.to(cdt), k.to(cdt), v.to(cdt), cq.to(cdt), ck.to(cdt), w.to(cdt), bias, tau,
+                                    q_mask, kv_mask, activation, form, eps, scale)
     return _finish(out, q_mask, kv_mask, out_dtype)
 
 

@@ -1,0 +1,178 @@
+"""The passes over the sequence that linear-time mixers are made of, each with its hand-written
+vector-Jacobian product (VJP).
+
+Tensors over the sequence are ``[B, T, H, D]``; per-head summaries are small (``[B, H, c, D]``,
+``[B, H, D, D]``). The VJPs *accumulate* into caller-owned gradient buffers, chunk by chunk along
+T, so a backward pass that uses them allocates nothing of size T beyond the input gradients
+themselves. This is what lets a fused autograd function (see :mod:`amlp.ops.amlp`) train with the
+peak memory of a flash-style kernel.
+
+Masks are ``[B, T]`` bool (True = real token) or None.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: rows of the sequence processed at once in the backward passes
+CHUNK_ROWS = 512
+
+
+def row_chunks(length: int, rows: int = CHUNK_ROWS):
+    return [slice(i, min(i + rows, length)) for i in range(0, length, rows)]
+
+
+def _weights(mask: torch.Tensor | None, like: torch.Tensor, rows=slice(None)) -> torch.Tensor | None:
+    """``[B, t, 1, 1]`` float weights of a mask slice, or None."""
+    return None if mask is None else mask[:, rows, None, None].to(like.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gram matrices and column sums of squares
+
+
+def gram(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``G[b, h] = sum_t m_t x_t^T y_t``: ``[B, T, H, D] x [B, T, H, E] -> [B, H, D, E]``."""
+    w = _weights(mask, x)
+    return torch.einsum("bthd,bthe->bhde", x if w is None else x * w, y)
+
+
+def sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-column sum of squares over real positions: ``[B, T, H, D] -> [B, H, D]``."""
+    sq = x.square()
+    w = _weights(mask, x)
+    return (sq if w is None else sq * w).sum(1)
+
+
+def write(grad_buf: torch.Tensor, rows: slice, part: torch.Tensor, first: bool) -> None:
+    """``grad_buf[:, rows] = part`` for the first contribution to a buffer, ``+=`` afterwards."""
+    if first:
+        grad_buf[:, rows] = part
+    else:
+        grad_buf[:, rows] += part
+
+
+def add_linear_vjp(grad_buf: torch.Tensor, xs: tuple[torch.Tensor, ...], mats: tuple[torch.Tensor, ...],
+                   mask: torch.Tensor | None, *, first: bool = False) -> None:
+    """``grad_buf += m * sum_i xs[i] @ mats[i]`` per head (``xs[i]`` ``[B, T, H, D]``, ``mats[i]``
+    ``[B, H, D, E]``), as one matrix product per chunk of rows.
+
+    This is the VJP of Gram matrices: for ``G = X^T diag(m) Y``, ``dY += diag(m) X dG`` and
+    ``dX += diag(m) Y dG^T``; for a symmetric use ``G = X^T X``, ``dX += diag(m) X (dG + dG^T)``.
+    """
+    mat = torch.cat(mats, dim=-2) if len(mats) > 1 else mats[0]
+    for rows in row_chunks(xs[0].shape[1]):
+        x = torch.cat([t[:, rows] for t in xs], dim=-1) if len(xs) > 1 else xs[0][:, rows]
+        part = torch.einsum("bthd,bhde->bthe", x, mat)
+        w = _weights(mask, part, rows)
+        write(grad_buf, rows, part if w is None else part * w, first)
+
+
+def add_sumsq_vjp(grad_buf: torch.Tensor, x: torch.Tensor, grad_sumsq: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """VJP of :func:`sumsq`: ``grad_buf += 2 m x * dS`` (``dS`` is ``[B, H, D]``)."""
+    scale = (2.0 * grad_sumsq).unsqueeze(1)  # [B, 1, H, D]
+    for rows in row_chunks(x.shape[1]):
+        w = _weights(mask, x, rows)
+        xs = x[:, rows] if w is None else x[:, rows] * w
+        grad_buf[:, rows].addcmul_(xs, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax pooling over positions: c pseudo-queries attend over the sequence
+
+
+def open_empty_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A key mask in which rows with no real key are opened to every key, so that no softmax over
+    positions meets an all-masked row (their outputs are zeroed by the caller)."""
+    if mask is None:
+        return None
+    empty = ~mask.any(1, keepdim=True)
+    return mask | empty
+
+
+def pool(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+         scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``softmax_t(scale * query keys_t^T) values``.
+
+    ``query`` ``[B, H, c, D]``, ``keys, values`` ``[B, T, H, D]``, ``mask`` ``[B, T]`` (already
+    passed through :func:`open_empty_rows`). Returns the pooled ``[B, H, c, D]`` and the
+    log-normaliser ``[B, H, c]`` that the VJP needs.
+    """
+    logits = torch.einsum("bhcd,bthd->bhct", query, keys) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    return torch.einsum("bhct,bthd->bhcd", probs, values), lse
+
+
+def pool_vjp(grad_out, out, lse, query, keys, values, mask, scale, grad_keys, grad_values, *, first=False):
+    """VJP of :func:`pool`; accumulates into ``grad_keys`` and ``grad_values`` (either may be None,
+    or the same buffer when keys and values are one tensor; ``first``: the buffers hold nothing
+    yet) and returns the query gradient.
+
+    Uses ``sum_t p_t (g . v_t) = g . out`` so each chunk of the sequence is handled on its own.
+    """
+    delta = (grad_out * out).sum(-1, keepdim=True)  # [B, H, c, 1]
+    grad_query = torch.zeros_like(query)
+    for rows in row_chunks(keys.shape[1]):
+        k_c = keys[:, rows]
+        logits = torch.einsum("bhcd,bthd->bhct", query, k_c) * scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask[:, None, None, rows], float("-inf"))
+        probs = torch.exp(logits - lse.unsqueeze(-1))
+        if grad_values is not None:
+            write(grad_values, rows, torch.einsum("bhct,bhcd->bthd", probs, grad_out), first)
+        dprobs = torch.einsum("bhcd,bthd->bhct", grad_out, values[:, rows])
+        dlogits = probs * (dprobs - delta) * scale
+        grad_query += torch.einsum("bhct,bthd->bhcd", dlogits, k_c)
+        if grad_keys is not None:
+            write(grad_keys, rows, torch.einsum("bhct,bhcd->bthd", dlogits, query),
+                  first and grad_keys is not grad_values)
+    return grad_query
+
+
+# ---------------------------------------------------------------------------------------------
+# Readout: sigma_1(q keys^T) values, the second layer of the dynamic MLP
+
+
+def _activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if activation == "relu":
+        return torch.relu(logits)
+    if activation == "sigmoid":
+        return torch.sigmoid(logits)
+    return logits
+
+
+def _activation_vjp(logits, hidden, grad_hidden, activation):
+    if activation == "softmax":
+        return hidden * (grad_hidden - (grad_hidden * hidden).sum(-1, keepdim=True))
+    if activation == "relu":
+        return grad_hidden * (logits > 0).to(grad_hidden.dtype)
+    if activation == "sigmoid":
+        return grad_hidden * hidden * (1.0 - hidden)
+    return grad_hidden
+
+
+def readout(q, keys, values, activation: str, scale: float) -> torch.Tensor:
+    """``sigma_1(scale * q keys^T) values``: ``q`` ``[B, T, H, D]``, ``keys, values`` ``[B, H, c, D]``."""
+    logits = torch.einsum("bthd,bhcd->bthc", q, keys) * scale
+    return torch.einsum("bthc,bhcd->bthd", _activate(logits, activation), values)
+
+
+def readout_vjp(grad_out, q, keys, values, activation, scale, grad_q, *, first=False):
+    """VJP of :func:`readout`; accumulates into ``grad_q`` (``first``: it holds nothing yet),
+    returns ``(grad_keys, grad_values)``."""
+    grad_keys = torch.zeros_like(keys)
+    grad_values = torch.zeros_like(values)
+    for rows in row_chunks(q.shape[1]):
+        q_c, g_c = q[:, rows], grad_out[:, rows]
+        logits = torch.einsum("bthd,bhcd->bthc", q_c, keys) * scale
+        hidden = _activate(logits, activation)
+        grad_values += torch.einsum("bthc,bthd->bhcd", hidden, g_c)
+        dlogits = _activation_vjp(logits, hidden, torch.einsum("bthd,bhcd->bthc", g_c, values), activation) * scale
+        write(grad_q, rows, torch.einsum("bthc,bhcd->bthd", dlogits, keys), first)
+        grad_keys += torch.einsum("bthc,bthd->bhcd", dlogits, q_c)
+    return grad_keys, grad_values
