@@ -90,6 +90,14 @@ def open_empty_rows(mask: torch.Tensor | None) -> torch.Tensor | None:
     return mask | empty
 
 
+def pool_logits(query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``scale * query keys^T`` with padded keys at -inf: ``[B, H, c, D] x [B, T, H, D] -> [B, H, c, T]``."""
+    logits = torch.einsum("bhcd,bthd->bhct", query, keys) * scale
+    if mask is not None:
+        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return logits
+
+
 def pool(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``softmax_t(scale * query keys_t^T) values``.
@@ -98,9 +106,7 @@ def pool(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     passed through :func:`open_empty_rows`). Returns the pooled ``[B, H, c, D]`` and the
     log-normaliser ``[B, H, c]`` that the VJP needs.
     """
-    logits = torch.einsum("bhcd,bthd->bhct", query, keys) * scale
-    if mask is not None:
-        logits = logits.masked_fill(~mask[:, None, None, :], float("-inf"))
+    logits = pool_logits(query, keys, mask, scale)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.unsqueeze(-1))
     return torch.einsum("bhct,bthd->bhcd", probs, values), lse
@@ -117,9 +123,7 @@ def pool_vjp(grad_out, out, lse, query, keys, values, mask, scale, grad_keys, gr
     grad_query = torch.zeros_like(query)
     for rows in row_chunks(keys.shape[1]):
         k_c = keys[:, rows]
-        logits = torch.einsum("bhcd,bthd->bhct", query, k_c) * scale
-        if mask is not None:
-            logits = logits.masked_fill(~mask[:, None, None, rows], float("-inf"))
+        logits = pool_logits(query, k_c, None if mask is None else mask[:, rows], scale)
         probs = torch.exp(logits - lse.unsqueeze(-1))
         if grad_values is not None:
             write(grad_values, rows, torch.einsum("bhct,bhcd->bthd", probs, grad_out), first)

@@ -94,13 +94,12 @@ def _finish(out, q_mask, kv_mask, dtype):
     return out.to(dtype)
 
 
-def _cov_weights(g_q, g_k, g_kv, s_v, count_q, cq, ck, tau, form, eps, scale):
-    """The small half of AMLP-Cov: from the Gram matrices to the readout's keys ``L^T`` (with the
-    column scale of the queries folded in) and values ``W_QKV``, both ``[B, H, c, D]``."""
-    H, D = cq.shape[0], cq.shape[2]
+def _cov_maps(g_q, g_k, g_kv, s_v, tau, form, eps):
+    """The three sigma_2 maps of AMLP-Cov, ``[B, H, D, D]`` each, and the query column norms
+    (None in the paper form)."""
+    H = tau.shape[0]
     if form == "paper":
-        s_q, s_k, s_kv = g_q, g_k, g_kv
-        read_scale = 1.0 if scale is None else float(scale)
+        s_q, s_k, s_kv, n_q = g_q, g_k, g_kv, None
     else:
         n_q = g_q.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()  # column norms [B, H, D]
         n_k = g_k.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()
@@ -108,19 +107,40 @@ def _cov_weights(g_q, g_k, g_kv, s_v, count_q, cq, ck, tau, form, eps, scale):
         s_q = g_q / (n_q.unsqueeze(-1) * n_q.unsqueeze(-2))  # cosine similarities of feature columns
         s_k = g_k / (n_k.unsqueeze(-1) * n_k.unsqueeze(-2))
         s_kv = g_kv / (n_k.unsqueeze(-1) * n_v.unsqueeze(-2))
-        read_scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     t = tau.view(1, H, 3, 1, 1)
-    l_t = torch.einsum("hcd,bhde->bhce", cq, torch.softmax(s_q * t[:, :, 0], dim=-1)) + torch.einsum(
-        "hcd,bhde->bhce", ck, torch.softmax(s_k * t[:, :, 1], dim=-1)
-    )  # L^T, eq. 9
-    if form == "stable":
-        l_t = F.relu(l_t)
-    values = l_t @ torch.softmax(s_kv * t[:, :, 2], dim=-1)  # W_QKV, eq. 10
-    if form == "stable":  # unit-RMS query columns, folded into the keys
-        keys = l_t * (count_q.sqrt()[:, None, None] / n_q).unsqueeze(-2)
-    else:
-        keys = l_t
+    maps = tuple(torch.softmax(s * t[:, :, i], dim=-1) for i, s in enumerate((s_q, s_k, s_kv)))
+    return maps, n_q
+
+
+def _cov_weights(g_q, g_k, g_kv, s_v, count_q, cq, ck, tau, form, eps, scale):
+    """The small half of AMLP-Cov: from the Gram matrices to the readout's keys ``L^T`` (with the
+    column scale of the queries folded in) and values ``W_QKV``, both ``[B, H, c, D]``."""
+    (map_q, map_k, map_kv), n_q = _cov_maps(g_q, g_k, g_kv, s_v, tau, form, eps)
+    l_t = torch.einsum("hcd,bhde->bhce", cq, map_q) + torch.einsum("hcd,bhde->bhce", ck, map_k)  # L^T, eq. 9
+    if form == "paper":
+        return l_t, l_t @ map_kv, (1.0 if scale is None else float(scale))
+    l_t = F.relu(l_t)
+    values = l_t @ map_kv  # W_QKV, eq. 10
+    keys = l_t * (count_q.sqrt()[:, None, None] / n_q).unsqueeze(-2)  # unit-RMS query columns, folded in
+    read_scale = 1.0 / math.sqrt(cq.shape[-1]) if scale is None else float(scale)
     return keys, values, read_scale
+
+
+def amlp_cov_maps(q, k, v, *, q_mask=None, kv_mask=None, form="stable", temperature=None, eps=DEFAULT_EPS):
+    """Diagnostic: the three sigma_2 maps of AMLP-Cov, ``sigma_2(Q^T Q)``, ``sigma_2(K^T K)`` and
+    ``sigma_2(K^T V)`` (normalised and tempered as in ``form``), each ``[B, H, D, D]``.
+
+    A row whose maximum is close to 1 has collapsed into a one-hot, which is what the paper form
+    does on long or large inputs and the stable form avoids.
+    """
+    _check_common(q, k, v, q_mask, kv_mask, "softmax", form, temperature)
+    cdt = compute_dtype(q.dtype)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    tau = _temperatures(temperature, q.shape[2], cdt, q.device)
+    s_v = passes.sumsq(v, kv_mask) if form == "stable" else None
+    maps, _ = _cov_maps(passes.gram(q, q, q_mask), passes.gram(k, k, kv_mask), passes.gram(k, v, kv_mask), s_v,
+                        tau, form, eps)
+    return maps
 
 
 def _small_leaves(*tensors):
@@ -362,6 +382,37 @@ def amlp_pquery(
     out = _AMLPPQueryFunction.apply(q.to(cdt), k.to(cdt), v.to(cdt), cq.to(cdt), ck.to(cdt), w.to(cdt), bias, tau,
                                     q_mask, kv_mask, activation, form, eps, scale)
     return _finish(out, q_mask, kv_mask, out_dtype)
+
+
+def amlp_pquery_maps(q, k, v, cq, ck, w, *, w_bias=None, q_mask=None, kv_mask=None, form="stable",
+                     temperature=None, eps=DEFAULT_EPS):
+    """Diagnostic: the three sigma_2 pooling maps of AMLP-PQuery over positions,
+    ``sigma_2(C_q Q^T)`` ``[B, H, c, Tq]``, ``sigma_2(C_k K^T)`` and ``sigma_2(L^T K^T)``
+    ``[B, H, c, Tk]`` (normalised and tempered as in ``form``).
+
+    A row whose maximum is close to 1 pools a single token (a collapse into a one-hot).
+    """
+    _check_common(q, k, v, q_mask, kv_mask, "softmax", form, temperature)
+    B, Tq, H, D = q.shape
+    _check_w(w, w_bias, H, D)
+    cdt = compute_dtype(q.dtype)
+    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+    tau = _temperatures(temperature, H, cdt, q.device)
+    stable = form == "stable"
+    pool_scale = 1.0 / math.sqrt(D) if stable else 1.0
+    s_q = passes.sumsq(q, q_mask) if stable else None
+    s_k = passes.sumsq(k, kv_mask) if stable else None
+    count_q = real_counts(q_mask, B, Tq, cdt, q.device)
+    count_k = real_counts(kv_mask, B, k.shape[1], cdt, q.device)
+    qm, km = passes.open_empty_rows(q_mask), passes.open_empty_rows(kv_mask)
+    query_q, query_k, cs_q, cs_k = _pquery_landmark_queries(s_q, s_k, count_q, count_k, cq.to(cdt), ck.to(cdt),
+                                                            tau, eps, B)
+    pooled_q, _ = passes.pool(query_q, q, q, qm, pool_scale)
+    pooled_k, _ = passes.pool(query_k, k, k, km, pool_scale)
+    query_v, _ = _pquery_weights(pooled_q, pooled_k, cs_q, cs_k, w.to(cdt),
+                                 None if w_bias is None else w_bias.to(cdt), tau)
+    return tuple(torch.softmax(passes.pool_logits(query, x, m, pool_scale), dim=-1)
+                 for query, x, m in ((query_q, q, qm), (query_k, k, km), (query_v, k, km)))
 
 
 # ---------------------------------------------------------------------------------------------
