@@ -7,6 +7,7 @@ from .registry import MixerInfo, build_mixer, get_mixer_info, list_mixers, mixer
 # Mixer modules register themselves on import; one line each.
 from .softmax import SoftmaxAttention  # noqa: E402  isort: skip
 from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
+from .local import LocalAttention  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
@@ -23,3 +24,4 @@ __all__ = [
     "mixer_names",
     "register_mixer",
 ]
+__all__ += ["LocalAttention"]

@@ -12,3 +12,7 @@ __all__ = [
     "softmax_attention",
     "softmax_attention_reference",
 ]
+
+from .local import local_attention, local_attention_reference  # noqa: E402  isort: skip
+
+__all__ += ["local_attention", "local_attention_reference"]
