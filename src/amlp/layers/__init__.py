@@ -8,6 +8,7 @@ from .registry import MixerInfo, build_mixer, get_mixer_info, list_mixers, mixer
 from .softmax import SoftmaxAttention  # noqa: E402  isort: skip
 from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
 from .local import LocalAttention  # noqa: E402  isort: skip
+from .abc import ABCAttention  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
@@ -25,3 +26,4 @@ __all__ = [
     "register_mixer",
 ]
 __all__ += ["LocalAttention"]
+__all__ += ["ABCAttention"]
