@@ -9,6 +9,7 @@ from .softmax import SoftmaxAttention  # noqa: E402  isort: skip
 from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
 from .local import LocalAttention  # noqa: E402  isort: skip
 from .abc import ABCAttention  # noqa: E402  isort: skip
+from .xca import CrossCovarianceAttention  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
@@ -27,3 +28,4 @@ __all__ = [
 ]
 __all__ += ["LocalAttention"]
 __all__ += ["ABCAttention"]
+__all__ += ["CrossCovarianceAttention"]

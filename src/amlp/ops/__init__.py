@@ -20,3 +20,7 @@ __all__ += ["local_attention", "local_attention_reference"]
 from .abc import abc_attention, abc_attention_reference, abc_step  # noqa: E402  isort: skip
 
 __all__ += ["abc_attention", "abc_attention_reference", "abc_step"]
+
+from .xca import cross_covariance_attention, cross_covariance_attention_reference  # noqa: E402  isort: skip
+
+__all__ += ["cross_covariance_attention", "cross_covariance_attention_reference"]
