@@ -10,6 +10,7 @@ from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
 from .local import LocalAttention  # noqa: E402  isort: skip
 from .abc import ABCAttention  # noqa: E402  isort: skip
 from .xca import CrossCovarianceAttention  # noqa: E402  isort: skip
+from .linformer import LinformerAttention  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
@@ -29,3 +30,4 @@ __all__ = [
 __all__ += ["LocalAttention"]
 __all__ += ["ABCAttention"]
 __all__ += ["CrossCovarianceAttention"]
+__all__ += ["LinformerAttention"]

@@ -24,3 +24,7 @@ __all__ += ["abc_attention", "abc_attention_reference", "abc_step"]
 from .xca import cross_covariance_attention, cross_covariance_attention_reference  # noqa: E402  isort: skip
 
 __all__ += ["cross_covariance_attention", "cross_covariance_attention_reference"]
+
+from .linformer import linformer_attention, linformer_attention_reference  # noqa: E402  isort: skip
+
+__all__ += ["linformer_attention", "linformer_attention_reference"]
