@@ -11,6 +11,7 @@ from .local import LocalAttention  # noqa: E402  isort: skip
 from .abc import ABCAttention  # noqa: E402  isort: skip
 from .xca import CrossCovarianceAttention  # noqa: E402  isort: skip
 from .linformer import LinformerAttention  # noqa: E402  isort: skip
+from .gmlp import SpatialGatingMixer  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
@@ -31,3 +32,4 @@ __all__ += ["LocalAttention"]
 __all__ += ["ABCAttention"]
 __all__ += ["CrossCovarianceAttention"]
 __all__ += ["LinformerAttention"]
+__all__ += ["SpatialGatingMixer"]

@@ -28,3 +28,7 @@ __all__ += ["cross_covariance_attention", "cross_covariance_attention_reference"
 from .linformer import linformer_attention, linformer_attention_reference  # noqa: E402  isort: skip
 
 __all__ += ["linformer_attention", "linformer_attention_reference"]
+
+from .gmlp import spatial_gating_unit, spatial_gating_unit_reference  # noqa: E402  isort: skip
+
+__all__ += ["spatial_gating_unit", "spatial_gating_unit_reference"]
