@@ -69,10 +69,10 @@ def test_causal_memory_is_normalised_by_the_running_total():
 
 
 def test_huge_control_logits_stay_finite():
-    q, k, v, _ = _inputs(2, 40, 40)
-    c = (1e4 * torch.randn(2, 40, H, N, dtype=torch.float64)).requires_grad_()
+    q, k, v, _ = _inputs(1, 20, 20)
+    c = (1e4 * torch.randn(1, 20, H, N, dtype=torch.float64)).requires_grad_()
     for causal in (False, True):
-        out = abc_attention(q, k, v, c, causal=causal, chunk_size=8)
+        out = abc_attention(q, k, v, c, causal=causal, chunk_size=6)
         assert torch.isfinite(out).all()
         ref = abc_attention_reference(q, k, v, c, causal=causal)
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-10)

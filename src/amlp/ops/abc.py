@@ -196,9 +196,9 @@ def abc_attention_reference(q, k, v, control, *, q_mask=None, kv_mask=None, caus
             if not keys:
                 continue
             idx = torch.tensor(keys, device=q.device)
-            for h in range(H):
-                alpha = torch.softmax(control[b, idx, h], dim=0)  # [n_keys, n]: per slot over time
-                mem_k = alpha.T @ k[b, idx, h]  # [n, D]
-                mem_v = alpha.T @ v[b, idx, h]
-                out[b, i, h] = torch.softmax(scale * (mem_k @ q[b, i, h]), dim=0) @ mem_v
+            alpha = torch.softmax(control[b, idx], dim=0)  # [n_keys, H, n]: per head and slot, over time
+            mem_k = torch.einsum("jhs,jhd->hsd", alpha, k[b, idx])  # [H, n, D]
+            mem_v = torch.einsum("jhs,jhd->hsd", alpha, v[b, idx])
+            read = torch.softmax(scale * torch.einsum("hsd,hd->hs", mem_k, q[b, i]), dim=-1)
+            out[b, i] = torch.einsum("hs,hsd->hd", read, mem_v)
     return out
