@@ -85,11 +85,13 @@ def _causal_memory(control: torch.Tensor, kv: torch.Tensor, chunk: int) -> torch
     memory = torch.einsum("bntjhs,bnjhe->bnthse", w, x)  # [B, nc, chunk, H, n, E]
     if nc > 1:
         # carry the normalised memory at the end of each chunk into the next one
+        # (unbind rather than indexing in the loop: its backward is one stack, not nc scatters)
         end_lse = lse[:, :, -1]  # [B, nc, H, n]
-        ends = [memory[:, 0, -1]]
+        in_chunk_ends = memory[:, :-1, -1].unbind(1)
+        end_decays = torch.exp(end_lse[:, :-2] - end_lse[:, 1:-1]).unsqueeze(-1).unbind(1)
+        ends = [in_chunk_ends[0]]
         for i in range(1, nc - 1):
-            decay = torch.exp(end_lse[:, i - 1] - end_lse[:, i]).unsqueeze(-1)
-            ends.append(memory[:, i, -1] + decay * ends[-1])
+            ends.append(in_chunk_ends[i] + end_decays[i - 1] * ends[-1])
         carried = torch.stack(ends, dim=1)  # memories at the ends of chunks 0 .. nc-2
         decay = torch.exp(end_lse[:, :-1].unsqueeze(2) - lse[:, 1:]).unsqueeze(-1)  # [B, nc-1, chunk, H, n, 1]
         memory = torch.cat([memory[:, :1], memory[:, 1:] + decay * carried.unsqueeze(2)], dim=1)
