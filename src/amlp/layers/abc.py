@@ -11,7 +11,7 @@ from .registry import register_mixer
 
 
 @register_mixer("abc", description="ABC: keys and values written into n learned memory slots (linear time)",
-                reference="Peng et al. 2022, ABC: Attention with Bounded-memory Control, ABC_MLP (sec. 4)")
+                reference="Peng et al. 2022, ABC: Attention with Bounded-memory Control, ABC_MLP")
 class ABCAttention(ProjectedMixer):
     """ABC_MLP: learned control vectors ``phi_j = exp(W_phi x_j)`` (one logit per slot and head,
     computed from the source tokens) write the keys and values into ``n`` memory slots,

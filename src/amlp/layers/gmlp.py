@@ -12,9 +12,9 @@ from .registry import register_mixer
 
 
 @register_mixer("gmlp", description="gMLP spatial gating unit: a learned T x T token projection gating the channels",
-                reference="Liu et al. 2021, Pay Attention to MLPs, sec. 2.1, eqs. 2-4")
+                reference="Liu et al. 2021, Pay Attention to MLPs, sec. 2 (spatial gating unit)")
 class SpatialGatingMixer(Mixer):
-    """Token mixer built from gMLP's spatial gating unit (eqs. 2-4):
+    """Token mixer built from gMLP's spatial gating unit (section 2):
 
         [Z1, Z2] = GELU(X U),   s(Z) = Z1 * (W_s LayerNorm(Z2) + b_s),   Y = s(Z) V
 

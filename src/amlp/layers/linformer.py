@@ -11,7 +11,7 @@ from .registry import register_mixer
 
 
 @register_mixer("linformer", description="softmax attention over keys/values projected to k positions (linear time)",
-                reference="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity, eq. 7")
+                reference="Wang et al. 2020, Linformer: Self-Attention with Linear Complexity, sec. 4")
 class LinformerAttention(ProjectedMixer):
     """Linformer: ``softmax(Q (E K)^T / sqrt(D)) (F V)`` with learned ``E, F in R^{k x n}`` shared by
     the heads (the paper's head-wise sharing), initialised ``N(0, 1/k^2)``.

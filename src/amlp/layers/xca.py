@@ -11,7 +11,7 @@ from .registry import register_mixer
 
 
 @register_mixer("xca", description="cross-covariance attention: softmax over D x D channel covariances (linear time)",
-                reference="Ali et al. 2021, XCiT: Cross-Covariance Image Transformers, eq. 3")
+                reference="Ali et al. 2021, XCiT: Cross-Covariance Image Transformers, sec. 3 (XC-Attention)")
 class CrossCovarianceAttention(ProjectedMixer):
     """XCA: ``out = V softmax(tau * K^T^ Q^)`` with q and k columns L2-normalised over the sequence
     and a learned temperature ``tau`` per head (initialised to 1, as in XCiT).

@@ -1,4 +1,5 @@
-r"""ABC: Attention with Bounded-memory Control (Peng et al. 2022, ACL, sections 3-4; ABC_MLP).
+r"""ABC: Attention with Bounded-memory Control (Peng et al. 2022, ACL; the ABC_MLP variant,
+whose control vectors are learned).
 
 The keys and values are written into ``n`` memory slots by learned control weights, and each query
 attends to the ``n`` slots instead of the ``T`` keys:

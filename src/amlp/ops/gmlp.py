@@ -1,10 +1,10 @@
-r"""The spatial gating unit of gMLP (Liu et al. 2021, "Pay Attention to MLPs", section 2.1,
-eqs. 2-4), used as a token mixer.
+r"""The spatial gating unit of gMLP (Liu et al. 2021, "Pay Attention to MLPs", section 2,
+the spatial gating unit), used as a token mixer.
 
 The channels are split in two halves ``Z = [Z1, Z2]``; the second half is mixed across positions by
 a learned ``n x n`` matrix and gates the first:
 
-    s(Z) = Z1 * (W_s LayerNorm(Z2) + b_s)          (W_s in R^{n x n}, b_s in R^n; eq. 4 with eq. 3)
+    s(Z) = Z1 * f(Z2),  f(Z2) = W_s LayerNorm(Z2) + b_s       (W_s in R^{n x n}, b_s in R^n)
 
 This op takes ``u = Z1`` and ``z = LayerNorm(Z2)`` split into heads, ``[B, T, H, D]``, with one
 spatial projection per head (``[H, n, n]``; one head is the paper's unit). A sequence of ``T <= n``

@@ -1,5 +1,5 @@
 r"""Linformer attention (Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity",
-section 4, eq. 7).
+section 4).
 
 Keys and values are projected along the sequence onto ``k`` positions before softmax attention:
 

@@ -1,5 +1,6 @@
 r"""Local (windowed) softmax attention (Luong et al. 2015, "Effective Approaches to Attention-based
-Neural Machine Translation", section 3.2; the AMLP paper's "local" baseline, Table 8 ``wsize``).
+Neural Machine Translation", section 3.2: local-m, the window centred on the query's own position;
+the AMLP paper's "local" baseline, Table 8 ``wsize``).
 
 Each query attends only to the keys inside a fixed window around it:
 

@@ -1,5 +1,5 @@
 r"""Cross-covariance attention, XCA (Ali et al. 2021, "XCiT: Cross-Covariance Image Transformers",
-section 3.1, eq. 3).
+section 3, the XC-Attention definition).
 
 Attention runs between the D feature channels of a head instead of between the T tokens:
 
@@ -7,7 +7,8 @@ Attention runs between the D feature channels of a head instead of between the T
     A  = softmax(tau * K^T^ Q^)                       (D x D, normalised over the key channels)
     out = V A                                         (T x D; O(T D^2) time, linear in T)
 
-``tau`` is a learned temperature per head. In index form, ``out[t, i] = sum_j v[t, j] A[j, i]`` with
+``tau`` is a learned temperature per head, a multiplier (the paper writes ``softmax(K^T^ Q^ / tau)``;
+learning ``1 / tau`` is the same family). In index form, ``out[t, i] = sum_j v[t, j] A[j, i]`` with
 ``A[:, i] = softmax_j(tau * q^_i . k^_j)``: column i of the output mixes the value channels by the
 similarity of query channel i to each key channel (XCiT's ``softmax(q k^T) v`` in its transposed
 ``[D, T]`` layout).
