@@ -148,3 +148,15 @@ def test_layer_cross_attention_against_reference():
     ctx2 = ctx.clone()
     ctx2[1, 6:] = 100.0
     torch.testing.assert_close(m(x, ctx2, context_mask=cm), m(x, ctx, context_mask=cm), rtol=1e-10, atol=1e-12)
+
+
+def test_causal_layer_right_padding_matches_the_unpadded_sequence():
+    torch.manual_seed(6)
+    m = amlp.build_mixer("abc", dim=12, heads=2, causal=True, landmarks=4, chunk_size=3).double().eval()
+    x = torch.randn(2, 11, 12, dtype=torch.float64)
+    mask = torch.ones(2, 11, dtype=torch.bool)
+    mask[1, 7:] = False
+    x[1, 7:] = 100.0
+    y = m(x, x_mask=mask)
+    torch.testing.assert_close(y[1, :7], m(x[1:, :7])[0], rtol=1e-10, atol=1e-12)
+    assert y[1, 7:].abs().max() == 0

@@ -72,6 +72,8 @@ def test_errors():
         amlp.build_mixer("linformer", dim=12, heads=2, causal=True)
     with pytest.raises(ValueError, match="linformer.*cross"):
         amlp.build_mixer("linformer", dim=12, heads=2, cross=True)
+    with pytest.raises(ValueError, match="recurrent"):
+        amlp.build_mixer("linformer", dim=12, heads=2).step(torch.randn(1, 12), None)
     with pytest.raises(ValueError, match="proj_len"):
         amlp.build_mixer("linformer", dim=12, heads=2, proj_len=0)
 
