@@ -73,6 +73,10 @@ def test_errors():
         spatial_gating_unit(u, z, w, b[:, :4])
     with pytest.raises(ValueError, match="covers n = 4"):
         spatial_gating_unit(u, z, w[:, :4, :4], b[:, :4])
+    with pytest.raises(ValueError, match="u and z must have the same shape"):
+        spatial_gating_unit(u, z[:, :4], w, b)
+    with pytest.raises(ValueError, match="u must be"):
+        spatial_gating_unit(u[0], z, w, b)
     with pytest.raises(ValueError, match="gmlp.*cross"):
         amlp.build_mixer("gmlp", dim=12, heads=2, cross=True)
 

@@ -20,7 +20,19 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero
+from ._checks import check_mask, compute_dtype, padded_rows_to_zero
+
+
+def check_halves(u: torch.Tensor, z: torch.Tensor) -> None:
+    """Check the two halves ``u, z``: floating-point ``[B, T, H, D]`` tensors of one shape."""
+    for name, t in (("u", u), ("z", z)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or not t.is_floating_point():
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating-point tensor shaped [B, T, H, D], got {shape}")
+    if u.shape != z.shape:
+        raise ValueError(f"u and z must have the same shape [B, T, H, D], got {tuple(u.shape)} and {tuple(z.shape)}")
+    if u.shape[1] == 0:
+        raise ValueError("the sequence length must be at least 1, got T=0")
 
 
 def check_spatial(weight: torch.Tensor, bias: torch.Tensor, heads: int, length: int) -> None:
@@ -56,7 +68,7 @@ def spatial_gating_unit(
 
     Returns ``[B, T, H, D]`` in the dtype of ``u``.
     """
-    check_qkv(u, z, z, same_length=True)
+    check_halves(u, z)
     B, T, H, D = u.shape
     check_mask(mask, B, T, "mask")
     check_spatial(weight, bias, H, T)
