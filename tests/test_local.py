@@ -119,3 +119,22 @@ def test_cross_attention_is_refused_with_the_reason():
         m(torch.randn(1, 5, 12), torch.randn(1, 7, 12))
     with pytest.raises(ValueError, match="causal"):
         m.init_state(1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_form_never_builds_t_by_t_logits(monkeypatch, causal):
+    import amlp.ops.local as local_module
+
+    seen = []
+    real_sdpa = local_module.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, **kw):
+        seen.append((tuple(q.shape), tuple(k.shape)))
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(local_module.F, "scaled_dot_product_attention", recording_sdpa)
+    T, wsize = 200, 7
+    q, k, v = (torch.randn(1, T, 2, 4) for _ in range(3))
+    local_attention(q, k, v, wsize=wsize, causal=causal)
+    (q_shape, k_shape), = seen
+    assert q_shape[-2] <= wsize and k_shape[-2] <= 3 * wsize  # queries per block x keys per window
