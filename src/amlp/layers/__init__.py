@@ -7,6 +7,11 @@ from .registry import MixerInfo, build_mixer, get_mixer_info, list_mixers, mixer
 # Mixer modules register themselves on import; one line each.
 from .softmax import SoftmaxAttention  # noqa: E402  isort: skip
 from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
+from .local import LocalAttention  # noqa: E402  isort: skip
+from .abc import ABCAttention  # noqa: E402  isort: skip
+from .xca import CrossCovarianceAttention  # noqa: E402  isort: skip
+from .linformer import LinformerAttention  # noqa: E402  isort: skip
+from .gmlp import SpatialGatingMixer  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
@@ -23,3 +28,8 @@ __all__ = [
     "mixer_names",
     "register_mixer",
 ]
+__all__ += ["LocalAttention"]
+__all__ += ["ABCAttention"]
+__all__ += ["CrossCovarianceAttention"]
+__all__ += ["LinformerAttention"]
+__all__ += ["SpatialGatingMixer"]

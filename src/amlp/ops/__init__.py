@@ -12,3 +12,23 @@ __all__ = [
     "softmax_attention",
     "softmax_attention_reference",
 ]
+
+from .local import local_attention, local_attention_reference  # noqa: E402  isort: skip
+
+__all__ += ["local_attention", "local_attention_reference"]
+
+from .abc import abc_attention, abc_attention_reference, abc_step  # noqa: E402  isort: skip
+
+__all__ += ["abc_attention", "abc_attention_reference", "abc_step"]
+
+from .xca import cross_covariance_attention, cross_covariance_attention_reference  # noqa: E402  isort: skip
+
+__all__ += ["cross_covariance_attention", "cross_covariance_attention_reference"]
+
+from .linformer import linformer_attention, linformer_attention_reference  # noqa: E402  isort: skip
+
+__all__ += ["linformer_attention", "linformer_attention_reference"]
+
+from .gmlp import spatial_gating_unit, spatial_gating_unit_reference  # noqa: E402  isort: skip
+
+__all__ += ["spatial_gating_unit", "spatial_gating_unit_reference"]
