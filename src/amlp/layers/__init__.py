@@ -7,6 +7,7 @@ from .registry import MixerInfo, build_mixer, get_mixer_info, list_mixers, mixer
 # Mixer modules register themselves on import; one line each.
 from .softmax import SoftmaxAttention  # noqa: E402  isort: skip
 from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
+from .performer import Performer  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
@@ -15,6 +16,7 @@ __all__ = [
     "Capabilities",
     "Mixer",
     "MixerInfo",
+    "Performer",
     "ProjectedMixer",
     "SoftmaxAttention",
     "build_mixer",
