@@ -8,12 +8,14 @@ from .registry import MixerInfo, build_mixer, get_mixer_info, list_mixers, mixer
 from .softmax import SoftmaxAttention  # noqa: E402  isort: skip
 from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
 from .performer import Performer  # noqa: E402  isort: skip
+from .cosformer import CosFormer  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
     "AMLPCov",
     "AMLPPQuery",
     "Capabilities",
+    "CosFormer",
     "Mixer",
     "MixerInfo",
     "Performer",
