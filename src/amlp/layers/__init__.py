@@ -9,6 +9,7 @@ from .softmax import SoftmaxAttention  # noqa: E402  isort: skip
 from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
 from .performer import Performer  # noqa: E402  isort: skip
 from .cosformer import CosFormer  # noqa: E402  isort: skip
+from .nystrom import Nystromformer  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
@@ -18,6 +19,7 @@ __all__ = [
     "CosFormer",
     "Mixer",
     "MixerInfo",
+    "Nystromformer",
     "Performer",
     "ProjectedMixer",
     "SoftmaxAttention",

@@ -5,6 +5,7 @@ from .amlp import amlp_cov, amlp_cov_reference, amlp_pquery, amlp_pquery_referen
 from .softmax import softmax_attention, softmax_attention_reference
 from .performer import orthogonal_gaussian_features, performer_attention, performer_attention_reference
 from .cosformer import cosformer_attention, cosformer_attention_reference
+from .nystrom import nystrom_attention, nystrom_attention_reference
 
 __all__ = [
     "amlp_cov",
@@ -13,6 +14,8 @@ __all__ = [
     "amlp_pquery_reference",
     "cosformer_attention",
     "cosformer_attention_reference",
+    "nystrom_attention",
+    "nystrom_attention_reference",
     "orthogonal_gaussian_features",
     "performer_attention",
     "performer_attention_reference",
