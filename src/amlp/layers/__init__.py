@@ -10,12 +10,14 @@ from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
 from .performer import Performer  # noqa: E402  isort: skip
 from .cosformer import CosFormer  # noqa: E402  isort: skip
 from .nystrom import Nystromformer  # noqa: E402  isort: skip
+from .lara import LARA  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
     "AMLPCov",
     "AMLPPQuery",
     "Capabilities",
+    "LARA",
     "CosFormer",
     "Mixer",
     "MixerInfo",

@@ -6,6 +6,7 @@ from .softmax import softmax_attention, softmax_attention_reference
 from .performer import orthogonal_gaussian_features, performer_attention, performer_attention_reference
 from .cosformer import cosformer_attention, cosformer_attention_reference
 from .nystrom import nystrom_attention, nystrom_attention_reference
+from .lara import lara_attention, lara_attention_reference
 
 __all__ = [
     "amlp_cov",
@@ -14,6 +15,8 @@ __all__ = [
     "amlp_pquery_reference",
     "cosformer_attention",
     "cosformer_attention_reference",
+    "lara_attention",
+    "lara_attention_reference",
     "nystrom_attention",
     "nystrom_attention_reference",
     "orthogonal_gaussian_features",
