@@ -26,9 +26,14 @@ def _masks(B, Tq, Tk):
     return q_mask, kv_mask
 
 
-@pytest.mark.parametrize("lengths", [(13, 13), (7, 11), (11, 5)])
-@pytest.mark.parametrize("landmarks", [1, 4, 16])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("lengths, landmarks, masked", [
+    ((13, 13), 4, True),
+    ((13, 13), 16, False),
+    ((13, 13), 1, True),
+    ((7, 11), 4, True),
+    ((7, 11), 16, True),
+    ((11, 5), 3, False),
+])
 def test_fast_equals_reference_outputs_and_gradients(lengths, landmarks, masked):
     Tq, Tk = lengths
     q, k, v = _inputs(2, Tq, Tk)
