@@ -25,15 +25,16 @@ def _masks(B, Tq, Tk):
     return q_mask, kv_mask
 
 
-@pytest.mark.parametrize("causal, max_length", [(False, None), (False, 20), (True, 20)])
+@pytest.mark.parametrize("causal, max_length, chunk", [(False, None, 64), (False, 20, 64), (True, 20, 64),
+                                                       (True, 20, 4)])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("lengths", [(7, 9), (9, 9)])
-def test_fast_equals_reference_outputs_and_gradients(causal, max_length, masked, lengths):
+def test_fast_equals_reference_outputs_and_gradients(causal, max_length, chunk, masked, lengths):
     Tq, Tk = lengths
     q, k, v = _inputs(2, Tq, Tk)
     q_mask, kv_mask = _masks(2, Tq, Tk) if masked else (None, None)
     kw = dict(q_mask=q_mask, kv_mask=kv_mask, causal=causal, max_length=max_length)
-    fast = cosformer_attention(q, k, v, **kw)
+    fast = cosformer_attention(q, k, v, chunk=chunk, **kw)
     ref = cosformer_attention_reference(q, k, v, **kw)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
     probe = torch.randn_like(fast)
@@ -80,11 +81,11 @@ def test_rows_without_keys_are_zero():
 
 def test_causal_output_ignores_later_tokens():
     q, k, v = (t.detach() for t in _inputs(2, 10, 10, 2, 4))
-    out = cosformer_attention(q, k, v, causal=True, max_length=16)
+    out = cosformer_attention(q, k, v, causal=True, max_length=16, chunk=3)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for t in (q2, k2, v2):
         t[:, 6:] = torch.randn_like(t[:, 6:])
-    out2 = cosformer_attention(q2, k2, v2, causal=True, max_length=16)
+    out2 = cosformer_attention(q2, k2, v2, causal=True, max_length=16, chunk=3)
     torch.testing.assert_close(out[:, :6], out2[:, :6], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(out[:, 6:], out2[:, 6:])
 

@@ -35,15 +35,15 @@ def _masks(B, Tq, Tk):
     return q_mask, kv_mask
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal, chunk", [(False, 64), (True, 64), (True, 3), (True, 4)])
 @pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fast_equals_reference_outputs_and_gradients(causal, per_head, masked):
+def test_fast_equals_reference_outputs_and_gradients(causal, chunk, per_head, masked):
     B, Tq, Tk, H, D, m = 2, 7, 9, 3, 5, 11
     q, k, v = _inputs(B, Tq, Tk, H, D)
     w = _features(m, D, H if per_head else None)
     q_mask, kv_mask = _masks(B, Tq, Tk) if masked else (None, None)
-    fast = performer_attention(q, k, v, w, q_mask=q_mask, kv_mask=kv_mask, causal=causal)
+    fast = performer_attention(q, k, v, w, q_mask=q_mask, kv_mask=kv_mask, causal=causal, chunk=chunk)
     ref = performer_attention_reference(q, k, v, w, q_mask=q_mask, kv_mask=kv_mask, causal=causal)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
     probe = torch.randn_like(fast)
@@ -67,11 +67,11 @@ def test_all_padded_keys_give_zeros_and_padded_queries_are_zero():
 def test_causal_output_ignores_later_tokens():
     q, k, v = _inputs(2, 10, 10, 2, 4)
     w = _features(16, 4)
-    out = performer_attention(q, k, v, w, causal=True)
+    out = performer_attention(q, k, v, w, causal=True, chunk=4)
     q2, k2, v2 = q.detach().clone(), k.detach().clone(), v.detach().clone()
     for t in (q2, k2, v2):
         t[:, 6:] = torch.randn_like(t[:, 6:])
-    out2 = performer_attention(q2, k2, v2, w, causal=True)
+    out2 = performer_attention(q2, k2, v2, w, causal=True, chunk=4)
     torch.testing.assert_close(out[:, :6], out2[:, :6], rtol=1e-9, atol=1e-11)
     assert not torch.allclose(out[:, 6:], out2[:, 6:])
 
@@ -142,6 +142,8 @@ def test_bad_features_raise():
         performer_attention(q, k, v, torch.randn(3, 8, 4, dtype=F64))
     with pytest.raises(ValueError, match="Tq <= Tk"):
         performer_attention(q, k[:, :2], v[:, :2], torch.randn(8, 4, dtype=F64), causal=True)
+    with pytest.raises(ValueError, match="chunk"):
+        performer_attention(q, k, v, torch.randn(8, 4, dtype=F64), causal=True, chunk=0)
     with pytest.raises(ValueError, match="approx_attn_dim"):
         amlp.build_mixer("performer", dim=8, heads=2, approx_attn_dim=0)
 

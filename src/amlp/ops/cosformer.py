@@ -11,7 +11,8 @@ the same for keys:
     out_i = [q^cos_i sum_j k^cos_j v_j^T + q^sin_i sum_j k^sin_j v_j^T]
             / max(q^cos_i sum_j k^cos_j + q^sin_i sum_j k^sin_j, eps)
 
-so time and memory are linear in the length. The causal form uses prefix sums over ``j <= i``.
+so time and memory are linear in the length. The causal form uses prefix sums over ``j <= i``,
+computed in chunks (:mod:`amlp.ops._causal_linear`).
 
 Positions and the horizon M
 ---------------------------
@@ -36,6 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ._causal_linear import DEFAULT_CHUNK, causal_linear_attention
 from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero
 from ._common import masked_gram
 
@@ -91,6 +93,7 @@ def cosformer_attention(
     causal: bool = False,
     max_length: int | None = None,
     eps: float = DEFAULT_EPS,
+    chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """cosFormer attention (module docstring) on ``[B, T, H, D]`` tensors.
 
@@ -100,6 +103,7 @@ def cosformer_attention(
         causal: prefix-sum form, query i sees keys ``j <= i + Tk - Tq``; needs ``max_length``.
         max_length: fixed re-weighting horizon M (None: per-row ``max(n_q, n_k)``, non-causal only).
         eps: floor of the denominator.
+        chunk: chunk length of the causal form (prefix sums across chunks, explicit products inside).
 
     Returns ``[B, Tq, H, D]`` in the dtype of ``q``; zero at padded queries and in rows without keys.
     """
@@ -119,12 +123,8 @@ def cosformer_attention(
     rq, rk = F.relu(q), padded_rows_to_zero(F.relu(k), kv_mask)
     q_cos, q_sin = rq * torch.cos(ang_q), rq * torch.sin(ang_q)
     k_cos, k_sin = rk * torch.cos(ang_k), rk * torch.sin(ang_k)
-    if causal:
-        kv_cos = torch.einsum("bthd,bthe->bthde", k_cos, v).cumsum(1)[:, Tk - Tq:]
-        kv_sin = torch.einsum("bthd,bthe->bthde", k_sin, v).cumsum(1)[:, Tk - Tq:]
-        z_cos, z_sin = k_cos.cumsum(1)[:, Tk - Tq:], k_sin.cumsum(1)[:, Tk - Tq:]
-        num = torch.einsum("bthd,bthde->bthe", q_cos, kv_cos) + torch.einsum("bthd,bthde->bthe", q_sin, kv_sin)
-        den = (q_cos * z_cos).sum(-1) + (q_sin * z_sin).sum(-1)
+    if causal:  # [q_cos, q_sin] . [k_cos, k_sin] is the cos-re-weighted score: one 2D-feature map
+        num, den = causal_linear_attention(torch.cat([q_cos, q_sin], -1), torch.cat([k_cos, k_sin], -1), v, chunk)
     else:
         kv_cos, kv_sin = masked_gram(k_cos, v, None), masked_gram(k_sin, v, None)  # [B, H, D, D]
         z_cos, z_sin = k_cos.sum(1), k_sin.sum(1)  # [B, H, D]

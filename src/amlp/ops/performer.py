@@ -14,7 +14,8 @@ give ``exp(q . k) ~= phi(q) . phi(k)`` and attention becomes linear in the lengt
     out_i = phi(q_i)^T sum_j phi(k_j) v_j^T  /  phi(q_i)^T sum_j phi(k_j)
 
 with ``q`` and ``k`` scaled by ``D^(-1/4)`` so the kernel approximates ``exp(q . k / sqrt(D))``.
-The causal form replaces the sums by prefix sums over ``j <= i`` (section 2.6).
+The causal form replaces the sums by prefix sums over ``j <= i`` (section 2.6), computed in
+chunks (:mod:`amlp.ops._causal_linear`) so memory stays linear in the length.
 
 The ``w_i`` are orthogonal random features (section 2.4): blocks of ``D`` exactly orthogonal
 directions (QR of a Gaussian matrix), their norms drawn independently from the chi distribution
@@ -37,6 +38,7 @@ import math
 
 import torch
 
+from ._causal_linear import DEFAULT_CHUNK, causal_linear_attention
 from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero
 
 
@@ -108,6 +110,7 @@ def performer_attention(
     q_mask: torch.Tensor | None = None,
     kv_mask: torch.Tensor | None = None,
     causal: bool = False,
+    chunk: int = DEFAULT_CHUNK,
 ) -> torch.Tensor:
     """FAVOR+ attention (module docstring) on ``[B, T, H, D]`` tensors.
 
@@ -117,6 +120,7 @@ def performer_attention(
             from :func:`orthogonal_gaussian_features`.
         q_mask, kv_mask: boolean ``[B, Tq]`` / ``[B, Tk]``, True = real token.
         causal: query i sees keys ``j <= i + Tk - Tq`` (end-aligned, as in softmax attention).
+        chunk: chunk length of the causal form (prefix sums across chunks, explicit products inside).
 
     Returns ``[B, Tq, H, D]`` in the dtype of ``q``; zero at padded queries and in rows without keys.
     """
@@ -135,10 +139,7 @@ def performer_attention(
     phi_q = query_features(feature_logits(q, w))  # [B, Tq, H, m]
     phi_k = key_features(feature_logits(k, w), kv_mask)  # [B, Tk, H, m]
     if causal:
-        kv = torch.einsum("bthm,bthd->bthmd", phi_k, v).cumsum(1)[:, Tk - Tq:]
-        z = phi_k.cumsum(1)[:, Tk - Tq:]
-        num = torch.einsum("bthm,bthmd->bthd", phi_q, kv)
-        den = torch.einsum("bthm,bthm->bth", phi_q, z)
+        num, den = causal_linear_attention(phi_q, phi_k, v, chunk)
     else:
         kv = torch.einsum("bthm,bthd->bhmd", phi_k, v)
         z = phi_k.sum(1)  # [B, H, m]
