@@ -26,6 +26,8 @@ class LARA(ProjectedMixer):
         mis_weights: ``"query"`` (default, query-dependent weights) or ``"balance"`` (balance heuristic).
         seed: seed of the ``torch.Generator`` the Gaussian noise of the samples is drawn from, so
             construction is reproducible (the noise ``[H, C, D]`` is a buffer, saved in the state dict).
+            Layers built with the same seed hold the same noise; give each layer of a model its own
+            seed (e.g. base seed + layer index) for independent draws.
         redraw: if True, every forward in training mode draws fresh noise from the layer's
             generator (the unbiased randomized estimator of training); eval mode always uses the
             stored noise, so it is deterministic.

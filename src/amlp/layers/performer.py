@@ -32,6 +32,8 @@ class Performer(ProjectedMixer):
         seed: seed of the ``torch.Generator`` the features are drawn from. Construction is
             reproducible: two layers built with the same seed hold the same features (the features are
             a buffer, saved in the state dict). They are one ``[m, D]`` matrix shared by all heads.
+            Layers built with the same seed (or deep copies of one layer) hold the same features;
+            give each layer of a model its own seed (e.g. base seed + layer index) for independent draws.
         redraw: if True, every forward in training mode draws fresh features from the layer's
             generator (continuing its seeded stream); eval mode always uses the stored features, so
             it is deterministic.
