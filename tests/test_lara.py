@@ -124,3 +124,16 @@ def _approx_error(C, mis_weights, seeds=range(3)):
 def test_error_against_softmax_shrinks_with_more_proposals(mis_weights):
     small, large = _approx_error(16, mis_weights), _approx_error(256, mis_weights)
     assert large < 0.6 * small
+
+
+@pytest.mark.parametrize("mis_weights", ["query", "balance"])
+def test_one_proposal_gives_the_same_output_for_every_query(mis_weights):
+    # with C = 1 the weights are 1 and xi(q_n, w) cancels: out_n = sum_m xi(k_m, w) v_m / sum_m xi(k_m, w)
+    q, k, v = (t.detach() for t in _inputs(1, 6, 8, 2, 4))
+    noise = _noise(2, 1, 4)
+    out = lara_attention(q, k, v, noise, mis_weights=mis_weights)
+    s = 4 ** -0.25
+    omega = (q * s).mean(1) + (k * s).mean(1) + noise[:, 0]  # [1, H, D]
+    xi_k = torch.exp(torch.einsum("bthd,bhd->bth", k * s, omega) - 0.5 * (k * s).square().sum(-1))
+    expected = torch.einsum("bth,bthd->bhd", xi_k, v) / xi_k.sum(1)[..., None]
+    torch.testing.assert_close(out, expected.unsqueeze(1).expand_as(out))
