@@ -12,14 +12,22 @@ from .abc import ABCAttention  # noqa: E402  isort: skip
 from .xca import CrossCovarianceAttention  # noqa: E402  isort: skip
 from .linformer import LinformerAttention  # noqa: E402  isort: skip
 from .gmlp import SpatialGatingMixer  # noqa: E402  isort: skip
+from .performer import Performer  # noqa: E402  isort: skip
+from .cosformer import CosFormer  # noqa: E402  isort: skip
+from .nystrom import Nystromformer  # noqa: E402  isort: skip
+from .lara import LARA  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
     "AMLPCov",
     "AMLPPQuery",
     "Capabilities",
+    "LARA",
+    "CosFormer",
     "Mixer",
     "MixerInfo",
+    "Nystromformer",
+    "Performer",
     "ProjectedMixer",
     "SoftmaxAttention",
     "build_mixer",
