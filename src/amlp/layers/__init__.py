@@ -7,12 +7,16 @@ from .registry import MixerInfo, build_mixer, get_mixer_info, list_mixers, mixer
 # Mixer modules register themselves on import; one line each.
 from .softmax import SoftmaxAttention  # noqa: E402  isort: skip
 from .amlp import AMLP, AMLPCov, AMLPPQuery  # noqa: E402  isort: skip
+from .hypermlp import HyperGLU, HyperHead, HyperMLP  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP",
     "AMLPCov",
     "AMLPPQuery",
     "Capabilities",
+    "HyperGLU",
+    "HyperHead",
+    "HyperMLP",
     "Mixer",
     "MixerInfo",
     "ProjectedMixer",
