@@ -31,8 +31,9 @@ moved into the lag layout by a row-dependent shift (:func:`to_lag_layout`; no in
 pad-and-reshape), mixed there, and moved back (:func:`from_lag_layout`) for the readout matmul.
 ``chunk_size=None`` processes all queries at once (``[B, H, Tq, Tk]`` per tensor); a chunk size
 processes query blocks ``[i0, i1)`` against keys ``[0, i1)`` only, so at most ``chunk x Tk`` scores
-per head exist at once; under autograd each block is recomputed in backward (activation
-checkpointing), which keeps the saved memory at the size of one block as well.
+per head exist at once; under autograd each block keeps only its inputs and is recomputed in
+backward, which keeps the saved memory at the size of one block as well (the chunked form supports
+first-order gradients; use the dense form for double backward).
 
 **Padding.** Keys and values at padded positions are zeroed and outputs at padded queries are zero.
 This is exact for right padding (a causal head never sees the future). Left padding is **not**
@@ -46,7 +47,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.autograd.function import once_differentiable
 
 from ._checks import check_mask, compute_dtype, padded_rows_to_zero
 
@@ -226,6 +227,35 @@ def _block(q, k, v, s_qk, s_vo, qk_p, qk_a, qk_b, vo_p, vo_a, vo_b, kind: str):
     return torch.matmul(from_lag_layout(w), v)
 
 
+class _RecomputedBlock(torch.autograd.Function):
+    """One query block of :func:`_block` that keeps only its inputs for backward and recomputes the
+    block's scores there, so the chunked form never holds more than one block of scores."""
+
+    @staticmethod
+    def forward(ctx, kind, *inputs):
+        ctx.kind = kind
+        ctx.present = [t is not None for t in inputs]
+        ctx.save_for_backward(*[t for t in inputs if t is not None])
+        with torch.no_grad():
+            return _block(*inputs, kind)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        saved = iter(ctx.saved_tensors)
+        inputs = [next(saved).detach().requires_grad_(need) if present else None
+                  for present, need in zip(ctx.present, ctx.needs_input_grad[1:])]
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(())
+        if wanted:
+            with torch.enable_grad():
+                out = _block(*inputs, ctx.kind)
+                # a scalar objective: the same vector-Jacobian product without explicit grad_outputs
+                grads = iter(torch.autograd.grad((out * grad).sum(), wanted, allow_unused=True))
+        result = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
+        return (None, *result)
+
+
 def hyper_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -284,14 +314,14 @@ def hyper_attention(
     params = tuple(cast(t) for t in (qk_p, qk_a, qk_b, vo_p, vo_a, vo_b))
     offset = Tk - Tq
     step = Tq if chunk_size is None else chunk_size
-    use_checkpoint = chunk_size is not None and Tq > step and torch.is_grad_enabled()
+    recompute = chunk_size is not None and Tq > step and torch.is_grad_enabled()
     outs = []
     for i0 in range(0, Tq, step):
         i1 = min(Tq, i0 + step)
         args = (qh[:, :, i0:i1], kh[:, :, :offset + i1], vh[:, :, :offset + i1],
                 None if sq is None else sq[:, :, i0:i1], None if sv is None else sv[:, :, i0:i1], *params)
-        if use_checkpoint:
-            outs.append(checkpoint(_block, *args, kind, use_reentrant=False))
+        if recompute:
+            outs.append(_RecomputedBlock.apply(kind, *args))
         else:
             outs.append(_block(*args, kind))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
