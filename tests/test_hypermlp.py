@@ -334,6 +334,34 @@ def test_step_equals_forward(name, max_lag):
     assert m.state_size(9) == floats == 9 * (8 + 12) + 2 * 12
 
 
+def test_step_without_convolution_or_gates():
+    m = build("hyper-glu", kv_conv=False, qk_gate=False, vo_gate=False, sequence_mixing="vo")
+    x = torch.randn(2, 6, 12, dtype=F64)
+    stepped, state = run_steps(m, x)
+    torch.testing.assert_close(stepped, m(x), rtol=1e-10, atol=1e-12)
+    assert m.state_size(6) == sum(t[0].numel() for t in state.values()) == 6 * (8 + 12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_rows_give_zeros_and_finite_gradients(name):
+    """A fully padded row returns zeros; left padding runs (zeros at padded queries, finite
+    everywhere) but is not exactly invariant, as documented."""
+    m = build(name)
+    x = torch.randn(3, 8, 12, dtype=F64, requires_grad=True)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0] = False
+    mask[1, :3] = False  # left padding
+    y = m(x, x_mask=mask)
+    assert y[0].abs().max() == 0 and y[1, :3].abs().max() == 0
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+    left_alone = m(x[1:2, 3:])
+    assert torch.isfinite(left_alone).all()
+    assert (y[1, 3:] - left_alone[0]).abs().max() > 1e-8  # R^(1) puts mass on the padded slots
+    plain = build(name, sequence_mixing="none")  # without sequence mixing left padding is exact
+    torch.testing.assert_close(plain(x, x_mask=mask)[1, 3:], plain(x[1:2, 3:])[0], rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_causal_jacobian_with_the_convolution(name):
     """d y_t / d x_j = 0 for j > t; and the convolutions reach back: y_t depends on x_{t-1}

@@ -51,8 +51,11 @@ class HyperHead(Mixer):
         dropout: dropout on the layer output. bias: biases on the q/k/v/output projections
             (default False, as in the reference design; gate and control linears always have one).
 
-    Padding: right padding is exact. Left padding is not exactly invariant (R^(1) moves mass into
-    padded slots and the lags of real keys shift), so pad on the right.
+    Padding (``x_mask``): padded tokens enter the convolutions as zeros, their keys and values are
+    zeroed and the outputs at padded positions are zero. Right padding is exact. Left padding is
+    not exactly invariant (R^(1) moves mass into padded slots, which then count in the norm and
+    feed R^(2), and the lags of the real keys shift by the padding length; with
+    ``sequence_mixing="none"`` it is exact), so pad on the right.
 
     The recurrent :meth:`step` caches K (qk_rank floats per token), V (vo_rank per token) and the last
     ``conv_kernel - 1`` inputs, and gives the same numbers as :meth:`forward`.
