@@ -217,13 +217,13 @@ def _block(q, k, v, s_qk, s_vo, qk_p, qk_a, qk_b, vo_p, vo_a, vo_b, kind: str):
     ``[B, Hqk, L, Dk]`` and ``v`` ``[B, H, L, Dv]``; returns ``[B, H, C, Dv]``."""
     C, L = q.shape[2], k.shape[2]
     H = v.shape[1]
-    valid = valid_lags(C, L, q.device)
+    invalid = ~valid_lags(C, L, q.device)
     z = to_lag_layout(torch.matmul(q, k.transpose(-1, -2)))  # [B, Hqk, C, L], zero at invalid lags
     if qk_p is not None:
-        z = dplr_apply(z, qk_p, qk_a, qk_b, s_qk).masked_fill(~valid, 0.0)
+        z = dplr_apply(z, qk_p, qk_a, qk_b, s_qk).masked_fill(invalid, 0.0)
     w = _activate(z, kind, H)
     if vo_p is not None:
-        w = dplr_apply(w, vo_p, vo_a, vo_b, s_vo).masked_fill(~valid, 0.0)
+        w = dplr_apply(w, vo_p, vo_a, vo_b, s_vo).masked_fill(invalid, 0.0)
     return torch.matmul(from_lag_layout(w), v)
 
 
