@@ -1,47 +1,30 @@
 """Pure functions on per-head tensors ``[B, T, H, D]``: one mechanism per module, each with a plain
 reference beside its fast form."""
 
+from .abc import abc_attention, abc_attention_reference, abc_step
 from .amlp import amlp_cov, amlp_cov_reference, amlp_pquery, amlp_pquery_reference
-from .softmax import softmax_attention, softmax_attention_reference
-from .performer import orthogonal_gaussian_features, performer_attention, performer_attention_reference
 from .cosformer import cosformer_attention, cosformer_attention_reference
-from .nystrom import nystrom_attention, nystrom_attention_reference
+from .gmlp import spatial_gating_unit, spatial_gating_unit_reference
+from .hypermlp import hyper_attention, hyper_attention_reference
 from .lara import lara_attention, lara_attention_reference
+from .linformer import linformer_attention, linformer_attention_reference
+from .local import local_attention, local_attention_reference
+from .nystrom import nystrom_attention, nystrom_attention_reference
+from .performer import orthogonal_gaussian_features, performer_attention, performer_attention_reference
+from .softmax import softmax_attention, softmax_attention_reference
+from .xca import cross_covariance_attention, cross_covariance_attention_reference
 
 __all__ = [
-    "amlp_cov",
-    "amlp_cov_reference",
-    "amlp_pquery",
-    "amlp_pquery_reference",
-    "cosformer_attention",
-    "cosformer_attention_reference",
-    "lara_attention",
-    "lara_attention_reference",
-    "nystrom_attention",
-    "nystrom_attention_reference",
-    "orthogonal_gaussian_features",
-    "performer_attention",
-    "performer_attention_reference",
-    "softmax_attention",
-    "softmax_attention_reference",
+    "abc_attention", "abc_attention_reference", "abc_step",
+    "amlp_cov", "amlp_cov_reference", "amlp_pquery", "amlp_pquery_reference",
+    "cosformer_attention", "cosformer_attention_reference",
+    "cross_covariance_attention", "cross_covariance_attention_reference",
+    "hyper_attention", "hyper_attention_reference",
+    "lara_attention", "lara_attention_reference",
+    "linformer_attention", "linformer_attention_reference",
+    "local_attention", "local_attention_reference",
+    "nystrom_attention", "nystrom_attention_reference",
+    "orthogonal_gaussian_features", "performer_attention", "performer_attention_reference",
+    "softmax_attention", "softmax_attention_reference",
+    "spatial_gating_unit", "spatial_gating_unit_reference",
 ]
-
-from .local import local_attention, local_attention_reference  # noqa: E402  isort: skip
-
-__all__ += ["local_attention", "local_attention_reference"]
-
-from .abc import abc_attention, abc_attention_reference, abc_step  # noqa: E402  isort: skip
-
-__all__ += ["abc_attention", "abc_attention_reference", "abc_step"]
-
-from .xca import cross_covariance_attention, cross_covariance_attention_reference  # noqa: E402  isort: skip
-
-__all__ += ["cross_covariance_attention", "cross_covariance_attention_reference"]
-
-from .linformer import linformer_attention, linformer_attention_reference  # noqa: E402  isort: skip
-
-__all__ += ["linformer_attention", "linformer_attention_reference"]
-
-from .gmlp import spatial_gating_unit, spatial_gating_unit_reference  # noqa: E402  isort: skip
-
-__all__ += ["spatial_gating_unit", "spatial_gating_unit_reference"]
