@@ -27,7 +27,9 @@ def list_command() -> None:
         table.add_column(col)
     for info in list_mixers():
         c = info.capabilities
-        max_len = str(c.max_length) if c.max_length else (f"option {c.max_length_option}" if c.max_length_option else "-")
+        max_len = str(c.max_length) if c.max_length else "-"
+        if c.max_length_option:
+            max_len = f"{max_len if c.max_length else 'set'} by option {c.max_length_option}"
         table.add_row(info.name, _flag(c.causal), _flag(c.noncausal), _flag(c.cross), _flag(c.padding),
                       _flag(c.recurrent), max_len, info.description)
     console.print(table)
