@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import activate
+
 #: rows of the sequence processed at once in the backward passes
 CHUNK_ROWS = 512
 
@@ -75,6 +77,43 @@ def add_sumsq_vjp(grad_buf: torch.Tensor, x: torch.Tensor, grad_sumsq: torch.Ten
         w = _weights(mask, x, rows)
         xs = x[:, rows] if w is None else x[:, rows] * w
         grad_buf[:, rows].addcmul_(xs, scale)
+
+
+class _MaskedGram(torch.autograd.Function):
+    """``G[b, h] = sum_t m[b, t] x[b, t, h]^T y[b, t, h]`` (``[B, H, D, D]``) from ``[B, T, H, D]`` inputs.
+
+    Only the inputs are kept for backward (no masked or transposed copies), and the backward
+    writes the input gradients chunk by chunk, which keeps the peak memory of a training step at
+    the size of the inputs themselves.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, mask):
+        ctx.save_for_backward(x, y, mask)
+        return gram(x, y, mask)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, y, mask = ctx.saved_tensors
+        gx = gy = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.empty_like(x)
+            add_linear_vjp(gx, (y,), (grad.transpose(-1, -2),), mask, first=True)
+        if ctx.needs_input_grad[1]:
+            gy = torch.empty_like(y)
+            add_linear_vjp(gy, (x,), (grad,), mask, first=True)
+        return gx, gy, None
+
+
+def masked_gram(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``X^T diag(m) Y`` per batch and head: ``[B, T, H, D] x [B, T, H, E] -> [B, H, D, E]``."""
+    return _MaskedGram.apply(x, y, mask)
+
+
+def masked_sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Per-column sum of squares over real positions: ``[B, T, H, D] -> [B, H, D]``."""
+    return sumsq(x, mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,16 +179,6 @@ def pool_vjp(grad_out, out, lse, query, keys, values, mask, scale, grad_keys, gr
 # Readout: sigma_1(q keys^T) values, the second layer of the dynamic MLP
 
 
-def _activate(logits: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "softmax":
-        return torch.softmax(logits, dim=-1)
-    if activation == "relu":
-        return torch.relu(logits)
-    if activation == "sigmoid":
-        return torch.sigmoid(logits)
-    return logits
-
-
 def _activation_vjp(logits, hidden, grad_hidden, activation):
     if activation == "softmax":
         return hidden * (grad_hidden - (grad_hidden * hidden).sum(-1, keepdim=True))
@@ -163,7 +192,7 @@ def _activation_vjp(logits, hidden, grad_hidden, activation):
 def readout(q, keys, values, activation: str, scale: float) -> torch.Tensor:
     """``sigma_1(scale * q keys^T) values``: ``q`` ``[B, T, H, D]``, ``keys, values`` ``[B, H, c, D]``."""
     logits = torch.einsum("bthd,bhcd->bthc", q, keys) * scale
-    return torch.einsum("bthc,bhcd->bthd", _activate(logits, activation), values)
+    return torch.einsum("bthc,bhcd->bthd", activate(logits, activation), values)
 
 
 def readout_vjp(grad_out, q, keys, values, activation, scale, grad_q, *, first=False):
@@ -174,7 +203,7 @@ def readout_vjp(grad_out, q, keys, values, activation, scale, grad_q, *, first=F
     for rows in row_chunks(q.shape[1]):
         q_c, g_c = q[:, rows], grad_out[:, rows]
         logits = torch.einsum("bthd,bhcd->bthc", q_c, keys) * scale
-        hidden = _activate(logits, activation)
+        hidden = activate(logits, activation)
         grad_values += torch.einsum("bthc,bthd->bhcd", hidden, g_c)
         dlogits = _activation_vjp(logits, hidden, torch.einsum("bthd,bhcd->bthc", g_c, values), activation) * scale
         write(grad_q, rows, torch.einsum("bthc,bhcd->bthd", dlogits, keys), first)

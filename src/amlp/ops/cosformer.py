@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ._causal_linear import DEFAULT_CHUNK, causal_linear_attention
 from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero
-from ._common import masked_gram
+from ._sequence_passes import masked_gram
 
 DEFAULT_EPS = 1e-6
 

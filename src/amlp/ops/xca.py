@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero
-from ._common import masked_gram, masked_sumsq
+from ._sequence_passes import masked_gram, masked_sumsq
 
 DEFAULT_EPS = 1e-12
 
