@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from amlp.ops import amlp_cov, amlp_cov_reference, amlp_pquery, amlp_pquery_reference
+from amlp.ops import _sequence_passes as passes
 from amlp.ops.amlp import amlp_cov_maps, amlp_pquery_maps
 
 F64 = torch.float64
@@ -84,8 +85,9 @@ def test_paper_form_equals_einsum_of_the_equations(variant, activation, tq, tk):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("form", ["paper", "stable"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_fast_equals_reference_with_padding_and_long_chunks(variant, form, activation):
-    # lengths beyond one chunk of the backward passes, both masks, a row without any real key
+def test_fast_equals_reference_with_padding_and_long_chunks(variant, form, activation, monkeypatch):
+    # many chunks in the chunked passes (the last one partial), both masks, a row without any real key
+    monkeypatch.setattr(passes, "CHUNK_BYTES", 1)
     t = make(2, 1100, 530, 2, 5, 3, scale=0.5)
     g = torch.Generator().manual_seed(1)
     q_mask = torch.rand(2, 1100, generator=g) > 0.3
