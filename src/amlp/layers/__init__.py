@@ -23,3 +23,6 @@ __all__ = [
     "mixer_names",
     "register_mixer",
 ]
+from .causal_rn import CausalRN, CausalRNQuadratic  # noqa: E402  isort: skip
+
+__all__ += ["CausalRN", "CausalRNQuadratic"]

@@ -12,3 +12,18 @@ __all__ = [
     "softmax_attention",
     "softmax_attention_reference",
 ]
+from .causal_rn import (  # noqa: E402  isort: skip
+    causal_rn_linear,
+    causal_rn_linear_reference,
+    causal_rn_quadratic,
+    causal_rn_quadratic_reference,
+    layer_norm0,
+)
+
+__all__ += [
+    "causal_rn_linear",
+    "causal_rn_linear_reference",
+    "causal_rn_quadratic",
+    "causal_rn_quadratic_reference",
+    "layer_norm0",
+]
