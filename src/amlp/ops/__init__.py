@@ -27,3 +27,6 @@ __all__ += [
     "causal_rn_quadratic_reference",
     "layer_norm0",
 ]
+from .amlp_causal import amlp_cov_causal, amlp_cov_causal_reference  # noqa: E402  isort: skip
+
+__all__ += ["amlp_cov_causal", "amlp_cov_causal_reference"]
