@@ -47,7 +47,7 @@ from ._checks import check_landmarks, check_mask, check_qkv, compute_dtype, padd
 from ._common import activate, check_activation
 from .amlp import DEFAULT_EPS, FORMS
 
-DEFAULT_CHUNK_SIZE = 64
+DEFAULT_CHUNK_SIZE = 32
 
 
 class CovPrefixState(NamedTuple):
@@ -84,9 +84,29 @@ def _check_state(state, B, H, D):
             raise ValueError(f"initial_state.{name} must be shaped {list(shape)}, got {tuple(t.shape)}")
 
 
-def _prefix_sum(start: torch.Tensor, increments: torch.Tensor) -> torch.Tensor:
-    """``start + cumsum(increments)`` along the token axis 2 of ``[B, H, C, ...]``."""
-    return start.unsqueeze(2) + torch.cumsum(increments, dim=2)
+def _prefix_statistic(start, x, y, row_scale=None, col_scale=None):
+    """Scaled prefix sums of outer products for every token t of a chunk:
+
+        out[t] = diag(row_scale[t]) (start + sum_{i <= t} x_i^T y_i) diag(col_scale[t])
+
+    ``start`` is ``[B, H, d, d]``, ``x, y`` are ``[B, H, C, d]``, the scales ``[B, H, C, d]`` (or
+    broadcastable, or None for ones). The masked sum is one matrix product per batch row and head,
+    ``[(t, d), i] @ [i, e]``, with the row scale folded into its left factor, so no ``[C, d, d]``
+    tensor of outer products is made and no cumulative sum is run over one.
+    """
+    B, H, C, D = x.shape
+    tri = torch.ones(C, C, dtype=x.dtype, device=x.device).tril()
+    left = x.transpose(-1, -2).unsqueeze(2) * tri[:, None, :]  # [B, H, C(t), d, C(i)]
+    if row_scale is not None:
+        left = left * row_scale.unsqueeze(-1)
+    out = torch.matmul(left.reshape(B, H, C * D, C), y).view(B, H, C, D, D)
+    if row_scale is None:
+        out = out + start.unsqueeze(2)
+    else:
+        out = torch.addcmul(out, start.unsqueeze(2), row_scale.unsqueeze(-1))
+    if col_scale is not None:
+        out = out * col_scale.unsqueeze(-2)
+    return out
 
 
 def _cov_chunk(q, k, v, q_w, k_w, s_q0, s_k0, z0, vsq0, cnt_q0, cnt_k0, cq, ck, tau, *,
@@ -97,33 +117,41 @@ def _cov_chunk(q, k, v, q_w, k_w, s_q0, s_k0, z0, vsq0, cnt_q0, cnt_k0, cq, ck, 
     0 padded); the rest is the carried state, the landmarks ``[H, c, d]`` and temperatures ``[H, 3]``.
     Returns the chunk output ``[B, H, C, d]`` and the state after the chunk.
     """
-    s_q = _prefix_sum(s_q0, q.unsqueeze(-1) * q.unsqueeze(-2))  # [B, H, C, d, d]
-    s_k = _prefix_sum(s_k0, k.unsqueeze(-1) * k.unsqueeze(-2))
-    z = _prefix_sum(z0, k.unsqueeze(-1) * v.unsqueeze(-2))
-    vsq = _prefix_sum(vsq0, v.square())  # [B, H, C, d]
     cnt_q = cnt_q0.unsqueeze(1) + torch.cumsum(q_w, dim=1)  # [B, C]
     cnt_k = cnt_k0.unsqueeze(1) + torch.cumsum(k_w, dim=1)
+    vsq = vsq0.unsqueeze(2) + torch.cumsum(v.square(), dim=2)  # [B, H, C, d]
+    t = tau.view(1, -1, 1, 1, 3)
     if stable:
-        n_q = s_q.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()  # running column norms
-        n_k = s_k.diagonal(dim1=-2, dim2=-1).clamp_min(eps * eps).sqrt()
-        n_v = vsq.clamp_min(eps * eps).sqrt()
-        a_q = s_q / (n_q.unsqueeze(-1) * n_q.unsqueeze(-2))
-        a_k = s_k / (n_k.unsqueeze(-1) * n_k.unsqueeze(-2))
-        a_kv = z / (n_k.unsqueeze(-1) * n_v.unsqueeze(-2))
-        q_read = q * (cnt_q.sqrt()[:, None, :, None] / n_q)  # unit-RMS query columns over the prefix
+        # running column norms: the diagonals of the prefix Gram matrices
+        inv_q = 1.0 / (s_q0.diagonal(dim1=-2, dim2=-1).unsqueeze(2) + torch.cumsum(q.square(), dim=2)).clamp_min(
+            eps * eps).sqrt()
+        inv_k = 1.0 / (s_k0.diagonal(dim1=-2, dim2=-1).unsqueeze(2) + torch.cumsum(k.square(), dim=2)).clamp_min(
+            eps * eps).sqrt()
+        inv_v = 1.0 / vsq.clamp_min(eps * eps).sqrt()
+        # tau * S / (n n^T): cosine similarities between feature columns over the prefix
+        logits_q = _prefix_statistic(s_q0, q, q, inv_q * t[..., 0], inv_q)
+        logits_k = _prefix_statistic(s_k0, k, k, inv_k * t[..., 1], inv_k)
+        logits_kv = _prefix_statistic(z0, k, v, inv_k * t[..., 2], inv_v)
+        q_read = q * (cnt_q.sqrt()[:, None, :, None] * inv_q)  # unit-RMS query columns over the prefix
     else:
-        a_q, a_k, a_kv, q_read = s_q, s_k, z, q
-    t = tau.view(1, -1, 3, 1, 1, 1)
-    l_t = torch.einsum("hcd,bhtde->bhtce", cq, torch.softmax(a_q * t[:, :, 0], dim=-1)) + torch.einsum(
-        "hcd,bhtde->bhtce", ck, torch.softmax(a_k * t[:, :, 1], dim=-1)
-    )  # L_t^T, [B, H, C, c, d]  (eq. 13)
+        logits_q = _prefix_statistic(s_q0, q, q, t[..., 0])
+        logits_k = _prefix_statistic(s_k0, k, k, t[..., 1])
+        logits_kv = _prefix_statistic(z0, k, v, t[..., 2])
+        q_read = q
+    l_t = torch.matmul(cq[None, :, None], torch.softmax(logits_q, dim=-1)) + torch.matmul(
+        ck[None, :, None], torch.softmax(logits_k, dim=-1)
+    )  # L_t^T = C_q sigma_2(S_t^Q) + C_k sigma_2(S_t^K), [B, H, C, c, d]  (eq. 13)
     if stable:
         l_t = F.relu(l_t)
     hidden = activate(torch.einsum("bhtd,bhtcd->bhtc", q_read, l_t) * read_scale, activation)
     mixed = torch.einsum("bhtc,bhtcd->bhtd", hidden, l_t)
-    out = torch.einsum("bhtd,bhtde->bhte", mixed, torch.softmax(a_kv * t[:, :, 2], dim=-1))  # eq. 14
+    # o_t = sigma_1(q_t L_t) L_t^T sigma_2(z_t)  (eq. 14, W_t never formed)
+    out = torch.matmul(mixed.unsqueeze(-2), torch.softmax(logits_kv, dim=-1)).squeeze(-2)
     out = out * (cnt_k > 0).to(out.dtype)[:, None, :, None]
-    return out, s_q[:, :, -1], s_k[:, :, -1], z[:, :, -1], vsq[:, :, -1], cnt_q[:, -1], cnt_k[:, -1]
+    s_q = s_q0 + q.transpose(-1, -2) @ q
+    s_k = s_k0 + k.transpose(-1, -2) @ k
+    z = z0 + k.transpose(-1, -2) @ v
+    return out, s_q, s_k, z, vsq[:, :, -1], cnt_q[:, -1], cnt_k[:, -1]
 
 
 def amlp_cov_causal(
