@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..ops._checks import compute_dtype
 from ..ops.causal_rn import (
     DEFAULT_CHUNK_SIZE,
     causal_rn_linear,
@@ -64,7 +65,7 @@ class _RelationNetwork(Mixer):
         nn.init.zeros_(self.out_proj.bias)
 
     def _pair_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xn = layer_norm0(x)
+        xn = layer_norm0(x.to(compute_dtype(x.dtype))).to(x.dtype)
         return self.in_query(xn), self.in_key(xn)
 
     def _pool(self, a, b, mask):  # pragma: no cover - abstract
