@@ -84,26 +84,21 @@ def _check_state(state, B, H, D):
             raise ValueError(f"initial_state.{name} must be shaped {list(shape)}, got {tuple(t.shape)}")
 
 
-def _prefix_statistic(start, x, y, row_scale=None, col_scale=None):
+def _prefix_statistic(start, x, y, row_scale, col_scale=None):
     """Scaled prefix sums of outer products for every token t of a chunk:
 
         out[t] = diag(row_scale[t]) (start + sum_{i <= t} x_i^T y_i) diag(col_scale[t])
 
-    ``start`` is ``[B, H, d, d]``, ``x, y`` are ``[B, H, C, d]``, the scales ``[B, H, C, d]`` (or
-    broadcastable, or None for ones). The masked sum is one matrix product per batch row and head,
+    ``start`` is ``[B, H, d, d]``, ``x, y`` are ``[B, H, C, d]``, the scales ``[B, H, C, d]`` or
+    broadcastable to it (``col_scale`` None: ones). The masked sum is one matrix product per batch row and head,
     ``[(t, d), i] @ [i, e]``, with the row scale folded into its left factor, so no ``[C, d, d]``
     tensor of outer products is made and no cumulative sum is run over one.
     """
     B, H, C, D = x.shape
     tri = torch.ones(C, C, dtype=x.dtype, device=x.device).tril()
-    left = x.transpose(-1, -2).unsqueeze(2) * tri[:, None, :]  # [B, H, C(t), d, C(i)]
-    if row_scale is not None:
-        left = left * row_scale.unsqueeze(-1)
+    left = x.transpose(-1, -2).unsqueeze(2) * tri[:, None, :] * row_scale.unsqueeze(-1)  # [B, H, C(t), d, C(i)]
     out = torch.matmul(left.reshape(B, H, C * D, C), y).view(B, H, C, D, D)
-    if row_scale is None:
-        out = out + start.unsqueeze(2)
-    else:
-        out = torch.addcmul(out, start.unsqueeze(2), row_scale.unsqueeze(-1))
+    out = torch.addcmul(out, start.unsqueeze(2), row_scale.unsqueeze(-1))
     if col_scale is not None:
         out = out * col_scale.unsqueeze(-2)
     return out
