@@ -70,9 +70,12 @@ def amlp_cov_causal_init_state(batch: int, heads: int, head_dim: int, *, dtype=t
                                device=None) -> CovPrefixState:
     """The state before any token: all statistics zero."""
     dtype = compute_dtype(dtype)
-    mat = torch.zeros(batch, heads, head_dim, head_dim, dtype=dtype, device=device)
-    return CovPrefixState(mat, mat.clone(), mat.clone(), torch.zeros(batch, heads, head_dim, dtype=dtype, device=device),
-                          torch.zeros(batch, dtype=dtype, device=device), torch.zeros(batch, dtype=dtype, device=device))
+    def zeros(*shape):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    return CovPrefixState(zeros(batch, heads, head_dim, head_dim), zeros(batch, heads, head_dim, head_dim),
+                          zeros(batch, heads, head_dim, head_dim), zeros(batch, heads, head_dim), zeros(batch),
+                          zeros(batch))
 
 
 def _check_state(state, B, H, D):
