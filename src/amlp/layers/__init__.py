@@ -24,3 +24,6 @@ __all__ = [
     "Nystromformer", "Performer", "ProjectedMixer", "SoftmaxAttention", "SpatialGatingMixer",
     "build_mixer", "get_mixer_info", "list_mixers", "mixer_names", "register_mixer",
 ]
+from .causal_rn import CausalRN, CausalRNQuadratic  # noqa: E402  isort: skip
+
+__all__ += ["CausalRN", "CausalRNQuadratic"]

@@ -1,1 +1,5 @@
 """models"""
+
+from .blocks import CausalRNBlock
+
+__all__ = ["CausalRNBlock"]

@@ -28,3 +28,21 @@ __all__ = [
     "softmax_attention", "softmax_attention_reference",
     "spatial_gating_unit", "spatial_gating_unit_reference",
 ]
+from .causal_rn import (  # noqa: E402  isort: skip
+    causal_rn_linear,
+    causal_rn_linear_reference,
+    causal_rn_quadratic,
+    causal_rn_quadratic_reference,
+    layer_norm0,
+)
+
+__all__ += [
+    "causal_rn_linear",
+    "causal_rn_linear_reference",
+    "causal_rn_quadratic",
+    "causal_rn_quadratic_reference",
+    "layer_norm0",
+]
+from .amlp_causal import amlp_cov_causal, amlp_cov_causal_reference  # noqa: E402  isort: skip
+
+__all__ += ["amlp_cov_causal", "amlp_cov_causal_reference"]

@@ -1,0 +1,257 @@
+r"""CausalRN: the causal relation network with an exponential activation (arXiv 2406.16168).
+
+A relation network pools a pair function over the context; CausalRN makes the output index the
+query and masks the future (spec section 3.1):
+
+    u_i = (1 / n_i) sum_{j <= i} g(x_i, x_j),        y_i = W_3 LN0(u_i) + b_3
+
+with ``g(x_i, x_j) = exp(N_pre(a_i, b_j))``, ``a_i = W_1 LN0(x_i) + b_1`` and ``b_j = W_2 LN0(x_j)``
+(both h-dimensional), ``n_i`` the number of keys pooled (i in the causal form, T in the bidirectional
+one) and ``LN0`` the parameter-free layer norm over the h features (eps 0, see :func:`layer_norm0`).
+The ops here take ``a`` and ``b`` (``[B, T, h]``, before any normalisation) and return the
+post-normalised pool ``LN0(u)``; the projections live in the layer.
+
+Two pre-activation normalisations (spec section 3.3):
+
+* **approx** (:func:`causal_rn_linear`): ``N_pre = LN0(a_i) + LN0(b_j)``, additively separable, so
+  ``sum_j exp(a^_i + b^_j) = exp(a^_i) * sum_j exp(b^_j)`` (spec 3.2): a prefix sum, O(T h) time,
+  and a recurrent state of h numbers.
+* **exact** (:func:`causal_rn_quadratic`): ``N_pre = LN0(a_i + b_j)``, normalised per pair, which does
+  not factorise: O(T^2 h) time; the memory is kept at O(chunk_size * T * h) by running over blocks
+  of queries (recomputed in backward).
+
+Numerical stability (spec 3.4): both forms work in the log domain. The post-normalisation is
+invariant to a positive factor per position (exactly, since eps = 0), so each position's pooled
+vector is divided by ``exp(m_i)`` with ``m_i`` its largest log-entry (detached) before the
+exponential; the division by ``n_i`` is cancelled by the same argument and is not performed. The
+outputs are then finite whatever the length and the scale of the inputs.
+
+Padding: ``mask`` (``[B, T]``, True = real token) removes padded keys from every pool (their log
+weight is far below any reachable value, so their ``exp`` is exactly zero); in the bidirectional
+form each pool is the mean over the real tokens of its row. Outputs at padded positions are zero.
+Half-precision inputs are computed in float32 and returned in their own dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ._checks import check_mask, compute_dtype, padded_rows_to_zero
+
+#: log weight given to padded keys: LN0 outputs are bounded by sqrt(h - 1) in absolute value, so
+#: ``exp(MASKED_LOG_WEIGHT - max)`` underflows to exactly 0 in float32 and float64 for any h < 10^7.
+MASKED_LOG_WEIGHT = -1.0e4
+
+DEFAULT_CHUNK_SIZE = 32
+
+
+def layer_norm0(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Parameter-free layer norm with eps = 0: ``(x - mean(x)) / std(x)`` over ``dim`` (biased std).
+
+    A constant vector (std exactly 0) maps to zeros rather than NaN, with finite gradients; every
+    other input is normalised exactly, so the map is invariant to a positive scale of ``x``.
+    """
+    centred = x - x.mean(dim=dim, keepdim=True)
+    var = centred.square().mean(dim=dim, keepdim=True)
+    safe_var = torch.where(var > 0, var, torch.ones_like(var))
+    return centred / safe_var.sqrt()
+
+
+def _check_pair_features(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None) -> None:
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be shaped [B, T, h], got {shape}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape [B, T, h], got a {tuple(a.shape)} and b {tuple(b.shape)}")
+    if a.shape[1] == 0 or a.shape[2] == 0:
+        raise ValueError(f"a and b need at least one token and one feature, got shape {tuple(a.shape)}")
+    if a.device != b.device:
+        raise ValueError(f"a and b must be on one device, got {a.device} and {b.device}")
+    check_mask(mask, a.shape[0], a.shape[1], "mask")
+
+
+def _masked_log_weights(b_hat: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return b_hat
+    return b_hat.masked_fill(~mask.unsqueeze(-1), MASKED_LOG_WEIGHT)
+
+
+def _normalised_exp(log_u: torch.Tensor) -> torch.Tensor:
+    """``LN0(exp(log_u))`` computed as ``LN0(exp(log_u - max))`` (max over features, detached)."""
+    shift = log_u.detach().amax(dim=-1, keepdim=True)
+    return layer_norm0(torch.exp(log_u - shift))
+
+
+def causal_rn_linear(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Linear-time relation pool with the separable ("approx") pre-normalisation, post-normalised.
+
+    ``LN0(u_i)`` with ``u_i = (1/n_i) sum_{j <= i} exp(LN0(a_i) + LN0(b_j))`` (causal) or the sum over
+    every real j (bidirectional), computed as ``LN0(exp(a^_i + log S_i - m_i))`` with
+    ``log S_i = logcumsumexp_{j <= i} b^_j`` (``logsumexp`` over all j when not causal) and ``m_i`` the
+    detached per-position maximum (spec 3.2-3.4). O(T h) time and memory.
+
+    Args:
+        a, b: ``[B, T, h]``, the two projections ``W_1 LN0(x) + b_1`` and ``W_2 LN0(x)``.
+        mask: boolean ``[B, T]``, True = real token; padded keys are excluded from every pool.
+        causal: pool over ``j <= i`` (True) or over the whole sequence (False).
+
+    Returns ``[B, T, h]`` in the dtype of ``a``; zero at padded positions.
+    """
+    _check_pair_features(a, b, mask)
+    out_dtype = a.dtype
+    cdt = compute_dtype(a.dtype)
+    a_hat = layer_norm0(a.to(cdt))
+    b_hat = _masked_log_weights(layer_norm0(b.to(cdt)), mask)
+    if causal:
+        log_s = torch.logcumsumexp(b_hat, dim=1)
+    else:
+        log_s = torch.logsumexp(b_hat, dim=1, keepdim=True)
+    out = _normalised_exp(a_hat + log_s)
+    return padded_rows_to_zero(out, mask).to(out_dtype)
+
+
+def causal_rn_linear_init_state(batch: int, hidden: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Empty recurrent state of :func:`causal_rn_linear_step`: ``log S_0 = -inf``, ``[B, h]``."""
+    return torch.full((batch, hidden), float("-inf"), dtype=dtype, device=device)
+
+
+def causal_rn_linear_step(a_t: torch.Tensor, b_t: torch.Tensor, log_s: torch.Tensor):
+    """One token of the causal linear form (spec 3.6): ``log S_t = logaddexp(log S_{t-1}, b^_t)``,
+    output ``LN0(exp(a^_t + log S_t - m_t))``.
+
+    ``a_t, b_t`` are ``[B, h]``; ``log_s`` is the ``[B, h]`` state. Returns ``(out [B, h], log_s)``;
+    the output is in the dtype of ``a_t`` and the state in float32 (or float64 for float64 inputs).
+    """
+    if a_t.dim() != 2 or a_t.shape != b_t.shape:
+        raise ValueError(f"a_t and b_t must both be shaped [B, h], got {tuple(a_t.shape)} and {tuple(b_t.shape)}")
+    if log_s.shape != a_t.shape:
+        raise ValueError(f"state must be shaped [B, h] = {list(a_t.shape)}, got {tuple(log_s.shape)}")
+    cdt = compute_dtype(a_t.dtype)
+    log_s = torch.logaddexp(log_s.to(cdt), layer_norm0(b_t.to(cdt)))
+    out = _normalised_exp(layer_norm0(a_t.to(cdt)) + log_s)
+    return out.to(a_t.dtype), log_s
+
+
+def _pair_pool_block(a_block: torch.Tensor, b_all: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``LN0`` of ``sum_j exp(LN0(a_i + b_j))`` over the allowed keys, for one block of queries.
+
+    ``a_block`` ``[B, C, h]``, ``b_all`` ``[B, S, h]``, ``allowed`` bool ``[B, C, S]``. Builds one
+    ``[B, C, S, h]`` tensor.
+    """
+    pair = layer_norm0(a_block.unsqueeze(2) + b_all.unsqueeze(1))
+    pair = pair.masked_fill(~allowed.unsqueeze(-1), MASKED_LOG_WEIGHT)
+    return _normalised_exp(torch.logsumexp(pair, dim=2))
+
+
+def causal_rn_quadratic(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    causal: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    recompute: bool | None = None,
+) -> torch.Tensor:
+    """Relation pool with the exact per-pair pre-normalisation, post-normalised (spec 3.3, 3.5).
+
+    ``LN0(u_i)`` with ``u_i = (1/n_i) sum_{j <= i} exp(LN0(a_i + b_j))`` (all real j when not causal),
+    computed stably as ``LN0(exp(logsumexp_j LN0(a_i + b_j) - m_i))`` (spec 3.4). O(T^2 h) time.
+
+    Queries run in blocks of ``chunk_size``; a block of queries meets only the keys it may see, so
+    the largest tensor is ``[B, chunk_size, T, h]``, never ``[B, T, T, h]``. With ``recompute`` (the
+    default whenever a gradient is needed) each block is recomputed in backward instead of being
+    kept, so training memory stays at one block as well.
+
+    Args:
+        a, b, mask, causal: as in :func:`causal_rn_linear`.
+        chunk_size: queries per block (>= 1).
+        recompute: checkpoint each block (None: when autograd records a graph).
+
+    Returns ``[B, T, h]`` in the dtype of ``a``; zero at padded positions.
+    """
+    _check_pair_features(a, b, mask)
+    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    B, T, h = a.shape
+    out_dtype = a.dtype
+    cdt = compute_dtype(a.dtype)
+    a, b = a.to(cdt), b.to(cdt)
+    if recompute is None:
+        recompute = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+    key_ok = torch.ones(B, T, dtype=torch.bool, device=a.device) if mask is None else mask
+    positions = torch.arange(T, device=a.device)
+    blocks = []
+    for start in range(0, T, chunk_size):
+        stop = min(start + chunk_size, T)
+        n_keys = stop if causal else T
+        allowed = key_ok[:, None, :n_keys].expand(B, stop - start, n_keys)
+        if causal:
+            allowed = allowed & (positions[None, :n_keys] <= positions[start:stop, None]).unsqueeze(0)
+        args = (a[:, start:stop], b[:, :n_keys], allowed)
+        if recompute:
+            blocks.append(checkpoint(_pair_pool_block, *args, use_reentrant=False))
+        else:
+            blocks.append(_pair_pool_block(*args))
+    out = torch.cat(blocks, dim=1)
+    return padded_rows_to_zero(out, mask).to(out_dtype)
+
+
+def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor) -> torch.Tensor:
+    """One token of the causal quadratic form (spec 3.6): ``a_t`` ``[B, h]`` against the cache of
+    every ``b_j`` so far including the current one, ``[B, t, h]``. Returns ``LN0(u_t)`` ``[B, h]``."""
+    if a_t.dim() != 2 or b_cache.dim() != 3 or b_cache.shape[0] != a_t.shape[0] or b_cache.shape[2] != a_t.shape[1]:
+        raise ValueError(f"a_t must be [B, h] and b_cache [B, t, h], got {tuple(a_t.shape)} and {tuple(b_cache.shape)}")
+    cdt = compute_dtype(a_t.dtype)
+    B, t, _ = b_cache.shape
+    allowed = torch.ones(B, 1, t, dtype=torch.bool, device=a_t.device)
+    out = _pair_pool_block(a_t.to(cdt).unsqueeze(1), b_cache.to(cdt), allowed)
+    return out[:, 0].to(a_t.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain references: the explicit pairwise tensor, no stabilisation, the mean taken literally.
+
+
+def _pair_weights(mask: torch.Tensor | None, B: int, T: int, causal: bool, dtype, device) -> torch.Tensor:
+    """``[B, T, T]`` weights ``w[b, i, j] = 1/n_i`` for the keys query i pools, 0 elsewhere."""
+    keep = torch.ones(B, T, T, dtype=dtype, device=device)
+    if causal:
+        keep = keep * torch.tril(torch.ones(T, T, dtype=dtype, device=device))
+    if mask is not None:
+        keep = keep * mask[:, None, :].to(dtype)
+    return keep / keep.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+def _post_normalise(pairs: torch.Tensor, mask, causal) -> torch.Tensor:
+    B, T = pairs.shape[:2]
+    w = _pair_weights(mask, B, T, causal, pairs.dtype, pairs.device)
+    u = torch.einsum("bij,bijh->bih", w, torch.exp(pairs))  # the masked pairs get weight 0 after exp
+    out = layer_norm0(u)
+    if mask is not None:
+        out = out * mask[:, :, None].to(out.dtype)
+    return out
+
+
+def causal_rn_linear_reference(a, b, *, mask=None, causal=True):
+    """Reference: ``LN0((1/n_i) sum_j exp(LN0(a_i) + LN0(b_j)))`` over an explicit ``[B, T, T, h]``
+    tensor of pairs, without any stabilisation."""
+    a_hat, b_hat = layer_norm0(a), layer_norm0(b)
+    pairs = a_hat[:, :, None, :] + b_hat[:, None, :, :]
+    return _post_normalise(pairs, mask, causal)
+
+
+def causal_rn_quadratic_reference(a, b, *, mask=None, causal=True):
+    """Reference: ``LN0((1/n_i) sum_j exp(LN0(a_i + b_j)))`` over an explicit ``[B, T, T, h]`` tensor
+    of pairs, without any stabilisation."""
+    pairs = layer_norm0(a[:, :, None, :] + b[:, None, :, :])
+    return _post_normalise(pairs, mask, causal)
