@@ -16,14 +16,12 @@ from .cosformer import CosFormer  # noqa: E402  isort: skip
 from .linformer import LinformerAttention  # noqa: E402  isort: skip
 from .nystrom import Nystromformer  # noqa: E402  isort: skip
 from .lara import LARA  # noqa: E402  isort: skip
+from .causal_rn import CausalRN, CausalRNQuadratic  # noqa: E402  isort: skip
 from .hypermlp import HyperGLU, HyperHead, HyperMLP  # noqa: E402  isort: skip
 
 __all__ = [
-    "AMLP", "AMLPCov", "AMLPPQuery", "ABCAttention", "Capabilities", "CosFormer", "CrossCovarianceAttention",
+    "AMLP", "AMLPCov", "AMLPPQuery", "ABCAttention", "Capabilities", "CausalRN", "CausalRNQuadratic", "CosFormer", "CrossCovarianceAttention",
     "HyperGLU", "HyperHead", "HyperMLP", "LARA", "LinformerAttention", "LocalAttention", "Mixer", "MixerInfo",
     "Nystromformer", "Performer", "ProjectedMixer", "SoftmaxAttention", "SpatialGatingMixer",
     "build_mixer", "get_mixer_info", "list_mixers", "mixer_names", "register_mixer",
 ]
-from .causal_rn import CausalRN, CausalRNQuadratic  # noqa: E402  isort: skip
-
-__all__ += ["CausalRN", "CausalRNQuadratic"]

@@ -3,6 +3,14 @@ reference beside its fast form."""
 
 from .abc import abc_attention, abc_attention_reference, abc_step
 from .amlp import amlp_cov, amlp_cov_reference, amlp_pquery, amlp_pquery_reference
+from .amlp_causal import amlp_cov_causal, amlp_cov_causal_reference
+from .causal_rn import (
+    causal_rn_linear,
+    causal_rn_linear_reference,
+    causal_rn_quadratic,
+    causal_rn_quadratic_reference,
+    layer_norm0,
+)
 from .cosformer import cosformer_attention, cosformer_attention_reference
 from .gmlp import spatial_gating_unit, spatial_gating_unit_reference
 from .hypermlp import hyper_attention, hyper_attention_reference
@@ -17,6 +25,9 @@ from .xca import cross_covariance_attention, cross_covariance_attention_referenc
 __all__ = [
     "abc_attention", "abc_attention_reference", "abc_step",
     "amlp_cov", "amlp_cov_reference", "amlp_pquery", "amlp_pquery_reference",
+    "amlp_cov_causal", "amlp_cov_causal_reference",
+    "causal_rn_linear", "causal_rn_linear_reference", "causal_rn_quadratic", "causal_rn_quadratic_reference",
+    "layer_norm0",
     "cosformer_attention", "cosformer_attention_reference",
     "cross_covariance_attention", "cross_covariance_attention_reference",
     "hyper_attention", "hyper_attention_reference",
@@ -28,21 +39,3 @@ __all__ = [
     "softmax_attention", "softmax_attention_reference",
     "spatial_gating_unit", "spatial_gating_unit_reference",
 ]
-from .causal_rn import (  # noqa: E402  isort: skip
-    causal_rn_linear,
-    causal_rn_linear_reference,
-    causal_rn_quadratic,
-    causal_rn_quadratic_reference,
-    layer_norm0,
-)
-
-__all__ += [
-    "causal_rn_linear",
-    "causal_rn_linear_reference",
-    "causal_rn_quadratic",
-    "causal_rn_quadratic_reference",
-    "layer_norm0",
-]
-from .amlp_causal import amlp_cov_causal, amlp_cov_causal_reference  # noqa: E402  isort: skip
-
-__all__ += ["amlp_cov_causal", "amlp_cov_causal_reference"]
