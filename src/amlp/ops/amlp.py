@@ -337,6 +337,8 @@ def _add_grads(a, b):
     if a is None:
         return b
     return a if b is None else a + b
+
+
 def amlp_pquery(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -371,7 +373,6 @@ def amlp_pquery(
     """
     _check_common(q, k, v, q_mask, kv_mask, activation, form, temperature)
     B, Tq, H, D = q.shape
-    Tk = k.shape[1]
     check_landmarks(cq, H, D, "cq")
     check_landmarks(ck, H, D, "ck")
     _check_w(w, w_bias, H, D)
