@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,25 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-4`` as a string; this loader reads it as a float, as users expect."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                   |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                   |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)
+                   |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
+
 
 SCHEDULES = ("constant", "inverse_sqrt", "exponential")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -233,7 +253,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ValueError(f"override {text!r} has an empty key part")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ValueError(f"override {text!r}: value is not valid YAML ({err})") from None
     return parts, value
@@ -260,7 +280,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml_load(path.read_text())
     except yaml.YAMLError as err:
         raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from None
     if raw is None:

@@ -276,7 +276,10 @@ class Trainer:
         for b in range(start_batch, self.steps_per_epoch):
             idx = order[b * gb:(b + 1) * gb]
             batches.append(idx[self.rank * per:(self.rank + 1) * per].tolist())
-        return DataLoader(self.train_set, batch_sampler=batches, collate_fn=self._collate,
+        # an own generator, so that building the loader draws nothing from the global RNG
+        # (which drives dropout and must follow the step, not the number of loaders made)
+        generator = torch.Generator().manual_seed(int(self.config.seed) * 7 + epoch)
+        return DataLoader(self.train_set, batch_sampler=batches, collate_fn=self._collate, generator=generator,
                           num_workers=self.tc.num_workers, pin_memory=self.device.type == "cuda")
 
     def eval_loader(self, split: str) -> DataLoader | None:
@@ -284,7 +287,7 @@ class Trainer:
         if data is None or len(data) == 0:
             return None
         return DataLoader(data, batch_size=self.tc.batch_size, shuffle=False, collate_fn=self._collate,
-                          num_workers=self.tc.num_workers, pin_memory=self.device.type == "cuda")
+                          generator=torch.Generator().manual_seed(0), num_workers=self.tc.num_workers, pin_memory=self.device.type == "cuda")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
