@@ -91,6 +91,9 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = False
     num_workers: int = 0
+    #: CPU threads for torch during the run (None: torch's default). On a shared or small machine
+    #: 1 is often much faster than oversubscribing the cores.
+    threads: int | None = None
     #: evaluate on the test split at the end of training
     test_at_end: bool = True
 
@@ -110,6 +113,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"config key 'train.{name}' must be >= 0, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"config key 'train.threads' must be >= 1 or null, got {self.threads}")
         if not 0.0 < self.decay_gamma <= 1.0:
             raise ValueError(f"config key 'train.decay_gamma' must be in (0, 1], got {self.decay_gamma}")
         if self.decay_every is not None and self.decay_every < 1:

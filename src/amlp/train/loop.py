@@ -381,6 +381,15 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self) -> TrainResult:
+        threads = torch.get_num_threads()
+        if self.tc.threads:
+            torch.set_num_threads(self.tc.threads)
+        try:
+            return self._fit()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self) -> TrainResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_path = self._find_resume_checkpoint()
         if resume_path is not None:
