@@ -118,8 +118,8 @@ def time_features(dates, freq: str) -> np.ndarray:
     cols = []
     if freq == "15min":
         cols.append(idx.minute / 59.0 - 0.5)
-    cols += [idx.hour / 23.0 - 0.5, idx.dayofweek / 6.0 - 0.5, (idx.day - 1) / 30.0 - 0.5,
-             (idx.dayofyear - 1) / 365.0 - 0.5]
+    cols += [idx.hour / 23.0 - 0.5, idx.day_of_week / 6.0 - 0.5, (idx.day - 1) / 30.0 - 0.5,
+             (idx.day_of_year - 1) / 365.0 - 0.5]
     return np.stack([np.asarray(c, dtype=np.float64) for c in cols], axis=1).astype(np.float32)
 
 
