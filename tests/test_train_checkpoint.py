@@ -149,9 +149,11 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, finished_run):
 
 
 def test_resume_without_checkpoint_and_changed_batch(tmp_path, finished_run):
+    run, ckpt = finished_run
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(toy_config(max_steps=4), run).fit()
     with pytest.raises(CheckpointError, match="nothing to resume"):
         Trainer(toy_config(max_steps=4), tmp_path / "empty", resume=True).fit()
-    run, ckpt = finished_run
     with pytest.raises(CheckpointError, match="steps per epoch"):
         Trainer(toy_config(max_steps=8, batch_size=8), run, resume=True).fit()
 

@@ -74,10 +74,15 @@ def test_from_dict_requires_a_mapping():
 def test_every_repository_config_validates():
     files = sorted((ROOT / "configs").rglob("*.yaml"))
     assert files, "no configs found"
+    from amlp.train.study_forecasting import load_study
+
     for path in files:
-        if path.parent.name == "study" or path.name.startswith("study"):
-            continue
-        load_config(path)
+        if path.parent.name == "study":
+            study = load_study(path)
+            for cfg in study.configs:
+                assert load_config(ROOT / cfg).task == "forecasting"
+        else:
+            load_config(path)
 
 
 def _expected_factor(step, schedule, warmup, gamma, every):

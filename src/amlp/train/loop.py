@@ -203,8 +203,7 @@ class Trainer:
     Args:
         config: the validated experiment config.
         run_dir: where logs, checkpoints and ``results.json`` go (created if needed).
-        resume: ``False`` (start fresh; an existing run directory is reused, its checkpoints
-            replaced as training goes), ``True`` (continue from the newest checkpoint; an error if
+        resume: ``False`` (start fresh; refused if ``run_dir`` already holds checkpoints), ``True`` (continue from the newest checkpoint; an error if
             there is none), ``"auto"`` (continue if there is a checkpoint) or a checkpoint path.
         task: an already built task (default: built from ``config.task``).
         on_step_end: called as ``on_step_end(trainer, step, loss)`` after every optimiser step
@@ -392,6 +391,9 @@ class Trainer:
     def _fit(self) -> TrainResult:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_path = self._find_resume_checkpoint()
+        if resume_path is None and latest_checkpoint(self.ckpt_dir) is not None:
+            raise ValueError(f"{str(self.run_dir)!r} already holds checkpoints of another run; continue it with "
+                             "resume (--resume) or choose another run directory (--run-dir)")
         if resume_path is not None:
             self.restore(resume_path)
         if self.world > 1:

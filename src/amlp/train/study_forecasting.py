@@ -93,7 +93,7 @@ def _read_results(path: Path) -> dict:
 
 def _write_json_atomic(path: Path, data) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
     os.replace(tmp, path)
 
@@ -142,15 +142,20 @@ def run_study(study: StudyConfig, *, command: str, mechanisms: list[str] | None 
             cfg = load_config(root / cfg_path, overrides + [f"model.cross_mixer={mech}", f"seed={seed}"])
             run_dir = run_root / f"{dataset}_{features}" / mech / f"seed{seed}"
             result = run_experiment(cfg, run_dir, resume="auto")
-            results[key] = {"finished": True, "dataset": dataset, "features": features, "mechanism": mech,
+            record = {"finished": True, "dataset": dataset, "features": features, "mechanism": mech,
                             "seed": seed, "config": str(cfg_path), "overrides": overrides, "steps": result.step,
                             "test": result.test_metrics, "val": result.val_metrics,
                             "run_dir": str(run_dir.relative_to(root) if run_dir.is_relative_to(root) else run_dir),
                             "train": to_plain(cfg.train), "model": to_plain(cfg.model),
                             "data": to_plain(cfg.data)}
+            # re-read before writing, so that studies of other cells running at the same time
+            # (separate processes sharing run_root) do not drop each other's records
+            results = _read_results(results_path)
+            results[key] = record
             _write_json_atomic(results_path, results)
             log(f"    test mse {result.test_metrics['mse']:.4f}  mae {result.test_metrics['mae']:.4f}")
     doc = root / study.doc
+    results = _read_results(results_path)
     write_report(doc, results, study=study, command=command, requested=mechs, unavailable=skipped)
     log(f"report written to {doc}")
     return doc
@@ -251,6 +256,6 @@ def write_report(path: Path, results: dict, *, study: StudyConfig, command: str,
         lines.append(f"| {model} | {mse:.3f} | {mae:.3f} |")
     lines += [""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
