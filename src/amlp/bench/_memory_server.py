@@ -1,0 +1,56 @@
+"""The CPU peak-memory server: ``python -m amlp.bench._memory_server`` (see :mod:`amlp.bench.memory`).
+
+Kept apart from :mod:`amlp.bench.memory` so that running it as ``__main__`` imports nothing twice.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch  # noqa: F401  imported once here, inherited by every forked child
+
+from amlp.bench.memory import child_measure
+from amlp.bench.workloads import Workload
+
+
+def serve() -> None:  # pragma: no cover - runs in the server process
+    """The measuring server: read one JSON request per line, fork a child per request (this
+    process has imported torch but run nothing, so the child inherits no allocator or thread-pool
+    state), answer one JSON line per request."""
+    import importlib
+    import json
+    import sys
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_fd)
+            try:
+                for module in request.get("modules", []):
+                    importlib.import_module(module)
+                answer = {"ok": True, "bytes": child_measure(Workload(**request["workload"]), request["threads"])}
+            except BaseException as exc:  # reported to the parent
+                answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            os.write(write_fd, json.dumps(answer).encode())
+            os._exit(0)
+        os.close(write_fd)
+        chunks = []
+        while True:
+            chunk = os.read(read_fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(read_fd)
+        _, status = os.waitpid(pid, 0)
+        if chunks:
+            answer = json.loads(b"".join(chunks))
+        else:
+            answer = {"ok": False, "error": f"measuring process died (wait status {status}; out of memory?)"}
+        sys.stdout.write(json.dumps(answer) + "\n")
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    serve()
