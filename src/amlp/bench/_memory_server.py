@@ -1,5 +1,6 @@
 """The CPU peak-memory server: ``python -m amlp.bench._memory_server`` (see :mod:`amlp.bench.memory`).
 
+The server warms torch up once and then forks one child per measurement.
 Kept apart from :mod:`amlp.bench.memory` so that running it as ``__main__`` imports nothing twice.
 """
 
@@ -9,8 +10,26 @@ import os
 
 import torch  # noqa: F401  imported once here, inherited by every forked child
 
-from amlp.bench.memory import child_measure
-from amlp.bench.workloads import Workload
+from amlp.bench.memory import child_measure, trim_heap
+from amlp.bench.workloads import Workload, make_callable
+
+
+def _prepare() -> None:
+    """Pay torch's one-off start-up costs (dispatcher, autograd, kernels) once, here, with a single
+    thread (so no OpenMP thread team exists when the children are forked), then return the freed
+    heap to the system and move every live Python object out of the collector's way (``gc.freeze``)
+    so that each child's ``gc.collect`` is quick."""
+    import gc
+
+    torch.set_num_threads(1)
+    for kind in ("op", "layer"):
+        for mode in ("fwd", "fwdbwd"):
+            fn, _ = make_callable(Workload(kind=kind, mixer="softmax", batch=1, length=8, heads=2, head_dim=4,
+                                           mode=mode))
+            fn()
+            del fn
+    trim_heap()
+    gc.freeze()
 
 
 def serve() -> None:  # pragma: no cover - runs in the server process
@@ -21,6 +40,7 @@ def serve() -> None:  # pragma: no cover - runs in the server process
     import json
     import sys
 
+    _prepare()
     for line in sys.stdin:
         request = json.loads(line)
         read_fd, write_fd = os.pipe()

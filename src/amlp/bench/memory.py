@@ -7,7 +7,8 @@ Memory held by the caching allocator but not handed to tensors is not counted.
 
 CPU (Linux): every measurement runs in a fresh child process, forked from a small server process
 (``python -m amlp.bench._memory_server``) that has imported torch but run nothing, so no allocator
-state or thread pool is inherited. The child
+state or thread pool is inherited (the server pays torch's one-off start-up costs on a tiny
+input with one thread before it forks). The child
 runs the same workload once on a tiny length (to pay one-off costs such as lazy kernel set-up),
 frees it, returns free heap memory to the system (``malloc_trim``), builds the real inputs and model,
 reads its resident set size (``VmRSS``), resets the high-water mark by writing ``5`` to
@@ -47,7 +48,7 @@ def _status_kib(field: str) -> int:
     return int(match.group(1))
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -62,9 +63,9 @@ def child_measure(w: Workload, threads: int) -> int:
     fn, _ = make_callable(small)
     fn()
     del fn
-    _trim_heap()
+    trim_heap()
     fn, _ = make_callable(w)
-    _trim_heap()
+    trim_heap()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")

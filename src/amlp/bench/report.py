@@ -214,14 +214,16 @@ def plot_generation(rows: list[dict], out_dir: str, title: str) -> list[str]:
     ):
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, key, ylabel in zip(axes, keys, ylabels):
-            for method, (xs, ys) in _series(rows, key, "method").items():
+            series = _series(rows, key, "method")
+            for method, (xs, ys) in series.items():
                 ax.plot(xs, ys, marker="o", label=method)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("tokens produced (n)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            if series:
+                ax.legend(fontsize=8)
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
         path = os.path.join(out_dir, f"generation_{name}.png")
