@@ -88,24 +88,24 @@ def _save(save, result, out: str, plots: bool) -> list[str]:
 @bench_app.command("ops")
 def bench_ops_command(
     mixers: str = typer.Option("softmax,amlp-cov,amlp-pquery", help="registered mixers, comma-separated"),
-    lengths: str = typer.Option(None, help="lengths: '256,512' or '256:8192' (doubling) [default: 256:8192; "
-                                           "--quick: 256,512,1024]"),
+    lengths: str = typer.Option(None, help="lengths: '256,512' or '256:8192' (doubling) (default 256:8192; "
+                                           "with --quick 256,512,1024)"),
     batch: int = typer.Option(1, help="batch size B"),
-    heads: int = typer.Option(None, help="heads H [default: 8; --quick: 4]"),
-    head_dim: int = typer.Option(None, help="head dim D [default: 64; --quick: 32]"),
+    heads: int = typer.Option(None, help="heads H (default 8; with --quick 4)"),
+    head_dim: int = typer.Option(None, help="head dim D (default 64; with --quick 32)"),
     landmarks: int = typer.Option(16, help="c, passed as 'landmarks' to mixers that take it"),
     dtype: str = typer.Option("float32", help="float32, float64, bfloat16, float16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     level: str = typer.Option("op", help="op: mixer.mix_heads on [B,T,H,D]; layer: the whole module on [B,T,E]"),
     causal: bool = typer.Option(False, help="measure causal forms (mixers without one are skipped)"),
     baseline: str = typer.Option("softmax", help="mixer the others are compared with"),
-    min_run_time: float = typer.Option(None, help="seconds of timing per point [default: 1; --quick: 0.05]"),
+    min_run_time: float = typer.Option(None, help="seconds of timing per point (default 1; with --quick 0.05)"),
     memory: bool = typer.Option(True, help="measure peak memory"),
-    threads: int = typer.Option(None, help="torch threads (0: torch's default) [default: 0; --quick: 1]"),
-    bandwidth_mb: int = typer.Option(None, help="buffer size of the bandwidth copy [default: 256; --quick: 64]"),
+    threads: int = typer.Option(None, help="torch threads, 0 for torch's default (default 0; with --quick 1)"),
+    bandwidth_mb: int = typer.Option(None, help="buffer size of the bandwidth copy (default 256; with --quick 64)"),
     out: str = typer.Option("bench-results", help="output folder"),
     plots: bool = typer.Option(True, help="write PNG plots"),
-    quick: bool = typer.Option(False, help="a short run (under a minute on a laptop CPU)"),
+    quick: bool = typer.Option(False, help="a short run: fewer lengths, smaller sizes, shorter timing, one thread"),
 ) -> None:
     """Time and peak memory of mixers over a length sweep, crossover lengths, distance to the
     memory-bandwidth floor."""
@@ -137,23 +137,23 @@ def bench_ops_command(
 
 @bench_app.command("generation")
 def bench_generation_command(
-    lengths: str = typer.Option(None, help="tokens to produce [default: 256:8192; --quick: 64,128,256]"),
-    batch: int = typer.Option(None, help="batch size [default: 12 on GPU, 2 on CPU; --quick: 1]"),
-    dim: int = typer.Option(None, help="model width E [default: 512; --quick: 64]"),
-    heads: int = typer.Option(None, help="heads [default: 8; --quick: 2]"),
-    layers: int = typer.Option(None, help="decoder layers (mixer + MLP each) [default: 2; --quick: 1]"),
+    lengths: str = typer.Option(None, help="tokens to produce (default 256:8192; with --quick 64,128,256)"),
+    batch: int = typer.Option(None, help="batch size (default 12 on GPU, 2 on CPU; with --quick 1)"),
+    dim: int = typer.Option(None, help="model width E (default 512; with --quick 64)"),
+    heads: int = typer.Option(None, help="heads (default 8; with --quick 2)"),
+    layers: int = typer.Option(None, help="decoder layers, mixer + MLP each (default 2; with --quick 1)"),
     ar_mixer: str = typer.Option("softmax", help="causal mixer with a recurrent step for AR decoding"),
     nar_mixers: str = typer.Option("softmax,amlp-cov,amlp-pquery", help="mixers of the NAR passes"),
     landmarks: int = typer.Option(64, help="c of the mixers that take 'landmarks' (paper: 64)"),
     activation: str = typer.Option("relu", help="sigma_1 of the mixers that take 'activation' (paper: relu)"),
     dtype: str = typer.Option("float32", help="float32, float64, bfloat16, float16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
-    min_run_time: float = typer.Option(None, help="seconds of timing per point [default: 1; --quick: 0.05]"),
+    min_run_time: float = typer.Option(None, help="seconds of timing per point (default 1; with --quick 0.05)"),
     memory: bool = typer.Option(True, help="measure peak memory"),
-    threads: int = typer.Option(None, help="torch threads (0: torch's default) [default: 0; --quick: 1]"),
+    threads: int = typer.Option(None, help="torch threads, 0 for torch's default (default 0; with --quick 1)"),
     out: str = typer.Option("bench-results", help="output folder"),
     plots: bool = typer.Option(True, help="write PNG plots"),
-    quick: bool = typer.Option(False, help="a short run"),
+    quick: bool = typer.Option(False, help="a short run: fewer lengths, smaller sizes, shorter timing, one thread"),
 ) -> None:
     """The AMLP paper's efficiency study (Appendix G): AR with a KV cache vs one NAR pass with
     softmax attention vs one NAR pass with AMLP."""
