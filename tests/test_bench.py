@@ -252,6 +252,12 @@ def test_cli_ops_end_to_end(tmp_path):
     if pytest.importorskip("matplotlib"):
         assert (tmp_path / "ops_time.png").stat().st_size > 0
         assert (tmp_path / "ops_memory.png").stat().st_size > 0
+        (tmp_path / "ops_time.png").unlink()
+        res = CliRunner().invoke(app, ["bench", "plot", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "ops_time.png").stat().st_size > 0
+    res = CliRunner().invoke(app, ["bench", "plot", str(tmp_path / "missing")])
+    assert res.exit_code == 2
 
 
 def test_cli_layer_level(tmp_path):

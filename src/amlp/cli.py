@@ -180,6 +180,22 @@ def bench_generation_command(
         raise typer.Exit(1)
 
 
+@bench_app.command("plot")
+def bench_plot_command(out: str = typer.Argument("bench-results", help="folder holding ops.json / generation.json")) -> None:
+    """Draw the PNG plots again from saved results."""
+    from .bench import plots_available, replot
+
+    if not plots_available():
+        console.print("[red]error:[/] plots need matplotlib: pip install 'amlp[plot]'")
+        raise typer.Exit(2)
+    try:
+        paths = replot(out)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    console.print("wrote " + ", ".join(paths))
+
+
 def main() -> None:
     app()
 

@@ -63,6 +63,22 @@ def save_generation(result: GenerationResult, out_dir: str, *, plots: bool = Tru
     return paths
 
 
+def replot(out_dir: str) -> list[str]:
+    """Draw the PNG plots again from the ``ops.json`` / ``generation.json`` found in ``out_dir``."""
+    import json
+
+    paths = []
+    for name, plot in (("ops.json", plot_ops), ("generation.json", plot_generation)):
+        path = os.path.join(out_dir, name)
+        if os.path.exists(path):
+            with open(path) as fh:
+                data = json.load(fh)
+            paths += plot(data["rows"], out_dir, _plot_title(data["header"]))
+    if not paths:
+        raise FileNotFoundError(f"no ops.json or generation.json in {out_dir!r}")
+    return paths
+
+
 __all__ = ["CROSSOVER_COLUMNS", "Crossover", "GEN_COLUMNS", "GenerationResult", "GenerationSettings", "OPS_COLUMNS",
-           "OpsResult", "OpsSettings", "crossover_length", "parse_lengths", "parse_names", "plots_available", "read_csv",
+           "OpsResult", "OpsSettings", "crossover_length", "parse_lengths", "parse_names", "plots_available", "read_csv", "replot",
            "run_generation", "run_ops", "save_generation", "save_ops"]

@@ -186,6 +186,16 @@ def plot_ops(rows: list[dict], out_dir: str, title: str) -> list[str]:
             for mixer, (xs, ys) in _series(rows, key, "mixer").items():
                 ax.plot(xs, [y * scale for y in ys], marker="o", label=mixer)
                 drawn = True
+            if what == "time":  # the bandwidth floor: reading the inputs and writing the output once
+                floor = {}
+                for r in rows:
+                    f = r.get(key.replace("time_s", "floor_s"))
+                    if f is not None and not (isinstance(f, float) and math.isnan(f)):
+                        floor[r["length"]] = min(f, floor.get(r["length"], math.inf))
+                if floor:
+                    xs = sorted(floor)
+                    ax.plot(xs, [floor[x] * scale for x in xs], linestyle="--", color="grey",
+                            label="bandwidth floor")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length")
