@@ -16,7 +16,7 @@ from amlp.bench.generation import _step_matches_forward
 from amlp.bench.memory import PeakMeter, cpu_peak_supported
 from amlp.bench.workloads import Workload, accepted_options, make_callable, options_for
 from amlp.cli import app
-from amlp.layers import ProjectedMixer, register_mixer
+from amlp.layers import Capabilities, Mixer, ProjectedMixer, register_mixer
 from amlp.layers.registry import _REGISTRY
 from amlp.ops.softmax import softmax_attention, softmax_attention_reference
 
@@ -155,8 +155,39 @@ def test_gate_refuses_broken_mixer(broken_mixer):
     assert not [c for c in result.crossovers if c["mixer"] == broken_mixer]
 
 
+@pytest.fixture
+def token_mixer():
+    """A plain Mixer (no per-head op) with a maximum length of 8: doubles its input."""
+    name = "token-mixer-for-bench-test"
+
+    @register_mixer(name, description="y = 2 x (test only)")
+    class Doubler(Mixer):
+        capabilities = Capabilities(max_length=8)
+
+        def mix_tokens(self, x, context, x_mask, context_mask):
+            out = 2 * x
+            return out if x_mask is None else out * x_mask[..., None]
+
+        def reference_tokens(self, x, context, x_mask, context_mask):
+            return self.mix_tokens(x, context, x_mask, context_mask)
+
+    yield name
+    _REGISTRY.pop(name, None)
+
+
+def test_capabilities_decide_what_is_measured(token_mixer):
+    op = run_ops(OpsSettings(mixers=[token_mixer], lengths=[8], memory=False, **TINY))
+    row = [r for r in op.rows if r["mixer"] == token_mixer][0]
+    assert row["status"] == "skipped" and "per-head op" in row["message"] and row["fwd_time_s"] is None
+    layer = run_ops(OpsSettings(mixers=[token_mixer], lengths=[8, 16], level="layer", memory=False, **TINY))
+    rows = {r["length"]: r for r in layer.rows if r["mixer"] == token_mixer}
+    assert rows[8]["status"] == "ok" and rows[8]["fwd_time_s"] > 0
+    assert rows[16]["status"] == "skipped" and "max length" in rows[16]["message"]
+
+
 def test_broken_mixer_is_gone_after_the_fixture():
     assert "broken-for-bench-test" not in amlp.mixer_names()
+    assert "token-mixer-for-bench-test" not in amlp.mixer_names()
 
 
 def test_cli_exit_code_on_failed_mixer(broken_mixer, tmp_path):
@@ -165,6 +196,9 @@ def test_cli_exit_code_on_failed_mixer(broken_mixer, tmp_path):
                                    "--out", str(tmp_path)])
     assert res.exit_code == 1, res.output
     assert "failed" in res.output
+    frame, _ = read_csv(str(tmp_path / "ops.csv"))
+    assert list(frame["mixer"]) == ["softmax", broken_mixer]  # the baseline is added for the comparison
+    assert list(frame["status"]) == ["ok", "failed"]
 
 
 # -- results schema -------------------------------------------------------------------------------
@@ -206,6 +240,8 @@ def test_settings_are_validated():
         OpsSettings(mixers=["no-such-mixer"]).validate()
     with pytest.raises(ValueError, match="level"):
         OpsSettings(level="model").validate()
+    with pytest.raises(ValueError, match="unknown mixer"):
+        OpsSettings(baseline="no-such-mixer").validate()
     with pytest.raises(ValueError, match="dtype"):
         OpsSettings(dtype="float8").validate()
     with pytest.raises(ValueError, match="recurrent"):
@@ -261,13 +297,16 @@ def test_cli_ops_end_to_end(tmp_path):
 
 
 def test_cli_layer_level(tmp_path):
-    res = CliRunner().invoke(app, ["bench", "ops", "--level", "layer", "--mixers", "softmax,amlp-pquery",
+    res = CliRunner().invoke(app, ["bench", "ops", "--level", "layer", "--mixers", "amlp-pquery", "--baseline", "none",
                                    "--lengths", "8", "--heads", "2", "--head-dim", "4", "--landmarks", "2",
                                    "--min-run-time", "0.001", "--bandwidth-mb", "1", "--no-memory", "--no-plots",
                                    "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
     frame, _ = read_csv(str(tmp_path / "ops.csv"))
     assert (frame["level"] == "layer").all() and (frame["fwdbwd_time_s"] > 0).all()
+    assert list(frame["mixer"]) == ["amlp-pquery"] and frame["fwd_speedup_vs_baseline"].isna().all()
+    cross, _ = read_csv(str(tmp_path / "ops_crossover.csv"))
+    assert len(cross) == 0
 
 
 def test_cli_generation_end_to_end(tmp_path):

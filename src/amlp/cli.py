@@ -98,7 +98,7 @@ def bench_ops_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     level: str = typer.Option("op", help="op: mixer.mix_heads on [B,T,H,D]; layer: the whole module on [B,T,E]"),
     causal: bool = typer.Option(False, help="measure causal forms (mixers without one are skipped)"),
-    baseline: str = typer.Option("softmax", help="mixer the others are compared with"),
+    baseline: str = typer.Option("softmax", help="mixer the others are compared with (added when not in --mixers; 'none': no comparison)"),
     min_run_time: float = typer.Option(None, help="seconds of timing per point (default 1; with --quick 0.05)"),
     memory: bool = typer.Option(True, help="measure peak memory"),
     threads: int = typer.Option(None, help="torch threads, 0 for torch's default (default 0; with --quick 1)"),

@@ -22,6 +22,7 @@ from ..layers import get_mixer_info
 from ..layers.check import check_mixer
 from .environment import machine_header, parse_dtype, resolve_device
 from .memory import PeakMeter
+from .ops import gate_kwargs
 from .timing import measure_time
 from .workloads import DecoderStack, Workload, generate_autoregressive, make_callable, options_for
 
@@ -131,12 +132,12 @@ def run_generation(settings: GenerationSettings, *, progress: Callable[[str], No
         for method, mixer, kind in plan:
             options = {} if kind == "ar" else options_for(mixer, wanted)
             if kind == "ar":
-                res = check_mixer(mixer)
+                res = check_mixer(mixer, **gate_kwargs(mixer))
                 ok, message = res.passed, res.message
                 if ok:
                     ok, message = _step_matches_forward(settings)
             else:
-                res = check_mixer(mixer, **options)
+                res = check_mixer(mixer, **gate_kwargs(mixer), **options)
                 ok, message = res.passed, res.message
             tick(f"{method}: correctness check")
             for n in settings.lengths:

@@ -57,6 +57,7 @@ class OpsSettings:
     device: str = "auto"
     level: str = "op"
     causal: bool = False
+    #: mixer the others are compared with (added to ``mixers`` when missing); "" or "none": no comparison
     baseline: str = "softmax"
     min_run_time: float = 1.0
     memory: bool = True
@@ -74,7 +75,9 @@ class OpsSettings:
             raise ValueError("no mixers to measure")
         if not self.lengths:
             raise ValueError("no lengths to measure")
-        for name in self.mixers:
+        if self.baseline in ("", "none"):
+            self.baseline = ""
+        for name in self.mixers + ([self.baseline] if self.baseline else []):
             get_mixer_info(name)  # raises ValueError naming the registered mixers
         parse_dtype(self.dtype)
         resolve_device(self.device)
@@ -95,6 +98,8 @@ def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = N
             total: Callable[[int], None] | None = None) -> OpsResult:
     """Measure every (mixer, length) point; ``progress(description)`` is called after each step."""
     settings.validate()
+    if settings.baseline and settings.baseline not in settings.mixers:
+        settings.mixers = [settings.baseline] + list(settings.mixers)  # speed-ups need the baseline
     device = resolve_device(settings.device)
     threads = settings.threads or torch.get_num_threads()
     tick = progress or (lambda _desc: None)
@@ -148,13 +153,19 @@ def _memory_method(device: torch.device, enabled: bool) -> str:
     return "fresh child process per point: VmHWM after the call minus VmRSS before it (clear_refs reset)"
 
 
+def gate_kwargs(name: str) -> dict:
+    """Sizes for the correctness check: its default length, or the mixer's maximum when shorter."""
+    limit = get_mixer_info(name).capabilities.max_length
+    return {"length": min(13, limit)} if limit else {}
+
+
 def _gate(name: str, options: dict, settings: OpsSettings, causal: bool) -> tuple[str, str]:
     info = get_mixer_info(name)
     if causal and not info.capabilities.causal:
         return "skipped", "no causal form"
     if settings.level == "op" and not issubclass(info.cls, ProjectedMixer):
         return "skipped", "no per-head op (not a ProjectedMixer); use --level layer"
-    result = check_mixer(name, **options)
+    result = check_mixer(name, **gate_kwargs(name), **options)
     if not result.passed:
         return "failed", f"correctness check against the reference failed: {result.message}"
     return "ok", ""
@@ -187,6 +198,8 @@ def _measure_point(row, name, options, settings, device, causal, threads, bandwi
 
 
 def _add_baseline_ratios(rows: list[dict], baseline: str) -> None:
+    if not baseline:
+        return
     ref = {r["length"]: r for r in rows if r["mixer"] == baseline and r["status"] == "ok"}
     for row in rows:
         b = ref.get(row["length"])
@@ -203,6 +216,8 @@ def _add_baseline_ratios(rows: list[dict], baseline: str) -> None:
 
 def crossovers_from_rows(rows: list[dict], baseline: str) -> list[dict]:
     """Crossover lengths of every measured mixer against ``baseline``, per metric."""
+    if not baseline:
+        return []
     ref = {r["length"]: r for r in rows if r["mixer"] == baseline}
     out = []
     names = []
