@@ -199,6 +199,147 @@ def data_download_command(
         _fail(str(err))
     for p in paths:
         console.print(str(p))
+# -- amlp bench ------------------------------------------------------------------------------------
+bench_app = typer.Typer(help="Measure mixers: time, peak memory, crossover lengths, generation study.",
+                        no_args_is_help=True, add_completion=False)
+app.add_typer(bench_app, name="bench")
+
+
+def _pick(value, quick: bool, quick_value, full_value):
+    """An option left unset takes the --quick default or the full default."""
+    if value is not None:
+        return value
+    return quick_value if quick else full_value
+
+
+def _run_with_progress(run, settings, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(description, total=None)
+        return run(settings, total=lambda n: progress.update(task, total=n),
+                   progress=lambda desc: progress.update(task, advance=1, description=f"{description}: {desc}"))
+
+
+def _save(save, result, out: str, plots: bool) -> list[str]:
+    from .bench import plots_available
+
+    if plots and not plots_available():
+        console.print("[yellow]plots skipped:[/] they need matplotlib: pip install 'amlp[plot]' (or pass --no-plots)")
+        plots = False
+    return save(result, out, plots=plots)
+
+
+@bench_app.command("ops")
+def bench_ops_command(
+    mixers: str = typer.Option("softmax,amlp-cov,amlp-pquery", help="registered mixers, comma-separated"),
+    lengths: str = typer.Option(None, help="lengths: '256,512' or '256:8192' (doubling) (default 256:8192; "
+                                           "with --quick 256,512,1024)"),
+    batch: int = typer.Option(1, help="batch size B"),
+    heads: int = typer.Option(None, help="heads H (default 8; with --quick 4)"),
+    head_dim: int = typer.Option(None, help="head dim D (default 64; with --quick 32)"),
+    landmarks: int = typer.Option(16, help="c, passed as 'landmarks' to mixers that take it"),
+    dtype: str = typer.Option("float32", help="float32, float64, bfloat16, float16"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    level: str = typer.Option("op", help="op: mixer.mix_heads on [B,T,H,D]; layer: the whole module on [B,T,E]"),
+    causal: bool = typer.Option(False, help="measure causal forms (mixers without one are skipped)"),
+    baseline: str = typer.Option("softmax", help="mixer the others are compared with (added when not in --mixers; 'none': no comparison)"),
+    min_run_time: float = typer.Option(None, help="seconds of timing per point (default 1; with --quick 0.05)"),
+    memory: bool = typer.Option(True, help="measure peak memory"),
+    threads: int = typer.Option(None, help="torch threads, 0 for torch's default (default 0; with --quick 1)"),
+    bandwidth_mb: int = typer.Option(None, help="buffer size of the bandwidth copy (default 256; with --quick 64)"),
+    out: str = typer.Option("bench-results", help="output folder"),
+    plots: bool = typer.Option(True, help="write PNG plots"),
+    quick: bool = typer.Option(False, help="a short run: fewer lengths, smaller sizes, shorter timing, one thread"),
+) -> None:
+    """Time and peak memory of mixers over a length sweep, crossover lengths, distance to the
+    memory-bandwidth floor."""
+    from .bench import OpsSettings, parse_lengths, parse_names, run_ops, save_ops
+    from .bench.report import crossover_table, fmt_ratio, ops_table
+
+    try:
+        settings = OpsSettings(
+            mixers=parse_names(mixers), lengths=parse_lengths(_pick(lengths, quick, "256,512,1024", "256:8192")),
+            batch=batch, heads=_pick(heads, quick, 4, 8), head_dim=_pick(head_dim, quick, 32, 64),
+            landmarks=landmarks, dtype=dtype, device=device, level=level, causal=causal, baseline=baseline,
+            min_run_time=_pick(min_run_time, quick, 0.05, 1.0), memory=memory, threads=_pick(threads, quick, 1, 0),
+            bandwidth_mb=_pick(bandwidth_mb, quick, 64, 256))
+        settings.validate()
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    result = _run_with_progress(run_ops, settings, "bench ops")
+    console.print(ops_table(result.rows, settings.baseline))
+    console.print(crossover_table(result.crossovers))
+    bw = result.header["bandwidth_bytes_per_s"]
+    console.print(f"memory bandwidth (copy): {bw / 1e9:.1f} GB/s; 'fwd x floor' = forward time / time to read the "
+                  f"inputs and write the output once at that bandwidth")
+    paths = _save(save_ops, result, out, plots)
+    console.print("wrote " + ", ".join(paths))
+    if any(r["status"] in ("failed", "error") for r in result.rows):
+        raise typer.Exit(1)
+
+
+@bench_app.command("generation")
+def bench_generation_command(
+    lengths: str = typer.Option(None, help="tokens to produce (default 256:8192; with --quick 64,128,256)"),
+    batch: int = typer.Option(None, help="batch size (default 12 on GPU, 2 on CPU; with --quick 1)"),
+    dim: int = typer.Option(None, help="model width E (default 512; with --quick 64)"),
+    heads: int = typer.Option(None, help="heads (default 8; with --quick 2)"),
+    layers: int = typer.Option(None, help="decoder layers, mixer + MLP each (default 2; with --quick 1)"),
+    ar_mixer: str = typer.Option("softmax", help="causal mixer with a recurrent step for AR decoding"),
+    nar_mixers: str = typer.Option("softmax,amlp-cov,amlp-pquery", help="mixers of the NAR passes"),
+    landmarks: int = typer.Option(64, help="c of the mixers that take 'landmarks' (paper: 64)"),
+    activation: str = typer.Option("relu", help="sigma_1 of the mixers that take 'activation' (paper: relu)"),
+    dtype: str = typer.Option("float32", help="float32, float64, bfloat16, float16"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    min_run_time: float = typer.Option(None, help="seconds of timing per point (default 1; with --quick 0.05)"),
+    memory: bool = typer.Option(True, help="measure peak memory"),
+    threads: int = typer.Option(None, help="torch threads, 0 for torch's default (default 0; with --quick 1)"),
+    out: str = typer.Option("bench-results", help="output folder"),
+    plots: bool = typer.Option(True, help="write PNG plots"),
+    quick: bool = typer.Option(False, help="a short run: fewer lengths, smaller sizes, shorter timing, one thread"),
+) -> None:
+    """The AMLP paper's efficiency study (Appendix G): AR with a KV cache vs one NAR pass with
+    softmax attention vs one NAR pass with AMLP."""
+    from .bench import GenerationSettings, parse_lengths, parse_names, run_generation, save_generation
+    from .bench.report import generation_table, headline_table
+
+    try:
+        settings = GenerationSettings(
+            lengths=parse_lengths(_pick(lengths, quick, "64,128,256", "256:8192")),
+            batch=_pick(batch, quick, 1, 0), dim=_pick(dim, quick, 64, 512), heads=_pick(heads, quick, 2, 8),
+            layers=_pick(layers, quick, 1, 2), ar_mixer=ar_mixer, nar_mixers=parse_names(nar_mixers),
+            landmarks=landmarks, activation=activation, dtype=dtype, device=device,
+            min_run_time=_pick(min_run_time, quick, 0.05, 1.0), memory=memory, threads=_pick(threads, quick, 1, 0))
+        settings.validate()
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    result = _run_with_progress(run_generation, settings, "bench generation")
+    console.print(generation_table(result.rows))
+    console.print(headline_table(result.headline))
+    paths = _save(save_generation, result, out, plots)
+    console.print("wrote " + ", ".join(paths))
+    if any(r["status"] in ("failed", "error") for r in result.rows):
+        raise typer.Exit(1)
+
+
+@bench_app.command("plot")
+def bench_plot_command(out: str = typer.Argument("bench-results", help="folder holding ops.json / generation.json")) -> None:
+    """Draw the PNG plots again from saved results."""
+    from .bench import plots_available, replot
+
+    if not plots_available():
+        console.print("[red]error:[/] plots need matplotlib: pip install 'amlp[plot]'")
+        raise typer.Exit(2)
+    try:
+        paths = replot(out)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    console.print("wrote " + ", ".join(paths))
 
 
 def main() -> None:

@@ -1,0 +1,169 @@
+"""Peak memory of one call of a :class:`~amlp.bench.workloads.Workload`.
+
+GPU: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus what was
+allocated just before the call (inputs, model and the output gradient are built first, so the
+figure is what the call itself adds: activations, saved tensors, workspaces and its outputs).
+Memory held by the caching allocator but not handed to tensors is not counted.
+
+CPU (Linux): every measurement runs in a fresh child process, forked from a small server process
+(``python -m amlp.bench._memory_server``) that has imported torch but run nothing, so no allocator
+state or thread pool is inherited (the server pays torch's one-off start-up costs on a tiny
+input with one thread before it forks). The child
+runs the same workload once on a tiny length (to pay one-off costs such as lazy kernel set-up),
+frees it, returns free heap memory to the system (``malloc_trim``), builds the real inputs and model,
+reads its resident set size (``VmRSS``), resets the high-water mark by writing ``5`` to
+``/proc/self/clear_refs``, makes the measured call and reads ``VmHWM``. The figure is ``VmHWM - VmRSS``
+before the call: resident memory the call added at its peak, counted in pages actually touched.
+It includes allocator slack (page granularity, glibc arenas) and is therefore a little above the
+sum of tensor sizes; small figures (well under a megabyte) are mostly noise. On other systems the
+CPU figure is reported as missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from .workloads import Workload, make_callable
+
+WARMUP_LENGTH = 16
+
+
+def cpu_peak_supported() -> bool:
+    return os.path.exists("/proc/self/clear_refs") and os.path.exists("/proc/self/status")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        match = re.search(rf"^{field}:\s+(\d+)\s+kB", fh.read(), re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return int(match.group(1))
+
+
+def trim_heap() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+def child_measure(w: Workload, threads: int) -> int:
+    """Run in the child: peak resident bytes added by one call of ``w``."""
+    torch.set_num_threads(threads)
+    small = Workload(**{**w.as_dict(), "length": min(w.length, WARMUP_LENGTH)})
+    fn, _ = make_callable(small)
+    fn()
+    del fn
+    trim_heap()
+    fn, _ = make_callable(w)
+    trim_heap()
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")
+    result = fn()
+    peak = _status_kib("VmHWM")
+    del result
+    return max(0, peak - before) * 1024
+
+
+class CpuPeakMeter:
+    """Measures CPU peak memory of workloads, one fresh child process per measurement.
+
+    A server process (``python -m amlp.bench._memory_server``) imports torch once; each
+    measurement is a child forked from it.
+    """
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads or torch.get_num_threads()
+        self._server: subprocess.Popen | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stdin.close()
+            try:
+                self._server.wait(timeout=30)
+            except subprocess.TimeoutExpired:  # pragma: no cover
+                self._server.kill()
+            self._server = None
+
+    def _start(self) -> subprocess.Popen:
+        src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env = dict(os.environ)
+        env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        return subprocess.Popen([sys.executable, "-m", "amlp.bench._memory_server"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env=env, text=True)
+
+    def measure(self, w: Workload) -> int:
+        if not cpu_peak_supported():
+            raise RuntimeError("CPU peak memory needs Linux /proc/self/clear_refs")
+        if self._server is None or self._server.poll() is not None:
+            self._server = self._start()
+        from ..layers import get_mixer_info
+
+        module = get_mixer_info(w.mixer).cls.__module__
+        request = {"workload": w.as_dict(), "threads": self.threads,
+                   "modules": [] if module.startswith("amlp.") else [module]}
+        self._server.stdin.write(json.dumps(request) + "\n")
+        self._server.stdin.flush()
+        line = self._server.stdout.readline()
+        if not line:
+            raise RuntimeError("the memory-measuring server stopped")
+        answer = json.loads(line)
+        if not answer["ok"]:
+            raise RuntimeError(answer["error"])
+        return int(answer["bytes"])
+
+
+def gpu_peak(w: Workload) -> int:
+    """Peak bytes a call of ``w`` adds on its CUDA device (in this process)."""
+    device = torch.device(w.device)
+    fn, _ = make_callable(w)
+    fn()  # warm-up: kernels, workspaces
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    del result, fn
+    return max(0, peak - before)
+
+
+class PeakMeter:
+    """CPU or GPU peak memory, whichever the workload's device needs."""
+
+    def __init__(self, threads: int | None = None):
+        self.threads = threads
+        self._cpu: CpuPeakMeter | None = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self._cpu is not None:
+            self._cpu.close()
+
+    def measure(self, w: Workload) -> int | None:
+        if torch.device(w.device).type == "cuda":
+            return gpu_peak(w)
+        if not cpu_peak_supported():
+            return None
+        if self._cpu is None:
+            self._cpu = CpuPeakMeter(self.threads)
+        return self._cpu.measure(w)

@@ -1,0 +1,238 @@
+"""``amlp bench ops``: time and peak memory of registered mixers over a length sweep.
+
+Every mixer first passes the correctness gate (:func:`amlp.layers.check.check_mixer`, its fast path
+against its plain reference on a small float64 input); a mixer that fails is reported as failed and
+gets no speed figure. See :mod:`amlp.bench.memory` for how peak memory is measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from ..layers import get_mixer_info
+from ..layers.base import ProjectedMixer
+from ..layers.check import check_mixer
+from .analysis import crossover_length, floor_time
+from .environment import machine_header, measure_bandwidth, parse_dtype, resolve_device
+from .memory import PeakMeter
+from .timing import measure_time
+from .workloads import MODES, Workload, make_callable, options_for
+
+DEFAULT_MIXERS = ("softmax", "amlp-cov", "amlp-pquery")
+DEFAULT_LENGTHS = "256:8192"
+LEVELS = ("op", "layer")
+METRICS = {  # crossover metric -> row column
+    "fwd time": "fwd_time_s",
+    "fwd+bwd time": "fwdbwd_time_s",
+    "fwd memory": "fwd_peak_bytes",
+    "fwd+bwd memory": "fwdbwd_peak_bytes",
+}
+
+#: row columns, in order (the CSV/JSON schema)
+OPS_COLUMNS = [
+    "mixer", "status", "message", "level", "causal", "length", "batch", "heads", "head_dim", "landmarks",
+    "dtype", "device",
+    "fwd_time_s", "fwd_time_iqr_s", "fwd_runs", "fwdbwd_time_s", "fwdbwd_time_iqr_s", "fwdbwd_runs",
+    "fwd_peak_bytes", "fwdbwd_peak_bytes",
+    "fwd_speedup_vs_baseline", "fwdbwd_speedup_vs_baseline",
+    "fwd_memory_ratio_vs_baseline", "fwdbwd_memory_ratio_vs_baseline",
+    "fwd_floor_s", "fwdbwd_floor_s", "fwd_x_floor", "fwdbwd_x_floor",
+]
+CROSSOVER_COLUMNS = ["mixer", "baseline", "metric", "status", "length"]
+
+
+@dataclass
+class OpsSettings:
+    mixers: list[str] = field(default_factory=lambda: list(DEFAULT_MIXERS))
+    lengths: list[int] = field(default_factory=lambda: [256, 512, 1024, 2048, 4096, 8192])
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    landmarks: int = 16
+    dtype: str = "float32"
+    device: str = "auto"
+    level: str = "op"
+    causal: bool = False
+    #: mixer the others are compared with (added to ``mixers`` when missing); "" or "none": no comparison
+    baseline: str = "softmax"
+    min_run_time: float = 1.0
+    memory: bool = True
+    threads: int = 0  # 0: torch's default
+    bandwidth_mb: int = 256
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.level not in LEVELS:
+            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        for name in ("batch", "heads", "head_dim", "landmarks", "bandwidth_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.mixers:
+            raise ValueError("no mixers to measure")
+        if not self.lengths:
+            raise ValueError("no lengths to measure")
+        if self.baseline in ("", "none"):
+            self.baseline = ""
+        for name in self.mixers + ([self.baseline] if self.baseline else []):
+            get_mixer_info(name)  # raises ValueError naming the registered mixers
+        parse_dtype(self.dtype)
+        resolve_device(self.device)
+
+
+@dataclass
+class OpsResult:
+    header: dict
+    rows: list[dict]
+    crossovers: list[dict]
+
+
+def _nan_if_none(x):
+    return math.nan if x is None else x
+
+
+def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = None,
+            total: Callable[[int], None] | None = None) -> OpsResult:
+    """Measure every (mixer, length) point; ``progress(description)`` is called after each step."""
+    settings.validate()
+    if settings.baseline and settings.baseline not in settings.mixers:
+        settings.mixers = [settings.baseline] + list(settings.mixers)  # speed-ups need the baseline
+    device = resolve_device(settings.device)
+    threads = settings.threads or torch.get_num_threads()
+    tick = progress or (lambda _desc: None)
+    steps = 1 + len(settings.mixers) * (1 + len(settings.lengths) * len(MODES))
+    if total is not None:
+        total(steps)
+
+    bandwidth = measure_bandwidth(device, settings.bandwidth_mb, min(0.5, settings.min_run_time), threads)
+    tick("memory bandwidth")
+    header = {**machine_header(device), "torch_threads": threads, "command": "ops",
+              "settings": {**asdict(settings), "device": str(device)},
+              "bandwidth_bytes_per_s": bandwidth,
+              "memory_method": _memory_method(device, settings.memory)}
+
+    rows: list[dict] = []
+    with PeakMeter(threads) as meter:
+        for name in settings.mixers:
+            caps = get_mixer_info(name).capabilities
+            causal = settings.causal or not caps.noncausal
+            options = options_for(name, {"landmarks": settings.landmarks})
+            base = {"mixer": name, "level": settings.level, "causal": causal, "batch": settings.batch,
+                    "heads": settings.heads, "head_dim": settings.head_dim,
+                    "landmarks": options.get("landmarks"), "dtype": settings.dtype, "device": str(device)}
+            status, message = _gate(name, options, settings, causal)
+            tick(f"{name}: correctness check")
+            for length in settings.lengths:
+                row = {**base, "length": length, "status": status, "message": message}
+                if status == "ok":
+                    if caps.max_length and length > caps.max_length:
+                        row.update(status="skipped", message=f"longer than max length {caps.max_length}")
+                    else:
+                        _measure_point(row, name, options, settings, device, causal, threads, bandwidth, meter,
+                                       tick)
+                        rows.append(row)
+                        continue
+                for _ in MODES:
+                    tick(f"{name} T={length}")
+                rows.append(row)
+
+    _add_baseline_ratios(rows, settings.baseline)
+    crossovers = crossovers_from_rows(rows, settings.baseline)
+    rows = [{col: row.get(col) for col in OPS_COLUMNS} for row in rows]
+    return OpsResult(header, rows, crossovers)
+
+
+def _memory_method(device: torch.device, enabled: bool) -> str:
+    if not enabled:
+        return "not measured"
+    if device.type == "cuda":
+        return "torch.cuda.max_memory_allocated minus allocated before the call"
+    return "fresh child process per point: VmHWM after the call minus VmRSS before it (clear_refs reset)"
+
+
+def gate_kwargs(name: str) -> dict:
+    """Sizes for the correctness check: its default length, or the mixer's maximum when shorter."""
+    limit = get_mixer_info(name).capabilities.max_length
+    return {"length": min(13, limit)} if limit else {}
+
+
+def _gate(name: str, options: dict, settings: OpsSettings, causal: bool) -> tuple[str, str]:
+    info = get_mixer_info(name)
+    if causal and not info.capabilities.causal:
+        return "skipped", "no causal form"
+    if settings.level == "op" and not issubclass(info.cls, ProjectedMixer):
+        return "skipped", "no per-head op (not a ProjectedMixer); use --level layer"
+    result = check_mixer(name, **gate_kwargs(name), **options)
+    if not result.passed:
+        return "failed", f"correctness check against the reference failed: {result.message}"
+    return "ok", ""
+
+
+def _measure_point(row, name, options, settings, device, causal, threads, bandwidth, meter, tick) -> None:
+    messages = []
+    for mode in MODES:
+        w = Workload(kind=settings.level, mixer=name, batch=settings.batch, length=row["length"],
+                     heads=settings.heads, head_dim=settings.head_dim, mode=mode, dtype=settings.dtype,
+                     device=str(device), causal=causal, options=options, seed=settings.seed)
+        try:
+            fn, facts = make_callable(w)
+            t = measure_time(fn, min_run_time=settings.min_run_time, threads=threads)
+            del fn
+            row[f"{mode}_time_s"], row[f"{mode}_time_iqr_s"], row[f"{mode}_runs"] = t.median, t.iqr, t.runs
+            row[f"{mode}_floor_s"] = floor_time(facts["io_bytes"], bandwidth)
+            row[f"{mode}_x_floor"] = t.median / row[f"{mode}_floor_s"]
+            if settings.memory:
+                row[f"{mode}_peak_bytes"] = meter.measure(w)
+        except Exception as exc:  # one bad point (out of memory, ...) must not end the sweep
+            messages.append(f"{mode}: {type(exc).__name__}: {exc}")
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        tick(f"{name} T={row['length']} {mode}")
+    if messages:
+        row["status"] = "error"
+        row["message"] = "; ".join(messages)
+
+
+def _add_baseline_ratios(rows: list[dict], baseline: str) -> None:
+    if not baseline:
+        return
+    ref = {r["length"]: r for r in rows if r["mixer"] == baseline and r["status"] == "ok"}
+    for row in rows:
+        b = ref.get(row["length"])
+        if b is None or row["status"] not in ("ok", "error"):
+            continue
+        for mode in MODES:
+            t, tb = row.get(f"{mode}_time_s"), b.get(f"{mode}_time_s")
+            if t and tb:
+                row[f"{mode}_speedup_vs_baseline"] = tb / t
+            m, mb = row.get(f"{mode}_peak_bytes"), b.get(f"{mode}_peak_bytes")
+            if m is not None and mb:
+                row[f"{mode}_memory_ratio_vs_baseline"] = m / mb
+
+
+def crossovers_from_rows(rows: list[dict], baseline: str) -> list[dict]:
+    """Crossover lengths of every measured mixer against ``baseline``, per metric."""
+    if not baseline:
+        return []
+    ref = {r["length"]: r for r in rows if r["mixer"] == baseline}
+    out = []
+    names = []
+    for r in rows:
+        if r["mixer"] != baseline and r["mixer"] not in names:
+            names.append(r["mixer"])
+    for name in names:
+        mine = sorted((r for r in rows if r["mixer"] == name), key=lambda r: r["length"])
+        if not any(r["status"] in ("ok", "error") for r in mine) or not ref:
+            continue
+        lengths = [r["length"] for r in mine]
+        for metric, col in METRICS.items():
+            vals = [_nan_if_none(r.get(col)) for r in mine]
+            base = [_nan_if_none(ref[n].get(col)) if n in ref else math.nan for n in lengths]
+            c = crossover_length(lengths, vals, base)
+            out.append({"mixer": name, "baseline": baseline, "metric": metric, "status": c.status,
+                        "length": c.length})
+    return out

@@ -1,0 +1,349 @@
+"""Tests of the measurement tool (amlp.bench and `amlp bench`). No test asserts a wall-clock figure."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import amlp
+from amlp.bench import (CROSSOVER_COLUMNS, GEN_COLUMNS, OPS_COLUMNS, GenerationSettings, OpsSettings,
+                        crossover_length, parse_lengths, parse_names, read_csv, run_generation, run_ops,
+                        save_generation, save_ops)
+from amlp.bench.generation import _step_matches_forward
+from amlp.bench.memory import PeakMeter, cpu_peak_supported
+from amlp.bench.workloads import Workload, accepted_options, make_callable, options_for
+from amlp.cli import app
+from amlp.layers import Capabilities, Mixer, ProjectedMixer, register_mixer
+from amlp.layers.registry import _REGISTRY
+from amlp.ops.softmax import softmax_attention, softmax_attention_reference
+
+TINY = dict(batch=1, heads=2, head_dim=4, landmarks=2, min_run_time=0.001, bandwidth_mb=1, threads=1)
+
+
+# -- sweep parsing --------------------------------------------------------------------------------
+
+def test_parse_lengths_forms():
+    assert parse_lengths("256:8192") == [256, 512, 1024, 2048, 4096, 8192]
+    assert parse_lengths("256,512") == [256, 512]
+    assert parse_lengths("512, 256,512") == [256, 512]
+    assert parse_lengths("256:8192:4") == [256, 1024, 4096]
+    assert parse_lengths("100,256:1024") == [100, 256, 512, 1024]
+    assert parse_lengths("3:20") == [3, 6, 12]  # the end need not be on the grid
+    assert parse_lengths("7") == [7]
+
+
+@pytest.mark.parametrize("bad", ["", " ", "abc", "0", "-4", "512:256", "1:8:1", "1:2:3:4", "256,,512", "a:8", "4:b"])
+def test_parse_lengths_rejects(bad):
+    with pytest.raises(ValueError):
+        parse_lengths(bad)
+
+
+def test_parse_names():
+    assert parse_names("a, b,a,,c") == ["a", "b", "c"]
+    assert parse_names(None) == []
+
+
+# -- crossover ------------------------------------------------------------------------------------
+
+LENGTHS = [256, 512, 1024, 2048, 4096, 8192]
+
+
+def test_crossover_power_laws_exact():
+    # baseline a n^2, mixer b n: equal at n* = b / a; log-log interpolation is exact for power laws
+    a, n_star = 1e-9, 1000.0
+    base = [a * n * n for n in LENGTHS]
+    mixer = [a * n_star * n for n in LENGTHS]
+    c = crossover_length(LENGTHS, mixer, base)
+    assert c.status == "at"
+    assert c.length == pytest.approx(n_star, rel=1e-9)
+
+
+def test_crossover_between_points_matches_independent_formula():
+    # ratio 2 at 512 and 0.5 at 1024, other points decisive: log-log midpoint sqrt(512 * 1024)
+    base = [1.0] * 6
+    mixer = [4.0, 2.0, 0.5, 0.4, 0.3, 0.2]
+    c = crossover_length(LENGTHS, mixer, base)
+    assert c.status == "at" and c.length == pytest.approx(math.sqrt(512 * 1024))
+
+
+def test_crossover_below_and_none_in_range():
+    base = [float(n) for n in LENGTHS]
+    assert crossover_length(LENGTHS, [0.5 * b for b in base], base).status == "below range"
+    assert crossover_length(LENGTHS, [2.0 * b for b in base], base).status == "none in range"
+    # ties count as not beating the baseline
+    assert crossover_length(LENGTHS, base, base).status == "none in range"
+    c = crossover_length(LENGTHS, [0.5 * b for b in base], base)
+    assert c.length is None and c.describe() == "below range"
+
+
+def test_crossover_uses_last_losing_point_and_skips_missing():
+    base = [1.0] * 6
+    # wins at 256, loses at 512 and 1024, wins from 2048 on: the crossover lies in (1024, 2048)
+    mixer = [0.5, 1.5, 1.2, 0.8, 0.5, 0.1]
+    c = crossover_length(LENGTHS, mixer, base)
+    assert c.status == "at" and 1024 < c.length < 2048
+    # a missing point at 1024 moves the interval to (512, 2048)
+    mixer[2] = None
+    c = crossover_length(LENGTHS, mixer, base)
+    assert c.status == "at" and 512 < c.length < 2048
+    assert crossover_length(LENGTHS, [math.nan] * 6, base).status == "not measured"
+    # unsorted input is sorted first
+    c2 = crossover_length(LENGTHS[::-1], [n * 1e-6 for n in LENGTHS][::-1], [1e-9 * n * n for n in LENGTHS][::-1])
+    assert c2.status == "at" and c2.length == pytest.approx(1000.0)
+
+
+# -- workloads ------------------------------------------------------------------------------------
+
+def test_options_are_passed_only_to_mixers_that_take_them():
+    assert "landmarks" in accepted_options("amlp-cov")
+    assert "landmarks" not in accepted_options("softmax")
+    assert options_for("softmax", {"landmarks": 16}) == {}
+    assert options_for("amlp-pquery", {"landmarks": 16, "activation": "relu"}) == {"landmarks": 16,
+                                                                                  "activation": "relu"}
+
+
+def test_op_workload_is_the_mixers_per_head_op():
+    w = Workload(kind="op", mixer="amlp-cov", batch=2, length=5, heads=2, head_dim=3, mode="fwd",
+                 dtype="float64", options={"landmarks": 2})
+    fn, facts = make_callable(w)
+    out = fn()
+    assert out.shape == (2, 5, 2, 3) and not out.requires_grad
+    assert facts["io_bytes"] == 4 * 2 * 5 * 2 * 3 * 8  # q, k, v in and the output
+    w.mode = "fwdbwd"
+    fn, facts = make_callable(w)
+    grads = fn()
+    assert [g.shape for g in grads[:3]] == [torch.Size([2, 5, 2, 3])] * 3
+    assert facts["io_bytes"] == 8 * 2 * 5 * 2 * 3 * 8
+    with pytest.raises(ValueError, match="kind"):
+        make_callable(Workload(kind="nope", mixer="softmax", batch=1, length=4, heads=1, head_dim=2))
+
+
+def test_ar_step_gate_passes_for_softmax():
+    ok, message = _step_matches_forward(GenerationSettings(heads=2))
+    assert ok, message
+
+
+# -- correctness gate: a deliberately broken mixer ---------------------------------------------------
+
+@pytest.fixture
+def broken_mixer():
+    name = "broken-for-bench-test"
+
+    @register_mixer(name, description="softmax attention with a wrong fast path (test only)")
+    class Broken(ProjectedMixer):
+        def mix_heads(self, q, k, v, q_mask, kv_mask):
+            return softmax_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask) * 1.01
+
+        def mix_heads_reference(self, q, k, v, q_mask, kv_mask):
+            return softmax_attention_reference(q, k, v, q_mask=q_mask, kv_mask=kv_mask)
+
+    yield name
+    _REGISTRY.pop(name, None)
+
+
+def test_gate_refuses_broken_mixer(broken_mixer):
+    result = run_ops(OpsSettings(mixers=["softmax", broken_mixer], lengths=[8, 16], memory=False, **TINY))
+    broken = [r for r in result.rows if r["mixer"] == broken_mixer]
+    assert len(broken) == 2
+    for r in broken:
+        assert r["status"] == "failed" and "correctness" in r["message"]
+        assert r["fwd_time_s"] is None and r["fwdbwd_time_s"] is None and r["fwd_speedup_vs_baseline"] is None
+    assert all(r["status"] == "ok" and r["fwd_time_s"] > 0 for r in result.rows if r["mixer"] == "softmax")
+    assert not [c for c in result.crossovers if c["mixer"] == broken_mixer]
+
+
+@pytest.fixture
+def token_mixer():
+    """A plain Mixer (no per-head op) with a maximum length of 8: doubles its input."""
+    name = "token-mixer-for-bench-test"
+
+    @register_mixer(name, description="y = 2 x (test only)")
+    class Doubler(Mixer):
+        capabilities = Capabilities(max_length=8)
+
+        def mix_tokens(self, x, context, x_mask, context_mask):
+            out = 2 * x
+            return out if x_mask is None else out * x_mask[..., None]
+
+        def reference_tokens(self, x, context, x_mask, context_mask):
+            return self.mix_tokens(x, context, x_mask, context_mask)
+
+    yield name
+    _REGISTRY.pop(name, None)
+
+
+def test_capabilities_decide_what_is_measured(token_mixer):
+    op = run_ops(OpsSettings(mixers=[token_mixer], lengths=[8], memory=False, **TINY))
+    row = [r for r in op.rows if r["mixer"] == token_mixer][0]
+    assert row["status"] == "skipped" and "per-head op" in row["message"] and row["fwd_time_s"] is None
+    layer = run_ops(OpsSettings(mixers=[token_mixer], lengths=[8, 16], level="layer", memory=False, **TINY))
+    rows = {r["length"]: r for r in layer.rows if r["mixer"] == token_mixer}
+    assert rows[8]["status"] == "ok" and rows[8]["fwd_time_s"] > 0
+    assert rows[16]["status"] == "skipped" and "max length" in rows[16]["message"]
+
+
+def test_broken_mixer_is_gone_after_the_fixture():
+    assert "broken-for-bench-test" not in amlp.mixer_names()
+    assert "token-mixer-for-bench-test" not in amlp.mixer_names()
+
+
+def test_cli_exit_code_on_failed_mixer(broken_mixer, tmp_path):
+    res = CliRunner().invoke(app, ["bench", "ops", "--mixers", broken_mixer, "--lengths", "8", "--no-memory",
+                                   "--no-plots", "--min-run-time", "0.001", "--bandwidth-mb", "1",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 1, res.output
+    assert "failed" in res.output
+    frame, _ = read_csv(str(tmp_path / "ops.csv"))
+    assert list(frame["mixer"]) == ["softmax", broken_mixer]  # the baseline is added for the comparison
+    assert list(frame["status"]) == ["ok", "failed"]
+
+
+# -- results schema -------------------------------------------------------------------------------
+
+def test_ops_csv_and_json_schema(tmp_path):
+    settings = OpsSettings(mixers=["softmax", "amlp-cov"], lengths=[8, 16], memory=False, **TINY)
+    result = run_ops(settings)
+    paths = save_ops(result, str(tmp_path), plots=False)
+    assert sorted(os.path.basename(p) for p in paths) == ["ops.csv", "ops.json", "ops_crossover.csv"]
+    frame, header = read_csv(str(tmp_path / "ops.csv"))
+    assert list(frame.columns) == OPS_COLUMNS
+    assert len(frame) == 4
+    for key in ("cpu_model", "cpu_count", "torch", "cuda", "gpu_model", "timestamp_utc", "settings.dtype",
+                "settings.lengths", "settings.level", "settings.landmarks", "bandwidth_bytes_per_s", "memory_method"):
+        assert key in header, key
+    assert json.loads(header["settings.lengths"]) == [8, 16]
+    assert (frame["fwd_time_s"] > 0).all() and frame["fwd_peak_bytes"].isna().all()
+    soft = frame[frame["mixer"] == "softmax"]
+    assert (soft["fwd_speedup_vs_baseline"] == 1.0).all()
+    cov = frame[frame["mixer"] == "amlp-cov"]
+    assert (cov["landmarks"] == 2).all() and soft["landmarks"].isna().all()
+    # distance to the floor is the time over io_bytes / bandwidth
+    bw = float(header["bandwidth_bytes_per_s"])
+    row = cov.iloc[0]
+    assert row["fwd_floor_s"] == pytest.approx(4 * 1 * 8 * 2 * 4 * 4 / bw)
+    assert row["fwd_x_floor"] == pytest.approx(row["fwd_time_s"] / row["fwd_floor_s"])
+    cross, _ = read_csv(str(tmp_path / "ops_crossover.csv"))
+    assert list(cross.columns) == CROSSOVER_COLUMNS
+    assert set(cross["metric"]) == {"fwd time", "fwd+bwd time", "fwd memory", "fwd+bwd memory"}
+    assert set(cross[cross["metric"].str.contains("memory")]["status"]) == {"not measured"}
+    data = json.loads((tmp_path / "ops.json").read_text())
+    assert set(data) == {"header", "rows", "crossovers"}
+    assert set(data["rows"][0]) == set(OPS_COLUMNS)
+    assert data["header"]["settings"]["heads"] == 2
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="unknown mixer"):
+        OpsSettings(mixers=["no-such-mixer"]).validate()
+    with pytest.raises(ValueError, match="level"):
+        OpsSettings(level="model").validate()
+    with pytest.raises(ValueError, match="unknown mixer"):
+        OpsSettings(baseline="no-such-mixer").validate()
+    with pytest.raises(ValueError, match="dtype"):
+        OpsSettings(dtype="float8").validate()
+    with pytest.raises(ValueError, match="recurrent"):
+        GenerationSettings(ar_mixer="amlp-cov").validate()
+
+
+def test_cli_reports_bad_options(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "ops", "--lengths", "8:4", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "error" in res.output
+    res = CliRunner().invoke(app, ["bench", "ops", "--mixers", "no-such-mixer", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "unknown mixer" in res.output
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs Linux /proc")
+def test_cpu_peak_memory_counts_the_output():
+    # the forward output alone is B*T*H*D floats: the peak must be at least that and grow with T
+    small = Workload(kind="op", mixer="amlp-cov", batch=1, length=64, heads=4, head_dim=64, mode="fwd")
+    big = Workload(kind="op", mixer="amlp-cov", batch=1, length=8192, heads=4, head_dim=64, mode="fwd")
+    with PeakMeter(threads=1) as meter:
+        p_small, p_big = meter.measure(small), meter.measure(big)
+    out_bytes = 8192 * 4 * 64 * 4
+    assert p_big >= 0.9 * out_bytes
+    assert p_big > p_small
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+def test_cli_ops_end_to_end(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "ops", "--quick", "--lengths", "8,16", "--heads", "2", "--head-dim", "4",
+                                   "--landmarks", "2", "--min-run-time", "0.001", "--bandwidth-mb", "1",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    for name in ("ops.csv", "ops.json", "ops_crossover.csv"):
+        assert (tmp_path / name).exists()
+    frame, header = read_csv(str(tmp_path / "ops.csv"))
+    assert set(frame["mixer"]) == {"softmax", "amlp-cov", "amlp-pquery"}
+    assert (frame["status"] == "ok").all()
+    if cpu_peak_supported():
+        assert (frame["fwdbwd_peak_bytes"] >= 0).all()  # tiny inputs may fit in pages already resident
+    assert header["settings.threads"] == "1"
+    assert "crossover" in res.output
+    if pytest.importorskip("matplotlib"):
+        assert (tmp_path / "ops_time.png").stat().st_size > 0
+        assert (tmp_path / "ops_memory.png").stat().st_size > 0
+        (tmp_path / "ops_time.png").unlink()
+        res = CliRunner().invoke(app, ["bench", "plot", str(tmp_path)])
+        assert res.exit_code == 0, res.output
+        assert (tmp_path / "ops_time.png").stat().st_size > 0
+    res = CliRunner().invoke(app, ["bench", "plot", str(tmp_path / "missing")])
+    assert res.exit_code == 2
+
+
+def test_cli_layer_level(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "ops", "--level", "layer", "--mixers", "amlp-pquery", "--baseline", "none",
+                                   "--lengths", "8", "--heads", "2", "--head-dim", "4", "--landmarks", "2",
+                                   "--min-run-time", "0.001", "--bandwidth-mb", "1", "--no-memory", "--no-plots",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    frame, _ = read_csv(str(tmp_path / "ops.csv"))
+    assert (frame["level"] == "layer").all() and (frame["fwdbwd_time_s"] > 0).all()
+    assert list(frame["mixer"]) == ["amlp-pquery"] and frame["fwd_speedup_vs_baseline"].isna().all()
+    cross, _ = read_csv(str(tmp_path / "ops_crossover.csv"))
+    assert len(cross) == 0
+
+
+def test_cli_generation_end_to_end(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "generation", "--quick", "--lengths", "4,8", "--dim", "8", "--heads", "2",
+                                   "--layers", "1", "--landmarks", "2", "--min-run-time", "0.001", "--no-memory",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    frame, header = read_csv(str(tmp_path / "generation.csv"))
+    assert list(frame.columns) == GEN_COLUMNS
+    assert list(dict.fromkeys(frame["method"])) == ["AR", "NAR", "NAR amlp-cov", "NAR amlp-pquery"]
+    ar = frame[frame["method"] == "AR"]
+    assert (ar["time_ratio_to_ar"] == 1.0).all() and (ar["speedup_vs_ar"] == 1.0).all()
+    nar = frame[frame["method"] == "NAR"]
+    assert (nar["memory_saving_vs_nar"].fillna(0.0) == 0.0).all()
+    assert header["settings.activation"] == "relu" and header["settings.batch"] == "1"
+    data = json.loads((tmp_path / "generation.json").read_text())
+    assert [h["method"] for h in data["headline"]] == ["NAR", "NAR amlp-cov", "NAR amlp-pquery"]
+    assert all(h["length"] == 8 for h in data["headline"])
+    assert "headline" in res.output
+    if pytest.importorskip("matplotlib"):
+        assert (tmp_path / "generation_ratio.png").stat().st_size > 0
+
+
+def test_generation_ratios_from_rows(tmp_path):
+    result = run_generation(GenerationSettings(lengths=[4], batch=1, dim=8, heads=2, layers=1, landmarks=2,
+                                               min_run_time=0.001, memory=False, threads=1))
+    by = {r["method"]: r for r in result.rows}
+    for method in ("NAR", "NAR amlp-cov", "NAR amlp-pquery"):
+        r = by[method]
+        assert r["time_ratio_to_ar"] == pytest.approx(r["time_s"] / by["AR"]["time_s"])
+        assert r["speedup_vs_ar"] == pytest.approx(by["AR"]["time_s"] / r["time_s"])
+    paths = save_generation(result, str(tmp_path), plots=False)
+    assert sorted(os.path.basename(p) for p in paths) == ["generation.csv", "generation.json"]
+
+
+@pytest.mark.gpu
+def test_ops_on_gpu():
+    result = run_ops(OpsSettings(mixers=["softmax", "amlp-cov"], lengths=[64, 128], device="cuda",
+                                 **{**TINY, "bandwidth_mb": 16}))
+    assert all(r["status"] == "ok" and r["fwdbwd_peak_bytes"] > 0 for r in result.rows)
