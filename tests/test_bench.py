@@ -245,7 +245,7 @@ def test_settings_are_validated():
     with pytest.raises(ValueError, match="dtype"):
         OpsSettings(dtype="float8").validate()
     with pytest.raises(ValueError, match="recurrent"):
-        GenerationSettings(ar_mixer="amlp-cov").validate()
+        GenerationSettings(ar_mixer="amlp-pquery").validate()
 
 
 def test_cli_reports_bad_options(tmp_path):

@@ -226,7 +226,7 @@ def _save(save, result, out: str, plots: bool) -> list[str]:
     from .bench import plots_available
 
     if plots and not plots_available():
-        console.print("[yellow]plots skipped:[/] they need matplotlib: pip install 'amlp[plot]' (or pass --no-plots)")
+        console.print("[yellow]plots skipped:[/] they need matplotlib: pip install matplotlib (or pass --no-plots)")
         plots = False
     return save(result, out, plots=plots)
 
@@ -332,7 +332,7 @@ def bench_plot_command(out: str = typer.Argument("bench-results", help="folder h
     from .bench import plots_available, replot
 
     if not plots_available():
-        console.print("[red]error:[/] plots need matplotlib: pip install 'amlp[plot]'")
+        console.print("[red]error:[/] plots need matplotlib: pip install matplotlib")
         raise typer.Exit(2)
     try:
         paths = replot(out)

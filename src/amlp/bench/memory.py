@@ -8,15 +8,18 @@ Memory held by the caching allocator but not handed to tensors is not counted.
 CPU (Linux): every measurement runs in a fresh child process, forked from a small server process
 (``python -m amlp.bench._memory_server``) that has imported torch but run nothing, so no allocator
 state or thread pool is inherited (the server pays torch's one-off start-up costs on a tiny
-input with one thread before it forks). The child
-runs the same workload once on a tiny length (to pay one-off costs such as lazy kernel set-up),
-frees it, returns free heap memory to the system (``malloc_trim``), builds the real inputs and model,
-reads its resident set size (``VmRSS``), resets the high-water mark by writing ``5`` to
-``/proc/self/clear_refs``, makes the measured call and reads ``VmHWM``. The figure is ``VmHWM - VmRSS``
-before the call: resident memory the call added at its peak, counted in pages actually touched.
-It includes allocator slack (page granularity, glibc arenas) and is therefore a little above the
-sum of tensor sizes; small figures (well under a megabyte) are mostly noise. On other systems the
-CPU figure is reported as missing.
+input with one thread before it forks). The server runs with glibc's mmap threshold fixed at
+64 KiB (``MALLOC_MMAP_THRESHOLD_``), so every tensor of that size or more is its own mapping and
+goes back to the system when freed: resident memory then follows the live tensors instead of the
+allocator's history. The child builds the inputs and model, makes the measured call once at full
+size (a steady-state step: kernels set up, thread pool started, workspaces allocated), frees its
+result, returns free heap memory to the system (``malloc_trim``), reads its resident set size
+(``VmRSS``), resets the high-water mark by writing ``5`` to ``/proc/self/clear_refs``, makes the
+measured call again and reads ``VmHWM``. The figure is ``VmHWM - VmRSS`` before the call: resident
+memory the call added at its peak, counted in pages actually touched. It includes allocator slack
+(page granularity, small-object arenas, library workspaces that appear on first use) and is
+therefore a little above the sum of tensor sizes; small figures (well under a megabyte) are mostly
+noise. On other systems the CPU figure is reported as missing.
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ import torch
 
 from .workloads import Workload, make_callable
 
-WARMUP_LENGTH = 16
+#: glibc's mmap threshold in the measuring processes (see the module docstring)
+MMAP_THRESHOLD = 64 * 1024
 
 
 def cpu_peak_supported() -> bool:
@@ -59,12 +63,9 @@ def trim_heap() -> None:
 def child_measure(w: Workload, threads: int) -> int:
     """Run in the child: peak resident bytes added by one call of ``w``."""
     torch.set_num_threads(threads)
-    small = Workload(**{**w.as_dict(), "length": min(w.length, WARMUP_LENGTH)})
-    fn, _ = make_callable(small)
-    fn()
-    del fn
-    trim_heap()
     fn, _ = make_callable(w)
+    warm = fn()  # steady state: the measured figure is that of a repeated call
+    del warm
     trim_heap()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
@@ -105,6 +106,7 @@ class CpuPeakMeter:
         src_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = dict(os.environ)
         env["PYTHONPATH"] = src_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
         return subprocess.Popen([sys.executable, "-m", "amlp.bench._memory_server"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, env=env, text=True)
 

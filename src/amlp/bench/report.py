@@ -153,7 +153,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:  # pragma: no cover - matplotlib is a dependency
-        raise RuntimeError("plots need matplotlib: pip install 'amlp[plot]' (or pass --no-plots)") from exc
+        raise RuntimeError("plots need matplotlib: pip install matplotlib (or pass --no-plots)") from exc
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

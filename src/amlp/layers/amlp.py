@@ -85,12 +85,11 @@ class AMLP(ProjectedMixer):
         common = dict(q_mask=q_mask, kv_mask=kv_mask, activation=self.activation, form=self.form,
                       temperature=self.temperature)
         if self.variant == "cov":
-            out = cov_op(q, k, v, self.cq, self.ck, **common)
-        else:
-            out = pquery_op(q, k, v, self.cq, self.ck, self.w, w_bias=self.w_bias, **common)
-        if self.out_norm is not None:
-            out = self.out_norm(out)
-        return out
+            return cov_op(q, k, v, self.cq, self.ck, **common)
+        return pquery_op(q, k, v, self.cq, self.ck, self.w, w_bias=self.w_bias, **common)
+
+    def head_output(self, out):
+        return out if self.out_norm is None else self.out_norm(out)
 
     def mix_heads(self, q, k, v, q_mask, kv_mask):
         if self.causal:
@@ -121,8 +120,7 @@ class AMLP(ProjectedMixer):
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out, state = amlp_cov_causal(q, k, v, self.cq, self.ck, activation=self.activation, form=self.form,
                                      temperature=self.temperature, initial_state=state, return_state=True)
-        if self.out_norm is not None:
-            out = self.out_norm(out)
+        out = self.head_output(out)
         return self.dropout(self.out_proj(out.reshape(x.shape[0], 1, self.dim)))[:, 0], state
 
     def state_size(self, length: int) -> int | None:

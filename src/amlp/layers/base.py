@@ -179,7 +179,7 @@ class ProjectedMixer(Mixer):
         q = self.split_heads(self.q_proj(x))
         k = self.split_heads(self.k_proj(source))
         v = self.split_heads(self.v_proj(source))
-        out = mix(q, k, v, x_mask, kv_mask)
+        out = self.head_output(mix(q, k, v, x_mask, kv_mask))
         out = out.reshape(x.shape[0], x.shape[1], self.dim)
         return self.dropout(self.out_proj(out))
 
@@ -188,6 +188,11 @@ class ProjectedMixer(Mixer):
 
     def reference_tokens(self, x, context, x_mask, context_mask):
         return self._project_and_mix(self.mix_heads_reference, x, context, x_mask, context_mask)
+
+    def head_output(self, out: torch.Tensor) -> torch.Tensor:
+        """What the layer does to the op's ``[B, T, H, D]`` output before merging the heads
+        (nothing by default; AMLP normalises each head here)."""
+        return out
 
     def mix_heads(self, q, k, v, q_mask, kv_mask) -> torch.Tensor:  # pragma: no cover - abstract
         """The fast op on ``[B, T, H, D]`` heads."""

@@ -19,7 +19,7 @@ from ._common import activate
 #: size of one chunk of a [B, T, H, D] tensor in the chunked passes: small enough that the
 #: temporaries of a backward pass stay far below one input gradient, large enough that the matrix
 #: products stay efficient
-CHUNK_BYTES = 512 * 1024
+CHUNK_BYTES = 256 * 1024
 MIN_CHUNK_ROWS = 64
 
 
