@@ -347,3 +347,30 @@ def test_ops_on_gpu():
     result = run_ops(OpsSettings(mixers=["softmax", "amlp-cov"], lengths=[64, 128], device="cuda",
                                  **{**TINY, "bandwidth_mb": 16}))
     assert all(r["status"] == "ok" and r["fwdbwd_peak_bytes"] > 0 for r in result.rows)
+
+
+def test_markdown_report_is_written_into_its_block_and_replaced(tmp_path):
+    import json
+
+    from amlp.bench.markdown import report_markdown, update_document
+
+    header = {"command": "amlp bench ops", "cpu_model": "cpu", "cpu_count": 2, "torch": "x", "torch_threads": 1,
+              "load_average_1m": 0.1, "timestamp_utc": "t", "bandwidth_bytes_per_s": 5e9,
+              "settings": {"level": "op", "dtype": "float32", "batch": 1, "heads": 8, "head_dim": 64, "landmarks": 16}}
+    row = {"mixer": "amlp-cov", "length": 8192, "status": "ok", "fwd_time_s": 0.05, "fwdbwd_time_s": 0.2,
+           "fwd_peak_bytes": 2**24, "fwdbwd_peak_bytes": 2**26, "fwdbwd_speedup_vs_baseline": 40.0,
+           "fwdbwd_memory_ratio_vs_baseline": 0.99, "fwd_x_floor": 3.0}
+    crossover = {"mixer": "amlp-cov", "baseline": "softmax", "metric": "fwd+bwd time", "status": "at", "length": 400.2}
+    (tmp_path / "ops.json").write_text(json.dumps({"header": header, "rows": [row], "crossovers": [crossover]}))
+    body = report_markdown(str(tmp_path))
+    assert "| amlp-cov | 8192 |" in body
+    assert "40.0x" in body and "0.990x" in body and "| fwd+bwd time | 400 |" in body
+    doc = tmp_path / "doc.md"
+    doc.write_text("# title\n\ntext before\n")
+    update_document(str(doc), "cpu", "first")
+    update_document(str(doc), "cpu", "second")
+    text = doc.read_text()
+    assert text.startswith("# title") and "second" in text and "first" not in text
+    assert text.count("amlp bench report: begin cpu") == 1
+    with pytest.raises(FileNotFoundError):
+        report_markdown(str(tmp_path / "nothing"))

@@ -342,6 +342,27 @@ def bench_plot_command(out: str = typer.Argument("bench-results", help="folder h
     console.print("wrote " + ", ".join(paths))
 
 
+@bench_app.command("report")
+def bench_report_command(
+    out: str = typer.Argument("bench-results", help="folder holding ops.json / generation.json"),
+    doc: str = typer.Option(None, "--doc", help="write into this Markdown file (replacing its generated block)"),
+    section: str = typer.Option("results", "--section", help="name of the generated block in --doc"),
+) -> None:
+    """Print saved results as Markdown tables, or write them into a document."""
+    from .bench.markdown import report_markdown, update_document
+
+    try:
+        body = report_markdown(out)
+    except FileNotFoundError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    if doc:
+        update_document(doc, section, body)
+        console.print(f"wrote the {section!r} block of {doc}")
+    else:
+        print(body)
+
+
 def main() -> None:
     app()
 

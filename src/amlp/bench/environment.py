@@ -81,3 +81,15 @@ def measure_bandwidth(device: torch.device, megabytes: int = 256, min_run_time: 
                   num_threads=threads or torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
     return 2.0 * src.numel() * src.element_size() / m.median
+
+
+def invocation(default: str) -> str:
+    """The command line that started this run (``amlp bench ...``), or ``amlp bench DEFAULT`` when
+    the bench was started from Python."""
+    import shlex
+    import sys
+
+    args = sys.argv[1:]
+    if args[:1] == ["bench"]:
+        return "amlp " + " ".join(shlex.quote(a) for a in args)
+    return f"amlp bench {default}"

@@ -20,7 +20,7 @@ import torch
 
 from ..layers import get_mixer_info
 from ..layers.check import check_mixer
-from .environment import machine_header, parse_dtype, resolve_device
+from .environment import invocation, machine_header, parse_dtype, resolve_device
 from .memory import PeakMeter
 from .ops import gate_kwargs
 from .timing import measure_time
@@ -121,7 +121,7 @@ def run_generation(settings: GenerationSettings, *, progress: Callable[[str], No
         (method_label(m, settings.nar_baseline), m, "nar") for m in settings.nar_mixers]
     if total is not None:
         total(len(plan) * (1 + len(settings.lengths)))
-    header = {**machine_header(device), "torch_threads": threads, "command": "generation",
+    header = {**machine_header(device), "torch_threads": threads, "command": invocation("generation"),
               "settings": {**asdict(settings), "batch": batch, "device": str(device)},
               "memory_method": ("not measured" if not settings.memory else
                                 "torch.cuda.max_memory_allocated minus allocated before the call" if device.type == "cuda"

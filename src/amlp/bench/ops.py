@@ -17,7 +17,7 @@ from ..layers import get_mixer_info
 from ..layers.base import ProjectedMixer
 from ..layers.check import check_mixer
 from .analysis import crossover_length, floor_time
-from .environment import machine_header, measure_bandwidth, parse_dtype, resolve_device
+from .environment import invocation, machine_header, measure_bandwidth, parse_dtype, resolve_device
 from .memory import PeakMeter
 from .timing import measure_time
 from .workloads import MODES, Workload, make_callable, options_for
@@ -109,7 +109,7 @@ def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = N
 
     bandwidth = measure_bandwidth(device, settings.bandwidth_mb, min(0.5, settings.min_run_time), threads)
     tick("memory bandwidth")
-    header = {**machine_header(device), "torch_threads": threads, "command": "ops",
+    header = {**machine_header(device), "torch_threads": threads, "command": invocation("ops"),
               "settings": {**asdict(settings), "device": str(device)},
               "bandwidth_bytes_per_s": bandwidth,
               "memory_method": _memory_method(device, settings.memory)}

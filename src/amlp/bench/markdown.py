@@ -1,0 +1,95 @@
+"""Markdown reports of saved benchmark results, so that the numbers in the documentation are
+written by a command (``amlp bench report``) rather than typed."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from .report import fmt_bytes, fmt_pct, fmt_ratio, fmt_time
+
+BEGIN = "<!-- amlp bench report: begin -->"
+END = "<!-- amlp bench report: end -->"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def _machine(header: dict) -> str:
+    bw = header.get("bandwidth_bytes_per_s")
+    device = header.get("gpu_model") or f"{header.get('cpu_model')} ({header.get('cpu_count')} cores)"
+    parts = [f"`{header.get('command')}`", f"{device}", f"torch {header.get('torch')}",
+             f"{header.get('torch_threads')} threads", f"load average {header.get('load_average_1m')}",
+             f"{header.get('timestamp_utc')}"]
+    if bw:
+        parts.append(f"copy bandwidth {bw / 1e9:.1f} GB/s")
+    return "; ".join(str(p) for p in parts)
+
+
+def ops_markdown(payload: dict) -> str:
+    header, rows = payload["header"], payload["rows"]
+    s = header.get("settings", {})
+    lines = [f"**ops** ({s.get('level', 'op')} level, {s.get('dtype')}, B = {s.get('batch')}, H = {s.get('heads')}, "
+             f"D = {s.get('head_dim')}, c = {s.get('landmarks')}): {_machine(header)}", "",
+             _row(["mixer", "T", "fwd", "fwd+bwd", "fwd mem", "fwd+bwd mem", "x faster (fwd+bwd)",
+                   "mem / softmax (fwd+bwd)", "fwd x floor", "status"]),
+             _row(["---"] + ["---:"] * 8 + ["---"])]
+    for r in rows:
+        lines.append(_row([r["mixer"], r["length"], fmt_time(r.get("fwd_time_s")), fmt_time(r.get("fwdbwd_time_s")),
+                           fmt_bytes(r.get("fwd_peak_bytes")), fmt_bytes(r.get("fwdbwd_peak_bytes")),
+                           fmt_ratio(r.get("fwdbwd_speedup_vs_baseline")),
+                           fmt_ratio(r.get("fwdbwd_memory_ratio_vs_baseline"), 3),
+                           fmt_ratio(r.get("fwd_x_floor")), r["status"]]))
+    lines += ["", _row(["mixer", "baseline", "metric", "crossover length"]), _row(["---"] * 3 + ["---:"])]
+    for c in payload.get("crossovers", []):
+        lines.append(_row([c["mixer"], c["baseline"], c["metric"],
+                           f"{c['length']:,.0f}" if c["status"] == "at" else c["status"]]))
+    return "\n".join(lines)
+
+
+def generation_markdown(payload: dict) -> str:
+    header, rows = payload["header"], payload["rows"]
+    s = header.get("settings", {})
+    lines = [f"**generation** (B = {s.get('batch')}, E = {s.get('dim')}, H = {s.get('heads')}, "
+             f"{s.get('layers')} layer(s), c = {s.get('landmarks')}, sigma_1 = {s.get('activation')}, "
+             f"{s.get('dtype')}): {_machine(header)}", "",
+             _row(["method", "n", "time", "peak mem", "x faster than AR", "mem / AR", "mem saved vs NAR", "status"]),
+             _row(["---"] + ["---:"] * 6 + ["---"])]
+    for r in rows:
+        lines.append(_row([r["method"], r["length"], fmt_time(r.get("time_s")), fmt_bytes(r.get("peak_bytes")),
+                           fmt_ratio(r.get("speedup_vs_ar")), fmt_ratio(r.get("memory_ratio_to_ar"), 2),
+                           fmt_pct(r.get("memory_saving_vs_nar")), r["status"]]))
+    headline = payload.get("headline", [])
+    if headline:
+        lines += ["", _row(["headline", "n", "x faster than AR", "memory saved vs NAR"]), _row(["---", "---:", "---:", "---:"])]
+        for h in headline:
+            lines.append(_row([h["method"], "-" if h["length"] is None else f"{h['length']:,}",
+                               fmt_ratio(h.get("speedup_vs_ar")), fmt_pct(h.get("memory_saving_vs_nar"))]))
+    return "\n".join(lines)
+
+
+def report_markdown(folder: str) -> str:
+    """Markdown for every result file (``ops.json``, ``generation.json``) found in ``folder``."""
+    parts = []
+    for name, render in (("ops.json", ops_markdown), ("generation.json", generation_markdown)):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as fh:
+                parts.append(render(json.load(fh)))
+    if not parts:
+        raise FileNotFoundError(f"no ops.json or generation.json in {folder}")
+    return "\n\n".join(parts)
+
+
+def update_document(doc_path: str, section: str, body: str) -> None:
+    """Replace the generated block named ``section`` in ``doc_path`` (between
+    ``<!-- amlp bench report: begin SECTION -->`` and the matching end marker), or append it."""
+    begin, end = f"{BEGIN[:-4]} {section} -->", f"{END[:-4]} {section} -->"
+    block = f"{begin}\n{body}\n{end}"
+    text = open(doc_path).read() if os.path.exists(doc_path) else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    with open(doc_path, "w") as fh:
+        fh.write(text)
