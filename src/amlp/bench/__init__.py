@@ -34,7 +34,7 @@ def _plot_title(header: dict) -> str:
     s = header["settings"]
     gpu = f", {header['gpu_model']}" if header.get("gpu_model", "none") != "none" else ""
     sizes = (f"B={s['batch']}, H={s['heads']}, D={s['head_dim']}, c={s['landmarks']}, level={s['level']}"
-             if header["command"] == "ops" else
+             if "dim" not in s else
              f"B={s['batch']}, E={s['dim']}, H={s['heads']}, layers={s['layers']}, c={s['landmarks']}, "
              f"sigma_1={s['activation']}")
     return f"{header['cpu_model']} ({header['torch_threads']} threads){gpu}, {s['dtype']}, {sizes}; {header['timestamp_utc']}"
