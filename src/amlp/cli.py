@@ -55,6 +55,152 @@ def check_command(names: list[str] = typer.Argument(None, help="mixers to check 
         raise typer.Exit(1)
 
 
+# -- training, evaluation, studies, data ------------------------------------------------------------------
+train_app = typer.Typer(help="Train a task from a YAML config.", no_args_is_help=True)
+study_app = typer.Typer(help="Run a grid of experiments and write its report.", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch data sets.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(study_app, name="study")
+app.add_typer(data_app, name="data")
+
+
+def _fail(message: str, code: int = 1):
+    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _train(task: str, config: str, overrides: list[str], run_dir: str | None, resume: bool,
+           data_dir: str | None, seed: int | None) -> None:
+    import json
+
+    from .train import CheckpointError, load_config, run_experiment
+
+    overrides = list(overrides or [])
+    if data_dir:
+        overrides.append(f"data.data_dir={data_dir}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    try:
+        cfg = load_config(config, overrides)
+        if cfg.task != task:
+            _fail(f"{config} is a config for task {cfg.task!r}, not {task!r}")
+        from pathlib import Path
+
+        out = run_dir or str(Path("runs") / task / f"{Path(config).stem}-seed{cfg.seed}")
+        result = run_experiment(cfg, out, resume=resume)
+    except KeyboardInterrupt:
+        console.print("interrupted; the last checkpoint is under the run directory (continue with --resume)")
+        raise typer.Exit(130)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        _fail(str(err))
+    console.print_json(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "val": result.val_metrics,
+                                   "test": result.test_metrics, "best": result.best}))
+
+
+def _make_train_command(task: str):
+    def command(
+        config: str = typer.Option(..., "--config", "-c", help="YAML config file"),
+        overrides: list[str] = typer.Option(None, "--set", help="override, key.sub=value (repeatable)"),
+        run_dir: str = typer.Option(None, "--run-dir", help="output folder (default runs/<task>/<config>-seed<seed>)"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the run folder"),
+        data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data (default $AMLP_DATA_DIR)"),
+        seed: int = typer.Option(None, "--seed", help="override the config's seed"),
+    ) -> None:
+        _train(task, config, overrides, run_dir, resume, data_dir, seed)
+
+    command.__doc__ = f"Train the {task} task (works under torchrun for data parallelism)."
+    return command
+
+
+def _register_train_commands() -> None:
+    from .train.tasks import TASKS
+
+    for task in TASKS:
+        train_app.command(task)(_make_train_command(task))
+
+
+_register_train_commands()
+
+
+@app.command("eval")
+def eval_command(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint folder (runs/.../checkpoints/step-N or best)"),
+    split: str = typer.Option("test", "--split", help="val or test"),
+    overrides: list[str] = typer.Option(None, "--set", help="override of the stored config, key.sub=value"),
+    data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+) -> None:
+    """Evaluate a checkpoint on a split and print its metrics as JSON."""
+    import json
+
+    from .train import CheckpointError, evaluate_checkpoint
+
+    overrides = list(overrides or [])
+    if data_dir:
+        overrides.append(f"data.data_dir={data_dir}")
+    try:
+        metrics = evaluate_checkpoint(checkpoint, split, overrides, device)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        _fail(str(err))
+    console.print_json(json.dumps({"checkpoint": checkpoint, "split": split, **metrics}))
+
+
+@study_app.command("forecasting")
+def study_forecasting_command(
+    config: str = typer.Option("configs/forecasting/study/cpu.yaml", "--config", "-c", help="study file"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help="comma-separated mixer names (default: the study's)"),
+    datasets: str = typer.Option(None, "--datasets", help="comma-separated, e.g. ETTh1,ETTm1"),
+    settings: str = typer.Option(None, "--settings", help="comma-separated, e.g. M,S"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
+    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
+    data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data"),
+    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+) -> None:
+    """Run the cross-attention study (mechanisms x datasets x settings x seeds), resuming where it
+    stopped, and write docs/results/forecasting.md."""
+    import shlex
+
+    from .train import CheckpointError
+    from .train.study_forecasting import load_study, run_study
+
+    def split(text):
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    extra = list(overrides or [])
+    if data_dir:
+        extra.append(f"data.data_dir={data_dir}")
+    command = "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
+        f"amlp study forecasting --config {config}"
+    try:
+        run_study(load_study(config), command=command, mechanisms=split(mechanisms), datasets=split(datasets),
+                  settings=split(settings), seeds=[int(s) for s in split(seeds)] if seeds else None,
+                  extra_overrides=extra, log=console.print, doc_only=doc_only)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue")
+        raise typer.Exit(130)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        _fail(str(err))
+
+
+@data_app.command("download")
+def data_download_command(
+    name: str = typer.Argument(..., help="data set: ett"),
+    data_dir: str = typer.Option(None, "--data-dir", help="destination folder (default $AMLP_DATA_DIR or ./data)"),
+    base_url: str = typer.Option(None, "--base-url", help="where to fetch from (default: the upstream repository)"),
+) -> None:
+    """Download a data set from its upstream source (the only command that uses the network)."""
+    if name.lower() != "ett":
+        _fail(f"unknown data set {name!r}; available: ett")
+    from .tasks.forecasting.data import ETT_BASE_URL, download_ett
+
+    try:
+        paths = download_ett(data_dir, base_url=base_url or ETT_BASE_URL)
+    except ConnectionError as err:
+        _fail(str(err))
+    for p in paths:
+        console.print(str(p))
+
+
 def main() -> None:
     app()
 

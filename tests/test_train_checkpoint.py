@@ -1,0 +1,165 @@
+"""Checkpoints of the training loop: exact resume, interrupts, corrupt and mismatched checkpoints."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from amlp.train import CheckpointError, Trainer, evaluate_checkpoint, load_checkpoint, load_config
+from amlp.train.checkpoint import latest_checkpoint, list_step_checkpoints
+
+
+def toy_config(*overrides, **train):
+    base = {"task": "toy-regression", "seed": 3,
+            "train": {"batch_size": 16, "lr": 1e-2, "progress": False, "schedule": "exponential",
+                      "decay_every": 5, "decay_gamma": 0.7, "clip_norm": 1.0, **train}}
+    return load_config(raw=base, overrides=list(overrides))
+
+
+def weights(run_dir, name=None):
+    path = latest_checkpoint(run_dir / "checkpoints") if name is None else run_dir / "checkpoints" / name
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    # 22 steps straight vs 9 steps, then resumed for 13 more (crossing an epoch boundary at 16);
+    # the model has dropout, so the torch RNG must be restored too
+    full = Trainer(toy_config(max_steps=22), tmp_path / "full").fit()
+    Trainer(toy_config(max_steps=9), tmp_path / "split").fit()
+    assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-00000009"
+    resumed = Trainer(toy_config(max_steps=22), tmp_path / "split", resume=True).fit()
+    assert full.step == resumed.step == 22
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full.test_metrics == resumed.test_metrics
+    # the logs of the resumed run have one row per step, no duplicates
+    rows = (tmp_path / "split" / "train_log.csv").read_text().strip().splitlines()[1:]
+    assert [int(r.split(",")[0]) for r in rows] == list(range(1, 23))
+    # the optimizer state went through safetensors
+    state = json.loads((latest_checkpoint(tmp_path / "split" / "checkpoints") / "state.json").read_text())
+    assert state["step"] == 22 and state["epoch"] == 1 and state["batch_in_epoch"] == 6
+    opt = load_file(str(latest_checkpoint(tmp_path / "split" / "checkpoints") / "optimizer.safetensors"))
+    assert any(k.endswith("exp_avg_sq") for k in opt) and "rng.torch" in opt
+
+
+def test_keep_last_best_and_no_temporary_files(tmp_path):
+    Trainer(toy_config(max_steps=20, checkpoint_every=4, keep_last=2, eval_every=4), tmp_path / "r").fit()
+    steps = [s for s, _ in list_step_checkpoints(tmp_path / "r" / "checkpoints")]
+    assert steps == [16, 20]
+    names = sorted(os.listdir(tmp_path / "r" / "checkpoints"))
+    assert names == ["best", "step-00000016", "step-00000020"]
+    best = load_checkpoint(tmp_path / "r" / "checkpoints" / "best")
+    history = [line.split(",") for line in (tmp_path / "r" / "eval_log.csv").read_text().splitlines()[1:]]
+    val = [(int(r[0]), float(r[3])) for r in history if r[2] == "val"]
+    assert best.step == min(val, key=lambda x: x[1])[0]
+    assert best.state["best"]["value"] == pytest.approx(min(v for _, v in val), rel=1e-5)
+
+
+def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    def interrupt(trainer, step, loss):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(toy_config(max_steps=12), tmp_path / "r", on_step_end=interrupt).fit()
+    assert latest_checkpoint(tmp_path / "r" / "checkpoints").name == "step-00000005"
+    # the interrupted run resumes to the same weights as an uninterrupted one
+    Trainer(toy_config(max_steps=12), tmp_path / "r", resume=True).fit()
+    Trainer(toy_config(max_steps=12), tmp_path / "ref").fit()
+    a, b = weights(tmp_path / "r"), weights(tmp_path / "ref")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keyboard_interrupt_inside_the_loop_saves(tmp_path):
+    def boom(trainer, step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(toy_config(max_steps=12), tmp_path / "r", on_step_end=boom).fit()
+    assert load_checkpoint(latest_checkpoint(tmp_path / "r" / "checkpoints")).step == 3
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    Trainer(toy_config(max_steps=4), tmp_path / "run").fit()
+    return tmp_path / "run", latest_checkpoint(tmp_path / "run" / "checkpoints")
+
+
+def _fresh_trainer(tmp_path, *overrides, **train):
+    t = Trainer(toy_config(*overrides, max_steps=8, **train), tmp_path / "other")
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    return t, before
+
+
+def _unchanged(trainer, before):
+    return all(torch.equal(v, before[k]) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("truncate-model", "model.safetensors cannot be read"),
+    ("garbage-optimizer", "optimizer.safetensors cannot be read"),
+    ("bad-json", "not valid JSON"),
+    ("wrong-format", "unknown format"),
+    ("missing-file", "incomplete"),
+])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, finished_run, damage, message):
+    _, ckpt = finished_run
+    if damage == "truncate-model":
+        data = (ckpt / "model.safetensors").read_bytes()
+        (ckpt / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "garbage-optimizer":
+        (ckpt / "optimizer.safetensors").write_bytes(b"\x00" * 40)
+    elif damage == "bad-json":
+        (ckpt / "state.json").write_text("{ not json")
+    elif damage == "wrong-format":
+        state = json.loads((ckpt / "state.json").read_text())
+        state["format"] = "something-else"
+        (ckpt / "state.json").write_text(json.dumps(state))
+    else:
+        (ckpt / "optimizer.safetensors").unlink()
+    trainer, before = _fresh_trainer(tmp_path)
+    with pytest.raises(CheckpointError, match=message):
+        trainer.restore(ckpt)
+    assert _unchanged(trainer, before) and trainer.step == 0
+    with pytest.raises(CheckpointError):
+        evaluate_checkpoint(ckpt)
+
+
+def test_mismatched_checkpoint_names_the_keys(tmp_path, finished_run):
+    _, ckpt = finished_run
+    trainer, before = _fresh_trainer(tmp_path, "model.hidden=9")
+    with pytest.raises(CheckpointError, match=r"0.weight: checkpoint \(16, 5\) vs model \(9, 5\)"):
+        trainer.restore(ckpt)
+    assert _unchanged(trainer, before)
+    # optimiser state that does not fit: same model, one tensor reshaped in the file
+    from safetensors.torch import save_file
+    opt = load_file(str(ckpt / "optimizer.safetensors"))
+    opt["optimizer.0.exp_avg"] = opt["optimizer.0.exp_avg"].flatten()[:3].clone()
+    save_file(opt, str(ckpt / "optimizer.safetensors"))
+    trainer, before = _fresh_trainer(tmp_path)
+    with pytest.raises(CheckpointError, match="exp_avg of parameter 0"):
+        trainer.restore(ckpt)
+    assert _unchanged(trainer, before)
+
+
+def test_resume_without_checkpoint_and_changed_batch(tmp_path, finished_run):
+    run, ckpt = finished_run
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(toy_config(max_steps=4), run).fit()
+    with pytest.raises(CheckpointError, match="nothing to resume"):
+        Trainer(toy_config(max_steps=4), tmp_path / "empty", resume=True).fit()
+    with pytest.raises(CheckpointError, match="steps per epoch"):
+        Trainer(toy_config(max_steps=8, batch_size=8), run, resume=True).fit()
+
+
+def test_evaluate_checkpoint_matches_the_run(finished_run):
+    run, ckpt = finished_run
+    result = json.loads((run / "results.json").read_text())
+    got = evaluate_checkpoint(ckpt, "test", device="cpu")
+    assert got["mse"] == pytest.approx(result["test"]["mse"], rel=1e-6)
