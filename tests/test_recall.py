@@ -234,3 +234,37 @@ def test_cli_trains_mqar(tmp_path):
     assert 0.0 <= results["test"]["acc"] <= 1.0 and "acc_pairs2" in results["test"]
     bad = CliRunner().invoke(app, ["train", "copying", "--config", str(MQAR_CONFIG), "--run-dir", str(tmp_path / "x")])
     assert bad.exit_code != 0
+
+
+# -- the study -------------------------------------------------------------------------------------------
+def test_recall_study_runs_resumes_and_writes_the_report(tmp_path):
+    from amlp.train.study_recall import load_recall_study, run_recall_study
+
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        "mechanisms: [softmax, causal-rn, amlp-pquery]\nseeds: [0]\n"
+        f"copying: {{config: {CPU_CONFIG}, string_lens: [2, 3]}}\n"
+        f"mqar: {{config: {MQAR_CONFIG}, num_pairs: [2]}}\n"
+        "run_root: runs/s\ndoc: docs/recall.md\nfigures: docs/figures\n"
+        "overrides: [train.max_steps=2, train.progress=false, train.batch_size=8, model.dim=8, "
+        "data.val_examples=8, data.test_examples=8]\n")
+    logs = []
+    study = load_recall_study(study_file)
+    doc = run_recall_study(study, command="amlp study recall", root=tmp_path, log=logs.append)
+    results = json.loads((tmp_path / "runs" / "s" / "results.json").read_text())
+    assert sorted(results) == sorted([
+        "copying/softmax/S2/dim8/seed0", "copying/softmax/S3/dim8/seed0", "copying/causal-rn/S2/dim8/seed0",
+        "copying/causal-rn/S3/dim8/seed0", "mqar/softmax/pairs2/dim8/seed0", "mqar/causal-rn/pairs2/dim8/seed0"])
+    rec = results["copying/causal-rn/S3/dim8/seed0"]
+    assert rec["state_size"] == 2 * 8  # two linear CausalRN blocks, hidden = dim, state independent of length
+    assert results["copying/softmax/S3/dim8/seed0"]["state_size"] == 2 * (2 * 8 * 8)  # two K/V caches of 8 tokens
+    text = doc.read_text()
+    assert "amlp-pquery" in text.split("Produced by")[1]  # named as skipped (no causal form)
+    assert "| softmax | 8 |" in text and "| causal-rn | 8 |" in text and "## Multi-query" in text
+    for png in ("recall_copying_vs_S.png", "recall_mqar_vs_pairs.png", "recall_accuracy_vs_state_size.png"):
+        assert (tmp_path / "docs" / "figures" / png).stat().st_size > 1000
+        assert f"figures/{png}" in text
+    logs.clear()
+    run_recall_study(study, command="amlp study recall", root=tmp_path, log=logs.append)
+    assert sum("done before, skipped" in line for line in logs) == 6
+    assert not any(": training" in line for line in logs)
