@@ -194,6 +194,7 @@ def _plots(table: dict, mechanisms: list[str], figures_dir: Path, doc: Path) -> 
 
     figures_dir.mkdir(parents=True, exist_ok=True)
     lines = []
+    colour = {m: f"C{i % 10}" for i, m in enumerate(mechanisms)}
     for task, title, fname in (("copying", "Copying: hard accuracy vs string length S", "recall_copying_vs_S.png"),
                                ("mqar", "MQAR: accuracy vs number of key-value pairs", "recall_mqar_vs_pairs.png")):
         keys = [k for k in table if k[0] == task]
@@ -205,7 +206,7 @@ def _plots(table: dict, mechanisms: list[str], figures_dir: Path, doc: Path) -> 
             for mech in mechanisms:
                 pts = sorted((k[2], _mean_std(table[k]["acc"])[0]) for k in keys if k[1] == mech and k[3] == dim)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mech)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mech, color=colour[mech])
             ax.set_xlabel("string length S" if task == "copying" else "key-value pairs")
             ax.set_ylabel("hard accuracy" if task == "copying" else "query accuracy")
             ax.set_ylim(-0.03, 1.03)
@@ -220,22 +221,35 @@ def _plots(table: dict, mechanisms: list[str], figures_dir: Path, doc: Path) -> 
     state_keys = [k for k in table if table[k]["state"] is not None and math.isfinite(table[k]["state"])]
     tasks = [t for t in ("copying", "mqar") if any(k[0] == t for k in state_keys)]
     if tasks:
-        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+        from matplotlib.lines import Line2D
+
+        colours = {m: f"C{i % 10}" for i, m in enumerate(mechanisms)}
+        shapes = "osD^vPX*"
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.3), squeeze=False)
+        handles = []
         for ax, task in zip(axes[0], tasks):
+            values = sorted({k[2] for k in state_keys if k[0] == task})
             for mech in mechanisms:
-                pts = sorted((table[k]["state"], _mean_std(table[k]["acc"])[0]) for k in state_keys
-                             if k[0] == task and k[1] == mech)
-                if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mech)
+                for j, value in enumerate(values):
+                    # one line per mechanism and S (or pairs) across model widths, as zoology draws it
+                    pts = sorted((table[k]["state"], _mean_std(table[k]["acc"])[0]) for k in state_keys
+                                 if k[0] == task and k[1] == mech and k[2] == value)
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[mech],
+                                marker=shapes[j % len(shapes)], linestyle="-" if len(pts) > 1 else "none")
             ax.set_xscale("log")
             ax.set_xlabel("recurrent state size (floats per sequence)")
             ax.set_ylabel("hard accuracy" if task == "copying" else "query accuracy")
             ax.set_ylim(-0.03, 1.03)
-            ax.set_title(task)
+            axis = "S" if task == "copying" else "pairs"
+            ax.set_title(f"{task} (marker: {axis} = " + ", ".join(
+                f"{v} {shapes[j % len(shapes)]}" for j, v in enumerate(values)) + ")", fontsize=9)
             ax.grid(alpha=0.3)
-        axes[0][-1].legend(fontsize=7, loc="best")
-        fig.suptitle("Accuracy vs recurrent state size (each point one S / pairs / dim cell)")
-        fig.tight_layout()
+        present = [m for m in mechanisms if any(k[1] == m for k in state_keys)]
+        handles = [Line2D([], [], color=colours[m], marker="o", label=m) for m in present]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8)
+        fig.suptitle("Accuracy vs recurrent state size (lines join model widths)")
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         fname = "recall_accuracy_vs_state_size.png"
         fig.savefig(figures_dir / fname, dpi=110)
         plt.close(fig)
