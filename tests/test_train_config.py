@@ -76,8 +76,15 @@ def test_every_repository_config_validates():
     assert files, "no configs found"
     from amlp.train.study_forecasting import load_study
 
+    from amlp.train.study_recall import load_recall_study
+
     for path in files:
-        if path.parent.name == "study":
+        if path.parent.name == "study" and path.parent.parent.name == "recall":
+            study = load_recall_study(path)
+            for task, section in (("copying", study.copying), ("mqar", study.mqar)):
+                if section is not None:
+                    assert load_config(ROOT / section.config).task == task
+        elif path.parent.name == "study":
             study = load_study(path)
             for cfg in study.configs:
                 assert load_config(ROOT / cfg).task == "forecasting"

@@ -182,6 +182,45 @@ def study_forecasting_command(
         _fail(str(err))
 
 
+@study_app.command("recall")
+def study_recall_command(
+    config: str = typer.Option("configs/recall/study/cpu.yaml", "--config", "-c", help="study file"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help="comma-separated mixer names (default: the study's)"),
+    tasks: str = typer.Option(None, "--tasks", help="comma-separated: copying,mqar (default: both)"),
+    string_lens: str = typer.Option(None, "--string-lens", help="comma-separated S for copying"),
+    pairs: str = typer.Option(None, "--pairs", help="comma-separated key-value pair counts for MQAR"),
+    dims: str = typer.Option(None, "--dims", help="comma-separated model widths"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
+    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
+    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+) -> None:
+    """Run the recall study (mixers x S or pairs x dims x seeds), resuming where it stopped, and write
+    docs/results/recall.md with its plots."""
+    import shlex
+
+    from .train import CheckpointError
+    from .train.study_recall import load_recall_study, run_recall_study
+
+    def split(text):
+        return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+    def ints(text):
+        return [int(t) for t in split(text)] if text else None
+
+    command = "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
+        f"amlp study recall --config {config}"
+    values = {k: v for k, v in (("copying", ints(string_lens)), ("mqar", ints(pairs))) if v}
+    try:
+        run_recall_study(load_recall_study(config), command=command, mechanisms=split(mechanisms), tasks=split(tasks),
+                         values=values, dims=ints(dims), seeds=ints(seeds), extra_overrides=list(overrides or []),
+                         log=console.print, doc_only=doc_only)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue")
+        raise typer.Exit(130)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        _fail(str(err))
+
+
 @data_app.command("download")
 def data_download_command(
     name: str = typer.Argument(..., help="data set: ett"),

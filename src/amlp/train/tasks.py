@@ -38,6 +38,8 @@ import torch
 TASKS: dict[str, str] = {
     "toy-regression": "amlp.train.toy:ToyRegressionTask",
     "forecasting": "amlp.tasks.forecasting.task:ForecastingTask",
+    "copying": "amlp.tasks.recall.task:CopyingTask",
+    "mqar": "amlp.tasks.recall.task:MQARTask",
 }
 
 

@@ -1,0 +1,342 @@
+"""The recall study: causal mixers x (string length S for copying | key-value pairs for MQAR) x model
+width x seeds, with a resumable grid and a generated report with plots.
+
+What it measures is where the causal mixers differ most: copying a string of S letters (CausalRN
+paper, spec 3.8; Jelassi et al. 2024) and multi-query associative recall (zoology, Arora et al.
+2023). Every cell is one ``amlp train copying|mqar`` run through :func:`amlp.train.run_experiment`;
+finished cells are recorded in ``<run_root>/results.json`` and skipped when the study runs again
+(an unfinished cell continues from its last checkpoint). The report has one table per task, the
+plots accuracy vs S, accuracy vs number of pairs, and accuracy vs recurrent state size (floats of
+mixer state per sequence, summed over blocks, from each mixer's ``state_size(length)`` at the
+task's longest input; the layout of zoology's state-size plots).
+
+A study file::
+
+    title: "..."
+    mechanisms: [softmax, causal-rn, causal-rn-quadratic, hyper-mlp, hyper-glu, amlp-cov, ...]
+    seeds: [0]
+    dims: []                      # model widths to sweep (empty: each config's model.dim)
+    copying: {config: configs/recall/copying_cpu.yaml, string_lens: [4, 8]}    # or null
+    mqar: {config: configs/recall/mqar_cpu.yaml, num_pairs: [4, 8]}            # or null
+    run_root: runs/study/recall-cpu
+    doc: docs/results/recall.md
+    figures: docs/figures         # PNGs, linked from the report
+    overrides: []                 # key=value applied to every run
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .config import from_dict, load_config, read_yaml, to_plain
+from .study_forecasting import _fmt, _mean_std, _read_results, _write_json_atomic
+
+TASK_AXES = {"copying": ("data.string_len", "S"), "mqar": ("data.num_pairs", "pairs")}
+TASK_METRIC = {"copying": "hard_acc", "mqar": "acc"}
+
+
+@dataclass
+class CopyingStudy:
+    config: str
+    string_lens: list[int] = field(default_factory=lambda: [4, 8])
+
+
+@dataclass
+class MQARStudy:
+    config: str
+    num_pairs: list[int] = field(default_factory=lambda: [4, 8])
+
+
+@dataclass
+class RecallStudyConfig:
+    mechanisms: list[str] = field(default_factory=lambda: [
+        "softmax", "causal-rn", "causal-rn-quadratic", "hyper-mlp", "hyper-glu", "amlp-cov", "performer",
+        "cosformer", "abc", "local"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    dims: list[int] = field(default_factory=list)
+    copying: CopyingStudy | None = None
+    mqar: MQARStudy | None = None
+    run_root: str = "runs/study/recall"
+    doc: str = "docs/results/recall.md"
+    figures: str = "docs/figures"
+    overrides: list[str] = field(default_factory=list)
+    title: str = "In-context recall: copying and MQAR"
+
+    def validate(self) -> None:
+        if not self.mechanisms:
+            raise ValueError("config key 'mechanisms' must list at least one mixer name")
+        if not self.seeds:
+            raise ValueError("config key 'seeds' must list at least one seed")
+        if self.copying is None and self.mqar is None:
+            raise ValueError("the study needs a 'copying' or an 'mqar' section (or both)")
+        if any(d < 1 for d in self.dims):
+            raise ValueError(f"config key 'dims' must hold positive ints, got {self.dims}")
+
+
+def load_recall_study(path: str | Path) -> RecallStudyConfig:
+    return from_dict(RecallStudyConfig, read_yaml(path))
+
+
+def recall_cell_key(task: str, mechanism: str, value: int, dim: int, seed: int) -> str:
+    return f"{task}/{mechanism}/{TASK_AXES[task][1]}{value}/dim{dim}/seed{seed}"
+
+
+def _task_grid(study: RecallStudyConfig, tasks, values: dict[str, list[int]] | None):
+    out = []
+    for task, section in (("copying", study.copying), ("mqar", study.mqar)):
+        if section is None or (tasks and task not in tasks):
+            continue
+        own = section.string_lens if task == "copying" else section.num_pairs
+        out.append((task, section.config, (values or {}).get(task) or own))
+    return out
+
+
+def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list[str] | None = None,
+                     tasks: list[str] | None = None, values: dict[str, list[int]] | None = None,
+                     dims: list[int] | None = None, seeds: list[int] | None = None,
+                     extra_overrides: list[str] | None = None, root: Path | None = None,
+                     log: Callable[[str], None] = print, doc_only: bool = False) -> Path:
+    """Run every unfinished cell of the grid, then write the report and plots; returns the report's path.
+
+    ``mechanisms``, ``tasks`` (copying, mqar), ``values`` ({task: [S or pairs]}), ``dims`` and
+    ``seeds`` restrict or replace the grid. Mechanisms without a causal form in this installation are
+    skipped (and named in the report).
+    """
+    from ..layers import mixer_names
+    from .loop import run_experiment
+
+    root = Path(root or ".")
+    run_root = root / study.run_root
+    results_path = run_root / "results.json"
+    results = _read_results(results_path)
+    overrides = list(study.overrides) + list(extra_overrides or [])
+    mechs = mechanisms or study.mechanisms
+    available = set(mixer_names(causal=True))
+    skipped = [m for m in mechs if m not in available]
+    if skipped:
+        log(f"no causal form in this installation, skipped: {', '.join(skipped)}")
+    cells = []
+    for task, cfg_path, task_values in _task_grid(study, tasks, values):
+        base = load_config(root / cfg_path, overrides)
+        if base.task != task:
+            raise ValueError(f"the study's {task} section names {cfg_path!r}, a config for task {base.task!r}")
+        for mech in mechs:
+            if mech not in available:
+                continue
+            for value in task_values:
+                for dim in (dims or study.dims or [base.model.dim]):
+                    for seed in seeds or study.seeds:
+                        cells.append((task, cfg_path, mech, value, dim, seed))
+    if not doc_only:
+        for i, (task, cfg_path, mech, value, dim, seed) in enumerate(cells, 1):
+            key = recall_cell_key(task, mech, value, dim, seed)
+            if key in results and results[key].get("finished"):
+                log(f"[{i}/{len(cells)}] {key}: done before, skipped")
+                continue
+            log(f"[{i}/{len(cells)}] {key}: training")
+            axis = TASK_AXES[task][0]
+            cell_overrides = [f"model.mixer={mech}", f"{axis}={value}", f"model.dim={dim}", f"seed={seed}"]
+            if task == "mqar":
+                cell_overrides.append(f"data.test_pairs=[{value}]")
+            cfg = load_config(root / cfg_path, overrides + cell_overrides)
+            run_dir = run_root / task / mech / f"{TASK_AXES[task][1]}{value}-dim{dim}" / f"seed{seed}"
+            result = run_experiment(cfg, run_dir, resume="auto")
+            test = result.test_metrics or {}
+            record = {"finished": True, "task": task, "mechanism": mech, "value": value, "dim": dim, "seed": seed,
+                      "config": str(cfg_path), "overrides": overrides, "steps": result.step, "test": test,
+                      "val": result.val_metrics, "params": test.get("params"), "state_size": test.get("state_size"),
+                      "run_dir": str(run_dir.relative_to(root) if run_dir.is_relative_to(root) else run_dir),
+                      "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
+            results = _read_results(results_path)  # re-read: other processes may share run_root
+            results[key] = record
+            _write_json_atomic(results_path, results)
+            log(f"    test {TASK_METRIC[task]} {test.get(TASK_METRIC[task], float('nan')):.3f}")
+    doc = root / study.doc
+    results = _read_results(results_path)
+    write_recall_report(doc, results, study=study, command=command, requested=mechs, unavailable=skipped,
+                        figures_dir=root / study.figures)
+    log(f"report written to {doc}")
+    return doc
+
+
+# -- the report ---------------------------------------------------------------------------------------
+def summarise_recall(results: dict) -> dict:
+    """{(task, mechanism, value, dim): {"acc": [...], "soft": [...], "params": p, "state": s}} over finished cells."""
+    table: dict = {}
+    for rec in results.values():
+        if not rec.get("finished") or not rec.get("test"):
+            continue
+        task = rec["task"]
+        entry = table.setdefault((task, rec["mechanism"], rec["value"], rec["dim"]),
+                                 {"acc": [], "soft": [], "params": rec.get("params"), "state": rec.get("state_size")})
+        entry["acc"].append(rec["test"][TASK_METRIC[task]])
+        if task == "copying":
+            entry["soft"].append(rec["test"]["soft_acc"])
+    return table
+
+
+def _order(requested: list[str], present: set[str]) -> list[str]:
+    return [m for m in requested if m in present] + sorted(present - set(requested))
+
+
+def _plots(table: dict, mechanisms: list[str], figures_dir: Path, doc: Path) -> list[str]:
+    """Write the PNGs; returns Markdown image lines (paths relative to the report)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    colour = {m: f"C{i % 10}" for i, m in enumerate(mechanisms)}
+    for task, title, fname in (("copying", "Copying: hard accuracy vs string length S", "recall_copying_vs_S.png"),
+                               ("mqar", "MQAR: accuracy vs number of key-value pairs", "recall_mqar_vs_pairs.png")):
+        keys = [k for k in table if k[0] == task]
+        if not keys:
+            continue
+        dims = sorted({k[3] for k in keys})
+        fig, axes = plt.subplots(1, len(dims), figsize=(5.5 * len(dims), 4), squeeze=False)
+        for ax, dim in zip(axes[0], dims):
+            for mech in mechanisms:
+                pts = sorted((k[2], _mean_std(table[k]["acc"])[0]) for k in keys if k[1] == mech and k[3] == dim)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mech, color=colour[mech])
+            ax.set_xlabel("string length S" if task == "copying" else "key-value pairs")
+            ax.set_ylabel("hard accuracy" if task == "copying" else "query accuracy")
+            ax.set_ylim(-0.03, 1.03)
+            ax.set_title(f"model dim {dim}", fontsize=9)
+            ax.grid(alpha=0.3)
+        axes[0][-1].legend(fontsize=7, loc="best")
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(figures_dir / fname, dpi=110)
+        plt.close(fig)
+        lines.append(f"![{title}]({os.path.relpath(figures_dir / fname, doc.parent)})")
+    state_keys = [k for k in table if table[k]["state"] is not None and math.isfinite(table[k]["state"])]
+    tasks = [t for t in ("copying", "mqar") if any(k[0] == t for k in state_keys)]
+    if tasks:
+        from matplotlib.lines import Line2D
+
+        colours = {m: f"C{i % 10}" for i, m in enumerate(mechanisms)}
+        shapes = "osD^vPX*"
+        fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.3), squeeze=False)
+        handles = []
+        for ax, task in zip(axes[0], tasks):
+            values = sorted({k[2] for k in state_keys if k[0] == task})
+            for mech in mechanisms:
+                for j, value in enumerate(values):
+                    # one line per mechanism and S (or pairs) across model widths, as zoology draws it
+                    pts = sorted((table[k]["state"], _mean_std(table[k]["acc"])[0]) for k in state_keys
+                                 if k[0] == task and k[1] == mech and k[2] == value)
+                    if pts:
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colours[mech],
+                                marker=shapes[j % len(shapes)], linestyle="-" if len(pts) > 1 else "none")
+            ax.set_xscale("log")
+            ax.set_xlabel("recurrent state size (floats per sequence)")
+            ax.set_ylabel("hard accuracy" if task == "copying" else "query accuracy")
+            ax.set_ylim(-0.03, 1.03)
+            axis = "S" if task == "copying" else "pairs"
+            ax.set_title(f"{task} (marker: {axis} = " + ", ".join(
+                f"{v} {shapes[j % len(shapes)]}" for j, v in enumerate(values)) + ")", fontsize=9)
+            ax.grid(alpha=0.3)
+        present = [m for m in mechanisms if any(k[1] == m for k in state_keys)]
+        handles = [Line2D([], [], color=colours[m], marker="o", label=m) for m in present]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8)
+        fig.suptitle("Accuracy vs recurrent state size (lines join model widths)")
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
+        fname = "recall_accuracy_vs_state_size.png"
+        fig.savefig(figures_dir / fname, dpi=110)
+        plt.close(fig)
+        lines.append(f"![Accuracy vs recurrent state size]({os.path.relpath(figures_dir / fname, doc.parent)})")
+    return lines
+
+
+def _protocol(results: dict, task: str) -> str | None:
+    rec = next((r for r in results.values() if r.get("finished") and r.get("task") == task), None)
+    if rec is None:
+        return None
+    m, t = rec["model"], rec["train"]
+    steps = f"{t['max_steps']} steps" if t.get("max_steps") else f"{t['epochs']} epochs"
+    if task == "copying":
+        d = rec["data"]
+        data = (f"fresh random strings every batch, {d['val_examples']} validation and {d['test_examples']} test "
+                f"strings per length")
+    else:
+        d = rec["data"]
+        data = (f"vocabulary {d['vocab_size']}, sequences of {d['seq_len']} tokens, power_a {d['power_a']}, "
+                f"{d['test_examples']} test sequences")
+    return (f"config `{rec['config']}`: {m['n_layers']} blocks, {m['heads']} head(s), MLP ratio {m['mlp_ratio']} "
+            f"(Transformer blocks; the CausalRN mixers use the CausalRN block); {data}; batch {t['batch_size']}, "
+            f"{steps}, {t['optimizer']} at {t['lr']:g} ({t['warmup_steps']} warm-up steps, clip {t['clip_norm']:g}); "
+            f"mixer options {json.dumps(m['mixer_options'], sort_keys=True)} (each used only by the mixer it names).")
+
+
+def write_recall_report(path: Path, results: dict, *, study: RecallStudyConfig, command: str, requested: list[str],
+                        unavailable: list[str], figures_dir: Path) -> None:
+    table = summarise_recall(results)
+    mechanisms = _order(requested, {k[1] for k in table})
+    finished = sum(1 for r in results.values() if r.get("finished"))
+    lines = [f"# {study.title}", "", "<!-- generated by `amlp study recall`; do not edit by hand -->", "",
+             "Produced by:", "", "```", command, "```", "",
+             f"Written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from "
+             f"`{study.run_root}/results.json` ({finished} finished runs). Scores are on the test split, mean ± "
+             "sample standard deviation over seeds (± 0.000 with one seed). Every model is the same decoder-only "
+             "stack (`amlp.models.decoder.DecoderLM`) with only the causal mixer changed.", ""]
+    if unavailable:
+        lines += [f"Without a causal form in the installation that ran the study (no rows): {', '.join(unavailable)}.",
+                  ""]
+    for task, heading in (("copying", "Copying"), ("mqar", "Multi-query associative recall (MQAR)")):
+        keys = [k for k in table if k[0] == task]
+        if not keys:
+            continue
+        values = sorted({k[2] for k in keys})
+        dims = sorted({k[3] for k in keys})
+        axis = "S" if task == "copying" else "pairs"
+        lines += [f"## {heading}", "", f"Protocol: {_protocol(results, task)}", ""]
+        if task == "copying":
+            lines += ["Hard accuracy: greedy decoding from `[BOS, s, SEP]` through every mixer's recurrent `step`; "
+                      "per string the fraction of correctly copied letters, 0 if EOS is missing at the end or comes "
+                      "early. Soft accuracy: teacher-forced argmax over the copy span and EOS.", ""]
+        else:
+            lines += ["Accuracy: argmax at every query position of the test split.", ""]
+        metric = "hard accuracy (soft accuracy)" if task == "copying" else "accuracy"
+        header = "| Mixer | dim | params | " + " | ".join(f"{axis} = {v}" for v in values) + \
+            f" | state size at {axis} = {values[-1]} | seeds |"
+        lines += [f"Test {metric}:", "", header, "|" + "---|" * (len(values) + 5)]
+        for mech in mechanisms:
+            for dim in dims:
+                row_keys = [(task, mech, v, dim) for v in values]
+                if not any(k in table for k in row_keys):
+                    continue
+                cells = []
+                for k in row_keys:
+                    if k not in table:
+                        cells.append("—")
+                        continue
+                    text = _fmt(table[k]["acc"])
+                    if task == "copying":
+                        text += f" ({_mean_std(table[k]['soft'])[0]:.3f})"
+                    cells.append(text)
+                present = [k for k in row_keys if k in table]
+                params = table[present[-1]]["params"]
+                state = table[row_keys[-1]]["state"] if row_keys[-1] in table else None
+                seeds = "/".join(str(len(table[k]["acc"])) if k in table else "0" for k in row_keys)
+                lines.append(f"| {mech} | {dim} | {int(params):,} | " + " | ".join(cells) +
+                             f" | {'—' if state is None or not math.isfinite(state) else f'{int(state):,}'} | {seeds} |")
+        lines += [""]
+    if table:
+        lines += ["## Plots", "", "State size is the number of floats a mixer keeps per sequence to decode the next "
+                  "token (its `state_size(length)` at the task's longest input, summed over blocks): it grows with the "
+                  "length for caches (softmax, quadratic CausalRN, HyperMLP/HyperGLU, local up to its window) and is "
+                  "fixed for the recurrent forms (linear CausalRN, AMLP-Cov, Performer, cosFormer, ABC).", ""]
+        lines += [f"{line}\n" for line in _plots(table, mechanisms, figures_dir, path)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
