@@ -374,3 +374,20 @@ def test_markdown_report_is_written_into_its_block_and_replaced(tmp_path):
     assert text.count("amlp bench report: begin cpu") == 1
     with pytest.raises(FileNotFoundError):
         report_markdown(str(tmp_path / "nothing"))
+
+
+def test_step_bench_measures_each_position_and_refuses_stepless_mixers():
+    from amlp.bench.step import StepSettings, run_step
+
+    header, rows = run_step(StepSettings(mixers=["causal-rn", "softmax"], positions=[2, 5], steps=2, dim=16,
+                                         heads=2, threads=1))
+    assert [(r["mixer"], r["position"]) for r in rows] == [("causal-rn", 2), ("causal-rn", 5), ("softmax", 2),
+                                                          ("softmax", 5)]
+    assert all(r["status"] == "ok" and r["seconds_per_step"] > 0 for r in rows)
+    assert rows[0]["ratio_to_first_position"] == 1.0
+    # a constant state for CausalRN, a growing cache for softmax attention
+    assert rows[0]["state_floats"] == rows[1]["state_floats"]
+    assert rows[3]["state_floats"] > rows[2]["state_floats"]
+    assert "command" in header
+    with pytest.raises(ValueError, match="recurrent"):
+        StepSettings(mixers=["amlp-pquery"]).validate()

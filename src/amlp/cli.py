@@ -381,6 +381,51 @@ def bench_plot_command(out: str = typer.Argument("bench-results", help="folder h
     console.print("wrote " + ", ".join(paths))
 
 
+@bench_app.command("step")
+def bench_step_command(
+    mixers: str = typer.Option("softmax,causal-rn,amlp-cov", help="causal mixers with a recurrent step"),
+    positions: str = typer.Option("100,10000", help="positions t at which a step is timed"),
+    steps: int = typer.Option(50, help="steps timed at each position"),
+    dim: int = typer.Option(256, help="model width E"),
+    heads: int = typer.Option(4, help="heads"),
+    batch: int = typer.Option(1, help="batch size"),
+    dtype: str = typer.Option("float32", help="float32, float64, bfloat16, float16"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
+    threads: int = typer.Option(0, help="torch threads, 0 for torch's default"),
+    out: str = typer.Option("bench-results", help="output folder"),
+) -> None:
+    """Cost of one recurrent step at different positions (constant for a fixed-size state)."""
+    from .bench.report import fmt_ratio, fmt_time, write_csv, write_json
+    from .bench.step import STEP_COLUMNS, StepSettings, run_step
+    from .bench.sweep import parse_names
+
+    try:
+        settings = StepSettings(mixers=parse_names(mixers), positions=[int(p) for p in positions.split(",")],
+                                steps=steps, batch=batch, dim=dim, heads=heads, dtype=dtype, device=device,
+                                threads=threads)
+        settings.validate()
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2)
+    header, rows = run_step(settings, progress=lambda text: console.print(f"  measured {text}"))
+    table = Table(title="one recurrent step at position t")
+    for col in ("mixer", "t", "time per step", "vs first t", "state floats", "status"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["mixer"], str(r["position"]), fmt_time(r.get("seconds_per_step")),
+                      fmt_ratio(r.get("ratio_to_first_position"), 2), str(r.get("state_floats", "-")),
+                      r["status"] if r["status"] == "ok" else f"{r['status']}: {r['message']}")
+    console.print(table)
+    import os
+
+    os.makedirs(out, exist_ok=True)
+    write_csv(os.path.join(out, "step.csv"), header, rows, STEP_COLUMNS)
+    write_json(os.path.join(out, "step.json"), {"header": header, "rows": rows})
+    console.print(f"wrote {out}/step.csv, {out}/step.json")
+    if any(r["status"] != "ok" for r in rows):
+        raise typer.Exit(1)
+
+
 @bench_app.command("report")
 def bench_report_command(
     out: str = typer.Argument("bench-results", help="folder holding ops.json / generation.json"),
