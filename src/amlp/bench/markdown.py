@@ -19,7 +19,8 @@ def _row(cells) -> str:
 
 def _machine(header: dict) -> str:
     bw = header.get("bandwidth_bytes_per_s")
-    device = header.get("gpu_model") or f"{header.get('cpu_model')} ({header.get('cpu_count')} cores)"
+    gpu = header.get("gpu_model")
+    device = gpu if gpu and gpu != "none" else f"{header.get('cpu_model')} ({header.get('cpu_count')} cores)"
     parts = [f"`{header.get('command')}`", f"{device}", f"torch {header.get('torch')}",
              f"{header.get('torch_threads')} threads", f"load average {header.get('load_average_1m')}",
              f"{header.get('timestamp_utc')}"]
@@ -70,16 +71,30 @@ def generation_markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def step_markdown(payload: dict) -> str:
+    header, rows = payload["header"], payload["rows"]
+    s = header.get("settings", {})
+    lines = [f"**step** (B = {s.get('batch')}, E = {s.get('dim')}, H = {s.get('heads')}, {s.get('dtype')}, "
+             f"{s.get('steps')} steps timed per position): {_machine(header)}", "",
+             _row(["mixer", "t", "time per step", "vs first t", "state floats", "status"]),
+             _row(["---", "---:", "---:", "---:", "---:", "---"])]
+    for r in rows:
+        lines.append(_row([r["mixer"], r["position"], fmt_time(r.get("seconds_per_step")),
+                           fmt_ratio(r.get("ratio_to_first_position"), 2), r.get("state_floats", "-"), r["status"]]))
+    return "\n".join(lines)
+
+
 def report_markdown(folder: str) -> str:
     """Markdown for every result file (``ops.json``, ``generation.json``) found in ``folder``."""
     parts = []
-    for name, render in (("ops.json", ops_markdown), ("generation.json", generation_markdown)):
+    for name, render in (("ops.json", ops_markdown), ("generation.json", generation_markdown),
+                         ("step.json", step_markdown)):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             with open(path) as fh:
                 parts.append(render(json.load(fh)))
     if not parts:
-        raise FileNotFoundError(f"no ops.json or generation.json in {folder}")
+        raise FileNotFoundError(f"no ops.json, generation.json or step.json in {folder}")
     return "\n\n".join(parts)
 
 
