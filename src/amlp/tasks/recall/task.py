@@ -60,7 +60,20 @@ def _token_loss(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     return loss, logits
 
 
-class CopyingTask:
+class _TokenPredictionTask:
+    """What the recall tasks share: fixed splits built in ``__init__`` and a next-token loss on the
+    positions whose target is not ignored."""
+
+    _splits: dict
+
+    def dataset(self, split: str):
+        return self._splits.get(split)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        return _token_loss(model, batch)[0]
+
+
+class CopyingTask(_TokenPredictionTask):
     data_config = CopyingDataConfig
     model_config = DecoderModelConfig
 
@@ -78,12 +91,6 @@ class CopyingTask:
 
     def build_model(self) -> DecoderLM:
         return _build_decoder(self.config, COPY_VOCAB_SIZE, self.max_input)
-
-    def dataset(self, split: str):
-        return self._splits.get(split)
-
-    def loss(self, model, batch) -> torch.Tensor:
-        return _token_loss(model, batch)[0]
 
     def evaluate(self, model, batches) -> dict[str, float]:
         net = _unwrap(model)
@@ -125,7 +132,7 @@ class _ConcatByLength(torch.utils.data.ConcatDataset):
     """Concatenation of per-length (or per-pair-count) test sets."""
 
 
-class MQARTask:
+class MQARTask(_TokenPredictionTask):
     data_config = MQARDataConfig
     model_config = DecoderModelConfig
 
@@ -143,12 +150,6 @@ class MQARTask:
 
     def build_model(self) -> DecoderLM:
         return _build_decoder(self.config, self.config.data.vocab_size, self.config.data.seq_len)
-
-    def dataset(self, split: str):
-        return self._splits.get(split)
-
-    def loss(self, model, batch) -> torch.Tensor:
-        return _token_loss(model, batch)[0]
 
     def evaluate(self, model, batches) -> dict[str, float]:
         net = _unwrap(model)
