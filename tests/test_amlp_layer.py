@@ -5,10 +5,11 @@ import torch
 
 import amlp
 from amlp.layers import AMLP
+from amlp.ops.amlp import FORMS
 
 
 @pytest.mark.parametrize("variant", ["cov", "pquery"])
-@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("options", [{}, {"activation": "relu", "landmarks": 5}, {"shared_w": False}, {"out_norm": True}])
 def test_layer_equals_its_reference(variant, form, options):
     if variant == "cov" and "shared_w" in options:

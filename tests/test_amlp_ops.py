@@ -7,7 +7,7 @@ import torch
 
 from amlp.ops import amlp_cov, amlp_cov_reference, amlp_pquery, amlp_pquery_reference
 from amlp.ops import _sequence_passes as passes
-from amlp.ops.amlp import amlp_cov_maps, amlp_pquery_maps
+from amlp.ops.amlp import FORMS, amlp_cov_maps, amlp_pquery_maps
 
 F64 = torch.float64
 VARIANTS = ("cov", "pquery")
@@ -83,7 +83,7 @@ def test_paper_form_equals_einsum_of_the_equations(variant, activation, tq, tk):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_fast_equals_reference_with_padding_and_long_chunks(variant, form, activation, monkeypatch):
     # many chunks in the chunked passes (the last one partial), both masks, a row without any real key
@@ -105,7 +105,7 @@ def test_fast_equals_reference_with_padding_and_long_chunks(variant, form, activ
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("form", FORMS)
 def test_gradcheck(variant, form):
     t = make(1, 5, 4, 2, 3, 2, scale=0.7)
     names = ["q", "k", "v", "cq", "ck", "temperature"] + (["w", "w_bias"] if variant == "pquery" else [])
@@ -120,7 +120,7 @@ def test_gradcheck(variant, form):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("form", FORMS)
 def test_query_padding(variant, form):
     t = make(2, 9, 7, 2, 4, 3, scale=0.5)
     q_mask = torch.ones(2, 9, dtype=torch.bool)
@@ -135,7 +135,7 @@ def test_query_padding(variant, form):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("form", FORMS)
 def test_key_padding(variant, form):
     t = make(2, 9, 8, 2, 4, 3, scale=0.5)
     kv_mask = torch.ones(2, 8, dtype=torch.bool)
@@ -164,7 +164,7 @@ def test_fully_padded_row_gives_zeros_and_finite_gradients(variant):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("form", FORMS)
 def test_permuting_keys_in_cross_mixing_changes_nothing(variant, form):
     t = make(2, 6, 11, 2, 4, 3, scale=0.5)
     perm = torch.randperm(11)
@@ -174,7 +174,7 @@ def test_permuting_keys_in_cross_mixing_changes_nothing(variant, form):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("form", FORMS)
 def test_permuting_the_sequence_in_self_mixing_permutes_the_output(variant, form):
     t = make(2, 10, 10, 2, 4, 3, scale=0.5)
     t["k"], t["v"] = t["q"], t["q"] * 0.5 + 0.1

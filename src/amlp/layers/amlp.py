@@ -6,6 +6,7 @@ import functools
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops._common import check_activation
@@ -31,11 +32,25 @@ class AMLP(ProjectedMixer):
         landmarks: c, the hidden width of the dynamic MLP (the paper uses 16, and 64 for TTS).
         activation: sigma_1: ``softmax`` (default), ``relu``, ``sigmoid`` or ``identity``.
         form: ``"stable"`` (default; length- and scale-invariant statistics, learned per-head
-            temperatures, LayerNorm on each head's output) or ``"paper"`` (the equations as printed,
-            no temperatures, no output norm).
+            temperatures, LayerNorm on each head's output), ``"paper"`` (the equations as printed,
+            no temperatures, no output norm) or ``"official"`` (the computation and initialisation
+            of the authors' released code, LayerNorm on each head's output). ``docs/amlp_forms.md``
+            lists every difference.
         dropout: dropout on the layer output.
         out_norm: LayerNorm on each head's output before the output projection; defaults to True
-            for the stable form and False for the paper form.
+            for the stable and official forms and False for the paper form.
+        scale: sigma_1 logit scale (None: the form's own, 1 in the paper form and in official
+            PQuery, ``1/sqrt(D)`` otherwise; the released PQuery's ``scale=True`` is ``D**-0.5``).
+        add_norm: LayerNorm (over each head's D features, shared by the heads) on q, k and v, and
+            on the rows of ``L^T``, as the released code's ``add_norm``.
+        ema: momentum beta of the released code's EMA centring of q (its MT recipe uses 0.99):
+            a buffer holds the running mean of q per feature over the real positions of the batch
+            and heads, ``mu <- beta mu + (1 - beta) mean``, updated (detached) in training only,
+            and ``q - mu`` enters the op (and the conv branch). None: off.
+        conv_kernel_size: odd k for the released code's conv branch: a depthwise convolution per
+            head (one k-tap filter along the sequence shared by the head's features, with a bias),
+            over q with padded rows zeroed, then ReLU and ``conv_dropout``, added to the op's output
+            before the output norm. None: off.
         shared_w: PQuery only: one ``W`` (``nn.Linear(2D, D)``) for all heads (True, as in the
             authors' code) or one per head.
         causal: Cov only: the prefix-statistics form of Appendix A (eqs. 13-14), self-mixing, with a
@@ -48,11 +63,19 @@ class AMLP(ProjectedMixer):
     def __init__(self, dim: int, heads: int, *, variant: str = "pquery", landmarks: int = 16,
                  activation: str = "softmax", form: str = "stable", causal: bool = False,
                  cross: bool = False, dropout: float = 0.0, out_norm: bool | None = None,
-                 shared_w: bool = True, bias: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE):
+                 shared_w: bool = True, bias: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 scale: float | None = None, add_norm: bool = False, ema: float | None = None,
+                 conv_kernel_size: int | None = None, conv_dropout: float = 0.0):
         if causal and variant == "pquery":
             raise ValueError("AMLP-PQuery has no causal form: its values are pooled by sigma_2(L_t^T K^T), and L_t "
                              "changes at every step, so every cached key would be revisited (quadratic); "
                              "use variant='cov' for a causal AMLP")
+        if causal and form == "official":
+            raise ValueError("form='official' has no causal form: the released code re-runs the non-causal op over "
+                             "the cached keys (spec section 2.7, row 14); use form='paper' or 'stable' with causal=True")
+        if causal and (add_norm or ema is not None or conv_kernel_size is not None):
+            raise ValueError("add_norm, ema and conv_kernel_size are options of the non-causal layer (the EMA mean and "
+                             "the symmetric conv see future tokens); leave them off with causal=True")
         if causal and cross:
             raise ValueError("causal AMLP-Cov mixes a sequence with its own prefix; causal=True with cross=True "
                              "is not supported")
@@ -67,26 +90,86 @@ class AMLP(ProjectedMixer):
         check_activation(activation)
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                  or not math.isfinite(scale)):
+            raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+        if ema is not None and (isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 <= ema < 1.0):
+            raise ValueError(f"ema must be a momentum in [0, 1) or None, got {ema!r}")
+        if conv_kernel_size is not None and (isinstance(conv_kernel_size, bool) or not isinstance(conv_kernel_size, int)
+                                             or conv_kernel_size < 1 or conv_kernel_size % 2 == 0):
+            raise ValueError(f"conv_kernel_size must be an odd int >= 1 or None, got {conv_kernel_size!r}")
+        if not 0.0 <= conv_dropout < 1.0:
+            raise ValueError(f"conv_dropout must be in [0, 1), got {conv_dropout}")
         self.variant, self.landmarks, self.activation, self.form = variant, landmarks, activation, form
+        self.scale = None if scale is None else float(scale)
         H, D = heads, self.head_dim
-        std = math.sqrt(2.0 / (landmarks + D))
+        official = form == "official"
+        # the released code: xavier-normal with gain 2**-0.5 on [H, c, D], std 1/sqrt(D (c + H))
+        std = 1.0 / math.sqrt(D * (landmarks + H)) if official else math.sqrt(2.0 / (landmarks + D))
         self.cq = nn.Parameter(torch.randn(H, landmarks, D) * std)
         self.ck = nn.Parameter(torch.randn(H, landmarks, D) * std)
         if variant == "pquery":
             self.w = nn.Parameter(torch.empty(2 * D, D) if shared_w else torch.empty(H, 2 * D, D))
             self.w_bias = nn.Parameter(torch.zeros(D) if shared_w else torch.zeros(H, D))
-            bound = 1.0 / math.sqrt(2 * D)
+            bound = 1.0 / math.sqrt(2 * D)  # nn.Linear(2D, D)'s default
             nn.init.uniform_(self.w, -bound, bound)
-        self.temperature = nn.Parameter(torch.ones(H, 3)) if form == "stable" else None
-        use_norm = (form == "stable") if out_norm is None else out_norm
+            if official:
+                nn.init.uniform_(self.w_bias, -bound, bound)
+        if form == "stable" or (official and variant == "cov"):
+            self.temperature = nn.Parameter(torch.ones(H, 3))
+            if official:  # xavier-normal with gain 2**-0.5 on three [H, 1, 1] tensors: N(0, 1 / (1 + H))
+                nn.init.normal_(self.temperature, std=math.sqrt(1.0 / (1 + H)))
+        else:
+            self.temperature = None
+        use_norm = (form != "paper") if out_norm is None else out_norm
         self.out_norm = nn.LayerNorm(D) if use_norm else None
+        self.add_norm = bool(add_norm)
+        if self.add_norm:
+            self.q_norm, self.k_norm, self.v_norm, self.l_norm = (nn.LayerNorm(D) for _ in range(4))
+        self.ema = None if ema is None else float(ema)
+        if self.ema is not None:
+            self.register_buffer("ema_mean", torch.zeros(D))
+        self.conv = None
+        if conv_kernel_size is not None:
+            self.conv = nn.Conv2d(H, H, kernel_size=(conv_kernel_size, 1), padding=(conv_kernel_size // 2, 0), groups=H)
+            self.conv_dropout = nn.Dropout(conv_dropout)
 
     def _mix(self, cov_op, pquery_op, q, k, v, q_mask, kv_mask):
         common = dict(q_mask=q_mask, kv_mask=kv_mask, activation=self.activation, form=self.form,
-                      temperature=self.temperature)
-        if self.variant == "cov":
+                      temperature=self.temperature, scale=self.scale)
+        if self.causal:
             return cov_op(q, k, v, self.cq, self.ck, **common)
-        return pquery_op(q, k, v, self.cq, self.ck, self.w, w_bias=self.w_bias, **common)
+        q, k, v = self._prepare(q, k, v, q_mask)
+        common["l_norm"] = (self.l_norm.weight, self.l_norm.bias) if self.add_norm else None
+        if self.variant == "cov":
+            out = cov_op(q, k, v, self.cq, self.ck, **common)
+        else:
+            out = pquery_op(q, k, v, self.cq, self.ck, self.w, w_bias=self.w_bias, **common)
+        return self._add_conv(out, q, q_mask)
+
+    def _prepare(self, q, k, v, q_mask):
+        """The released code's optional steps before the op: LayerNorm on q, k, v, then EMA centring of q."""
+        if self.add_norm:
+            q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
+        if self.ema is not None:
+            if self.training:
+                with torch.no_grad():
+                    if q_mask is None:
+                        mean = q.float().mean(dim=(0, 1, 2))
+                    else:  # real positions only: select them, never weight padding by zero
+                        mean = q[q_mask].float().mean(dim=(0, 1)) if bool(q_mask.any()) else self.ema_mean
+                    self.ema_mean.copy_(self.ema * self.ema_mean + (1.0 - self.ema) * mean)
+            q = q - self.ema_mean.to(q.dtype)
+        return q, k, v
+
+    def _add_conv(self, out, q, q_mask):
+        """The released code's conv branch: ``out + Drop(ReLU(DepthwiseConv_k(q)))`` per head."""
+        if self.conv is None:
+            return out
+        if q_mask is not None:
+            q = torch.where(q_mask[:, :, None, None], q, torch.zeros((), dtype=q.dtype, device=q.device))
+        conv = self.conv(q.permute(0, 2, 1, 3).to(self.conv.weight.dtype)).permute(0, 2, 1, 3)
+        return out + self.conv_dropout(F.relu(conv)).to(out.dtype)
 
     def head_output(self, out):
         return out if self.out_norm is None else self.out_norm(out)
@@ -119,7 +202,8 @@ class AMLP(ProjectedMixer):
         x = x_t.unsqueeze(1)
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         out, state = amlp_cov_causal(q, k, v, self.cq, self.ck, activation=self.activation, form=self.form,
-                                     temperature=self.temperature, initial_state=state, return_state=True)
+                                     temperature=self.temperature, scale=self.scale, initial_state=state,
+                                     return_state=True)
         out = self.head_output(out)
         return self.dropout(self.out_proj(out.reshape(x.shape[0], 1, self.dim)))[:, 0], state
 
@@ -130,7 +214,10 @@ class AMLP(ProjectedMixer):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, variant={self.variant!r}, landmarks={self.landmarks}, "
-                f"activation={self.activation!r}, form={self.form!r}")
+                f"activation={self.activation!r}, form={self.form!r}"
+                + (f", scale={self.scale}" if self.scale is not None else "") + (", add_norm=True" if self.add_norm else "")
+                + (f", ema={self.ema}" if self.ema is not None else "")
+                + (f", conv_kernel_size={self.conv.kernel_size[0]}" if self.conv is not None else ""))
 
 
 @register_mixer("amlp-cov", description="AMLP-Cov: dynamic MLP from feature covariances (linear time)",

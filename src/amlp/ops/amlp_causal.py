@@ -45,7 +45,10 @@ from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_landmarks, check_mask, check_qkv, compute_dtype, padded_rows_to_zero
 from ._common import activate, check_activation
-from .amlp import DEFAULT_EPS, FORMS
+from .amlp import DEFAULT_EPS
+
+#: the released code has no causal form (spec section 2.7, row 14), hence no official causal form
+CAUSAL_FORMS = ("paper", "stable")
 
 DEFAULT_CHUNK_SIZE = 32
 
@@ -190,8 +193,10 @@ def amlp_cov_causal(
     check_mask(q_mask, B, T, "q_mask")
     check_mask(kv_mask, B, T, "kv_mask")
     check_activation(activation)
-    if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    if form not in CAUSAL_FORMS:
+        raise ValueError(f"form must be one of {CAUSAL_FORMS} for causal AMLP-Cov, got {form!r}"
+                         + ("; the released code has no causal form, so there is no official one" if form == "official"
+                            else ""))
     if temperature is not None and (not isinstance(temperature, torch.Tensor) or tuple(temperature.shape) != (H, 3)):
         shape = tuple(temperature.shape) if isinstance(temperature, torch.Tensor) else type(temperature).__name__
         raise ValueError(f"temperature must be shaped [H, 3] = [{H}, 3], got {shape}")
