@@ -37,8 +37,8 @@ rows of ``L^T``, before the ReLU in Cov.
 ``form="stable"`` makes the op invariant to the length of the sequence
 and to the scale of q, k and v, which the paper form is not: its Gram matrices grow like ``T *
 |x|^2``, so ``sigma_2`` of them saturates into a one-hot on long or large inputs and the
-gradient through it vanishes. The remedies are the project's own, built on two of the released code's (column normalisation and
-temperatures, which that code applies to Cov only):
+gradient through it vanishes. The remedies are the project's own, built on two of the released
+code's (column normalisation and temperatures, which that code applies to Cov only):
 
 * every feature column of Q, K and V is normalised over the (real) positions of the sequence, so
   the Gram matrices become cosine similarities between feature columns, bounded in [-1, 1]
@@ -47,6 +47,9 @@ temperatures, which that code applies to Cov only):
   can still choose how peaked the maps are;
 * Cov applies a ReLU to ``L^T``; sigma_1 logits are scaled by ``1/sqrt(D)`` and the readout uses
   the column-normalised queries (root-mean-square 1), so the readout is scale free as well.
+
+The stable Cov keeps the printed value map ``L^T sigma_2(K^T V)``, where the released code
+transposes it; ``docs/amlp_forms.md`` lists every difference between the three forms.
 
 The layers add a LayerNorm on each head's output (as the released code does). Normalising the
 columns costs two extra reductions over T and is folded into the small ``c x D`` matrices, so no
