@@ -157,3 +157,16 @@ def test_dim_not_divisible_by_heads():
 def test_unknown_mixer_lists_the_names():
     with pytest.raises(ValueError, match="amlp-cov"):
         amlp.build_mixer("nope", dim=8, heads=2)
+
+
+def test_softmax_attention_dropout_acts_in_training_only():
+    torch.manual_seed(0)
+    m = amlp.build_mixer("softmax", dim=16, heads=2, attn_dropout=0.5)
+    x = torch.randn(2, 9, 16)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    torch.testing.assert_close(m(x), m.reference(x))
+    m.train()
+    assert not torch.allclose(m(x), m(x))
+    with pytest.raises(ValueError, match="attn_dropout"):
+        amlp.build_mixer("softmax", dim=16, heads=2, attn_dropout=1.0)

@@ -14,17 +14,22 @@ from .registry import register_mixer
 class SoftmaxAttention(ProjectedMixer):
     """Softmax attention with q, k, v and output projections.
 
-    Causal instances have a recurrent :meth:`step` backed by a key/value cache.
+    Causal instances have a recurrent :meth:`step` backed by a key/value cache. ``attn_dropout``
+    drops attention weights in training (Informer uses 0.05); the step and evaluation never drop.
     """
 
     capabilities = Capabilities(causal=True, noncausal=True, cross=True, padding=True, recurrent=True)
 
     def __init__(self, dim: int, heads: int, *, causal: bool = False, cross: bool = False,
-                 dropout: float = 0.0, bias: bool = True):
+                 dropout: float = 0.0, bias: bool = True, attn_dropout: float = 0.0):
         super().__init__(dim, heads, causal=causal, cross=cross, dropout=dropout, bias=bias)
+        if isinstance(attn_dropout, bool) or not isinstance(attn_dropout, (int, float)) or not 0.0 <= attn_dropout < 1.0:
+            raise ValueError(f"attn_dropout must be in [0, 1), got {attn_dropout!r}")
+        self.attn_dropout = float(attn_dropout)
 
     def mix_heads(self, q, k, v, q_mask, kv_mask):
-        return softmax_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask, causal=self.causal)
+        return softmax_attention(q, k, v, q_mask=q_mask, kv_mask=kv_mask, causal=self.causal,
+                                 dropout_p=self.attn_dropout if self.training else 0.0)
 
     def mix_heads_reference(self, q, k, v, q_mask, kv_mask):
         return softmax_attention_reference(q, k, v, q_mask=q_mask, kv_mask=kv_mask, causal=self.causal)

@@ -52,6 +52,7 @@ def softmax_attention(
     kv_mask: torch.Tensor | None = None,
     causal: bool = False,
     scale: float | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention on ``[B, T, H, D]`` tensors.
 
@@ -62,6 +63,7 @@ def softmax_attention(
         causal: query i sees keys ``j <= i + Tk - Tq`` (end-aligned; plain lower-triangular when
             ``Tq == Tk``).
         scale: logit scale, ``1/sqrt(D)`` by default.
+        dropout_p: dropout on the attention weights (pass 0 outside training).
 
     Returns ``[B, Tq, H, D]`` in the dtype of ``q`` (float32 arithmetic for half inputs).
     """
@@ -85,7 +87,8 @@ def softmax_attention(
         else:
             cm = causal_mask(Tq, Tk, q.device)
             attn_mask = cm if attn_mask is None else attn_mask & cm
-    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                         dropout_p=float(dropout_p))
     out = out.transpose(1, 2)
     if empty is not None:
         out = padded_rows_to_zero(out, (~empty).unsqueeze(1).expand(B, Tq))
