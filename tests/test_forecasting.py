@@ -181,6 +181,19 @@ def test_forecaster_with_every_cross_mixer(cross):
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+def test_embedding_bias_and_cross_only_options():
+    plain = InformerForecaster(3, 3, 2, 4, pred_len=5, d_model=16, heads=2, d_ff=24, cross_mixer="amlp-cov")
+    assert plain.enc_embedding.value.bias is None and plain.dec_embedding.time.bias is None
+    model = InformerForecaster(3, 3, 2, 4, pred_len=5, d_model=16, heads=2, d_ff=24, embedding_bias=True,
+                               self_mixer="amlp-cov", cross_mixer="amlp-cov",
+                               mixer_options={"amlp-cov": {"landmarks": 4}}, cross_options={"form": "official"})
+    for emb in (model.enc_embedding, model.dec_embedding):
+        assert emb.value.bias is not None and emb.time.bias is not None
+    block = model.decoder[0]
+    assert block.cross_mix.form == "official" and block.cross_mix.landmarks == 4
+    assert block.self_mix.form == "stable" and model.encoder[0].mix.form == "stable"
+
+
 def test_decoder_self_mixing_causality_option():
     # (the whole model is not causal along the decoder axis: Informer's value embedding is a circular
     # width-3 convolution, and AMLP cross-mixing pools statistics over all queries; so the option is

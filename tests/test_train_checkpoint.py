@@ -163,3 +163,19 @@ def test_evaluate_checkpoint_matches_the_run(finished_run):
     result = json.loads((run / "results.json").read_text())
     got = evaluate_checkpoint(ckpt, "test", device="cpu")
     assert got["mse"] == pytest.approx(result["test"]["mse"], rel=1e-6)
+
+
+def test_test_checkpoint_best_tests_the_best_validation_weights(tmp_path):
+    # a high rate makes the validation loss wander, so the best step is not the last one
+    result = Trainer(toy_config(max_steps=20, eval_every=1, lr=1.0, schedule="constant", clip_norm=0.0,
+                                test_checkpoint="best"), tmp_path / "r").fit()
+    best = load_checkpoint(tmp_path / "r" / "checkpoints" / "best")
+    assert result.tested_step == best.step == result.best["step"] and best.step != 20
+    expect = evaluate_checkpoint(tmp_path / "r" / "checkpoints" / "best", "test")
+    assert result.test_metrics == pytest.approx(expect, rel=1e-6)
+    last = evaluate_checkpoint(latest_checkpoint(tmp_path / "r" / "checkpoints"), "test")
+    assert result.test_metrics["loss"] != pytest.approx(last["loss"], rel=1e-6)
+    recorded = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert recorded["tested_step"] == best.step
+    with pytest.raises(ValueError, match="keep_best"):
+        toy_config(test_checkpoint="best", keep_best=False)

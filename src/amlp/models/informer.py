@@ -17,8 +17,12 @@ paper (Jiang et al. 2023, section 3.3, Tables 4 and 6):
 The decoder's self-mixing is causal by default, as in Informer (``decoder_causal=False`` makes it
 bidirectional). Any registered mixer can serve as ``self_mixer`` / ``cross_mixer``; options per
 mixer name come from ``mixer_options`` (for instance ``{"amlp-cov": {"landmarks": 16}}``).
-Informer's ProbSparse attention and its ``mix`` head reshuffle are not used: the encoder and decoder
-self-attention are full softmax attention unless configured otherwise.
+Departures from Informer's code: its ProbSparse attention and the ``mix`` head reshuffle of its
+decoder self-attention are not implemented; encoder and decoder self-attention are any registered
+mixer (full softmax attention in the shipped configs, with Informer's attention dropout through the
+softmax mixer's ``attn_dropout``). ``embedding_bias=True`` gives the value convolution and the
+time-feature map the biases Informer's embeddings have (off by default for checkpoints made before
+the option existed).
 """
 
 from __future__ import annotations
@@ -45,11 +49,11 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
 class ForecastEmbedding(nn.Module):
     """Value (circular conv, width 3) + time-feature (linear) + sinusoidal position embedding."""
 
-    def __init__(self, c_in: int, n_time_features: int, d_model: int, dropout: float):
+    def __init__(self, c_in: int, n_time_features: int, d_model: int, dropout: float, bias: bool = False):
         super().__init__()
-        self.value = nn.Conv1d(c_in, d_model, kernel_size=3, padding=1, padding_mode="circular", bias=False)
+        self.value = nn.Conv1d(c_in, d_model, kernel_size=3, padding=1, padding_mode="circular", bias=bias)
         nn.init.kaiming_normal_(self.value.weight, mode="fan_in", nonlinearity="leaky_relu")
-        self.time = nn.Linear(n_time_features, d_model, bias=False)
+        self.time = nn.Linear(n_time_features, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
         self.d_model = d_model
 
@@ -124,18 +128,22 @@ class InformerForecaster(nn.Module):
         self_mixer, cross_mixer: registry names of the self- and cross-mixers.
         decoder_causal: causal decoder self-mixing (Informer) or bidirectional.
         mixer_options: options per registry name, passed to ``build_mixer`` for that mixer.
+        embedding_bias: biases in the value and time-feature embeddings (as Informer).
+        cross_options: options for the cross-mixer only, over those of ``mixer_options`` (for a
+            study that varies, say, the AMLP form of the cross-attention alone).
     """
 
     def __init__(self, enc_in: int, dec_in: int, c_out: int, n_time_features: int, pred_len: int, *,
                  d_model: int = 512, heads: int = 8, e_layers: int = 2, d_layers: int = 1, d_ff: int = 2048,
                  dropout: float = 0.05, activation: str = "gelu", distil: bool = True,
                  self_mixer: str = "softmax", cross_mixer: str = "softmax", decoder_causal: bool = True,
-                 mixer_options: dict[str, dict[str, Any]] | None = None):
+                 mixer_options: dict[str, dict[str, Any]] | None = None, embedding_bias: bool = False,
+                 cross_options: dict[str, Any] | None = None):
         super().__init__()
         options = mixer_options or {}
         self.pred_len = pred_len
-        self.enc_embedding = ForecastEmbedding(enc_in, n_time_features, d_model, dropout)
-        self.dec_embedding = ForecastEmbedding(dec_in, n_time_features, d_model, dropout)
+        self.enc_embedding = ForecastEmbedding(enc_in, n_time_features, d_model, dropout, embedding_bias)
+        self.dec_embedding = ForecastEmbedding(dec_in, n_time_features, d_model, dropout, embedding_bias)
         self.encoder = nn.ModuleList(
             EncoderBlock(d_model, heads, d_ff, dropout, activation, self_mixer, options.get(self_mixer, {}))
             for _ in range(e_layers))
@@ -143,7 +151,7 @@ class InformerForecaster(nn.Module):
         self.encoder_norm = nn.LayerNorm(d_model)
         self.decoder = nn.ModuleList(
             DecoderBlock(d_model, heads, d_ff, dropout, activation, self_mixer, cross_mixer, decoder_causal,
-                         options.get(self_mixer, {}), options.get(cross_mixer, {}))
+                         options.get(self_mixer, {}), {**options.get(cross_mixer, {}), **(cross_options or {})})
             for _ in range(d_layers))
         self.decoder_norm = nn.LayerNorm(d_model)
         self.projection = nn.Linear(d_model, c_out)

@@ -96,6 +96,9 @@ class TrainConfig:
     threads: int | None = None
     #: evaluate on the test split at the end of training
     test_at_end: bool = True
+    #: which weights the final test uses: ``last`` (the last step) or ``best`` (the checkpoint with
+    #: the best validation ``best_metric``, as Informer tests; needs ``keep_best``)
+    test_checkpoint: Literal["last", "best"] = "last"
 
     def validate(self) -> None:
         positive = ("batch_size", "epochs", "log_every", "keep_last")
@@ -123,6 +126,9 @@ class TrainConfig:
             raise ValueError(f"config key 'train.clip_norm' must be >= 0, got {self.clip_norm}")
         if self.schedule == "inverse_sqrt" and self.warmup_steps < 1:
             raise ValueError("config key 'train.warmup_steps' must be >= 1 for the inverse_sqrt schedule")
+        if self.test_checkpoint == "best" and not self.keep_best:
+            raise ValueError("config key 'train.test_checkpoint' is 'best' but train.keep_best is false: no best "
+                             "checkpoint would be kept")
         dev = self.device
         if not (dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ValueError(f"config key 'train.device' must be auto, cpu, cuda or cuda:N, got {dev!r}")

@@ -73,6 +73,8 @@ class TrainResult:
     test_metrics: dict[str, float] | None = None
     best: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: the step whose weights the test used (the best checkpoint's with train.test_checkpoint=best)
+    tested_step: int | None = None
 
 
 # -- small helpers -------------------------------------------------------------------------------------
@@ -438,6 +440,9 @@ class Trainer:
             if writer is not None:
                 writer.close()
         if self.tc.test_at_end:
+            result.tested_step = self.step
+            if self.tc.test_checkpoint == "best":
+                self._load_best_weights(result)
             result.test_metrics = self.evaluate("test")
             if self.is_main and result.test_metrics is not None:
                 self._log_eval(self.run_dir / "eval_log.csv", "test", result.test_metrics)
@@ -445,10 +450,23 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "results.json").write_text(json.dumps({
                 "step": self.step, "val": result.val_metrics, "test": result.test_metrics, "best": self.best,
+                "tested_step": result.tested_step,
                 "config": self.config.to_dict()}, indent=1))
         if self._owns_pg and dist.is_initialized():
             dist.destroy_process_group()
         return result
+
+    def _load_best_weights(self, result: TrainResult) -> None:
+        """Put the weights of the best validation checkpoint into the model (test_checkpoint=best)."""
+        if self.best is None:
+            warnings.warn("train.test_checkpoint=best but no validation result was recorded (no validation "
+                          "split, or every value was NaN); testing the last step's weights")
+            return
+        path = self.ckpt_dir / "best"
+        ckpt = load_checkpoint(path)
+        check_model_state(self.model, ckpt.model, f"checkpoint {str(path)!r}")
+        self.model.load_state_dict(ckpt.model)
+        result.tested_step = ckpt.step
 
     def _log_eval(self, path: Path, split: str, metrics: dict[str, float]) -> None:
         log = CSVLog(path, None, self.step)

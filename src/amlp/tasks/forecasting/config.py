@@ -53,6 +53,10 @@ class InformerModelConfig:
     decoder_causal: bool = True
     #: options per mixer registry name, used by whichever layer builds that mixer
     mixer_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: options for the decoder cross-mixer only, over those of mixer_options
+    cross_options: dict[str, Any] = field(default_factory=dict)
+    #: biases in the value and time-feature embeddings, as Informer's code has them
+    embedding_bias: bool = False
 
     def validate(self) -> None:
         for name in ("d_model", "heads", "e_layers", "d_layers", "d_ff"):
@@ -73,3 +77,5 @@ class InformerModelConfig:
         for name, opts in self.mixer_options.items():
             if not isinstance(opts, dict):
                 raise ValueError(f"config key 'model.mixer_options.{name}' must be a mapping of options")
+        if not isinstance(self.cross_options, dict):
+            raise ValueError("config key 'model.cross_options' must be a mapping of options")

@@ -31,7 +31,8 @@ class ForecastingTask:
             self.data.enc_in, self.data.enc_in, self.data.c_out, self.data.n_time_features, self.config.data.pred_len,
             d_model=m.d_model, heads=m.heads, e_layers=m.e_layers, d_layers=m.d_layers, d_ff=m.d_ff,
             dropout=m.dropout, activation=m.activation, distil=m.distil, self_mixer=m.self_mixer,
-            cross_mixer=m.cross_mixer, decoder_causal=m.decoder_causal, mixer_options=m.mixer_options)
+            cross_mixer=m.cross_mixer, decoder_causal=m.decoder_causal, mixer_options=m.mixer_options,
+            embedding_bias=m.embedding_bias, cross_options=m.cross_options)
 
     def dataset(self, split: str):
         return self.data.splits.get(split)
