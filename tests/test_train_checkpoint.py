@@ -177,5 +177,7 @@ def test_test_checkpoint_best_tests_the_best_validation_weights(tmp_path):
     assert result.test_metrics["loss"] != pytest.approx(last["loss"], rel=1e-6)
     recorded = json.loads((tmp_path / "r" / "results.json").read_text())
     assert recorded["tested_step"] == best.step
+    test_row = (tmp_path / "r" / "eval_log.csv").read_text().strip().splitlines()[-1].split(",")
+    assert test_row[2] == "test" and int(test_row[0]) == best.step
     with pytest.raises(ValueError, match="keep_best"):
         toy_config(test_checkpoint="best", keep_best=False)

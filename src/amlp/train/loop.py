@@ -445,7 +445,7 @@ class Trainer:
                 self._load_best_weights(result)
             result.test_metrics = self.evaluate("test")
             if self.is_main and result.test_metrics is not None:
-                self._log_eval(self.run_dir / "eval_log.csv", "test", result.test_metrics)
+                self._log_eval(self.run_dir / "eval_log.csv", "test", result.test_metrics, result.tested_step)
         result.step, result.best = self.step, self.best
         if self.is_main:
             (self.run_dir / "results.json").write_text(json.dumps({
@@ -468,9 +468,11 @@ class Trainer:
         self.model.load_state_dict(ckpt.model)
         result.tested_step = ckpt.step
 
-    def _log_eval(self, path: Path, split: str, metrics: dict[str, float]) -> None:
+    def _log_eval(self, path: Path, split: str, metrics: dict[str, float], step: int | None = None) -> None:
+        """One row of eval_log.csv; ``step`` is the step of the weights evaluated (default: the current)."""
+        step = self.step if step is None else step
         log = CSVLog(path, None, self.step)
-        log.write({"step": self.step, "epoch": self.step / self.steps_per_epoch, "split": split, **metrics})
+        log.write({"step": step, "epoch": step / self.steps_per_epoch, "split": split, **metrics})
         log.close()
 
     def _tensorboard(self):
