@@ -247,21 +247,86 @@ def test_study_runs_the_grid_resumes_and_writes_the_report(tmp_path):
 
     study_file = tmp_path / "study.yaml"
     study_file.write_text(
-        "mechanisms: [softmax, amlp-cov, not-a-mixer]\nseeds: [0]\n"
+        "mechanisms: [softmax, 'amlp-cov:form=official']\nseeds: [0]\n"
         f"configs: ['{ROOT / 'configs/forecasting/cpu/etth1_S.yaml'}']\n"
         f"run_root: runs\ndoc: docs/forecasting.md\noverrides: {TINY + ['train.max_steps=2']!r}\n")
     logs = []
-    doc = run_study(load_study(study_file), command="amlp study forecasting --config study.yaml",
-                    extra_overrides=[f"data.data_dir={DATA}"], root=tmp_path, log=logs.append)
+    extra = [f"data.data_dir={DATA}"]
+    # a partial grid: the report goes next to the results, the tracked document is refused
+    report = run_study(load_study(study_file), command="amlp study forecasting --config study.yaml",
+                       mechanisms=["softmax"], extra_overrides=extra, root=tmp_path, log=logs.append)
+    assert report == tmp_path / "runs" / "report.md" and report.is_file()
+    with pytest.raises(ValueError, match=r"1 cell\(s\).*ETTh1/S/amlp-cov:form=official/seed0"):
+        run_study(load_study(study_file), command="x", mechanisms=["softmax"], extra_overrides=extra, root=tmp_path,
+                  log=logs.append, write_doc=True)
+    assert not (tmp_path / "docs").exists()
+    doc = run_study(load_study(study_file), command="amlp study forecasting --config study.yaml --write-doc",
+                    extra_overrides=extra, root=tmp_path, log=logs.append, write_doc=True)
+    assert doc == tmp_path / "docs" / "forecasting.md"
     results = json.loads((tmp_path / "runs" / "results.json").read_text())
-    assert sorted(results) == ["ETTh1/S/amlp-cov/seed0", "ETTh1/S/softmax/seed0"]
+    assert sorted(results) == ["ETTh1/S/amlp-cov:form=official/seed0", "ETTh1/S/softmax/seed0", "reference/ETTh1/S"]
+    official = results["ETTh1/S/amlp-cov:form=official/seed0"]
+    assert official["model"]["cross_options"] == {"form": "official"} and official["model"]["cross_mixer"] == "amlp-cov"
+    cfg = json.loads((tmp_path / official["run_dir"] / "config.json").read_text())
+    assert cfg["model"]["cross_options"] == {"form": "official"}
     text = doc.read_text()
-    assert "amlp study forecasting --config study.yaml" in text
-    ours = results["ETTh1/S/amlp-cov/seed0"]["test"]
-    assert f"| Univariate | amlp-cov | {ours['mse']:.3f} ± 0.000 | {ours['mae']:.3f} ± 0.000 | 1 |" in text
+    assert "amlp study forecasting --config study.yaml --write-doc" in text
+    ours = official["test"]
+    assert (f"| Univariate | amlp-cov:form=official | {ours['mse']:.3f} ± 0.000 | {ours['mae']:.3f} ± 0.000 | 1 |"
+            in text)
+    ref = results["reference/ETTh1/S"]["test"]
+    assert f"| Univariate | *repeat the last value* | {ref['repeat-last']['mse']:.3f} |" in text
     assert "| Multivariate | AMLP | 1.247 | 0.894 | 2.748 | 1.312 | 1.015 | 0.792 |" in text  # quoted
-    assert "not-a-mixer" in text
     logs.clear()
-    run_study(load_study(study_file), command="again", extra_overrides=[f"data.data_dir={DATA}"], root=tmp_path,
-              log=logs.append)
+    run_study(load_study(study_file), command="again", extra_overrides=extra, root=tmp_path, log=logs.append)
     assert sum("done before, skipped" in line for line in logs) == 2
+
+
+@needs_data
+def test_trivial_forecasts_window_by_window():
+    from amlp.tasks.forecasting.task import ForecastingTask
+    from amlp.train import load_config
+    from amlp.train.study_forecasting import trivial_forecasts
+
+    for features in ("S", "M"):
+        cfg = load_config(ROOT / "configs/forecasting/cpu/etth1_M.yaml",
+                          TINY + [f"data.data_dir={DATA}", f"data.features={features}"])
+        got = trivial_forecasts(cfg)
+        windows = ForecastingTask(cfg).dataset("test")
+        col = slice(None) if features == "M" else slice(6, 7) if windows[0]["x"].shape[-1] == 7 else slice(0, 1)
+        sq_last = ab_mean = n = 0.0
+        for i in range(len(windows)):
+            item = windows[i]
+            future = item["y"][-12:, col].double()
+            sq_last += float((future - item["x"][-1, col].double()).square().sum())
+            ab_mean += float(future.abs().sum())
+            n += future.numel()
+        assert got["repeat-last"]["mse"] == pytest.approx(sq_last / n, rel=1e-9)
+        assert got["train-mean"]["mae"] == pytest.approx(ab_mean / n, rel=1e-9)
+
+
+@pytest.mark.parametrize("label,message", [
+    ("sofmax", "unknown mechanism 'sofmax'"), ("amlp-cov:form", "key=value"), ("amlp-cov:", "nothing after"),
+    ("gmlp", "cross form"),
+])
+def test_study_mechanism_labels_are_checked(label, message):
+    from amlp.train.study_forecasting import parse_mechanism
+
+    with pytest.raises(ValueError, match=message):
+        parse_mechanism(label)
+    assert parse_mechanism("amlp-cov:form=official, landmarks=8") == ("amlp-cov", {"form": "official", "landmarks": 8})
+
+
+def test_study_cli_refuses_bad_arguments_without_a_traceback(tmp_path):
+    from amlp.cli import app
+
+    runner = CliRunner()
+    config = str(ROOT / "configs/forecasting/study/cpu.yaml")
+    for args, needle in ((["--mechanisms", "sofmax"], "unknown mechanism 'sofmax'"),
+                         (["--datasets", "ETTh9"], "--datasets: 'ETTh9' not in this study"),
+                         (["--settings", "Q"], "--settings: 'Q'"),
+                         (["--seeds", "x"], "--seeds must be comma-separated integers")):
+        res = runner.invoke(app, ["study", "forecasting", "--config", config, *args])
+        assert res.exit_code in (1, 2), res.output
+        assert needle in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()

@@ -65,8 +65,32 @@ app.add_typer(data_app, name="data")
 
 
 def _fail(message: str, code: int = 1):
-    console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # the message is printed literally: paths, keys and values may hold square brackets
+    console.print("[red]error:[/] ", end="", highlight=False)
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _literal(message: str) -> None:
+    """Print text the program did not write itself (names, paths, values) without markup."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def split_mechanisms(text: str | None) -> list[str] | None:
+    """``"softmax,amlp-cov:form=official,landmarks=8"``: a new mechanism starts at each name that is
+    not a ``key=value`` option; ';' always separates."""
+    if not text:
+        return None
+    out: list[str] = []
+    for group in text.split(";"):
+        for part in (p.strip() for p in group.split(",")):
+            if not part:
+                continue
+            if "=" in part and ":" not in part and out and ":" in out[-1]:
+                out[-1] += "," + part
+            else:
+                out.append(part)
+    return out or None
 
 
 def _train(task: str, config: str, overrides: list[str], run_dir: str | None, resume: bool,
@@ -148,16 +172,21 @@ def eval_command(
 @study_app.command("forecasting")
 def study_forecasting_command(
     config: str = typer.Option("configs/forecasting/study/cpu.yaml", "--config", "-c", help="study file"),
-    mechanisms: str = typer.Option(None, "--mechanisms", help="comma-separated mixer names (default: the study's)"),
+    mechanisms: str = typer.Option(None, "--mechanisms",
+                                   help="mechanisms separated by ';' or ',' (name or name:key=value; default: "
+                                        "the study's)"),
     datasets: str = typer.Option(None, "--datasets", help="comma-separated, e.g. ETTh1,ETTm1"),
     settings: str = typer.Option(None, "--settings", help="comma-separated, e.g. M,S"),
     seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
     overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
     data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data"),
     doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+    write_doc: bool = typer.Option(False, "--write-doc",
+                                   help="write the study's tracked document (only from a complete grid)"),
 ) -> None:
     """Run the cross-attention study (mechanisms x datasets x settings x seeds), resuming where it
-    stopped, and write docs/results/forecasting.md."""
+    stopped, and write its report next to the results (<run_root>/report.md), or with --write-doc
+    the study's document (docs/results/...), which needs every cell of the grid."""
     import shlex
 
     from .train import CheckpointError
@@ -172,9 +201,13 @@ def study_forecasting_command(
     command = "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
         f"amlp study forecasting --config {config}"
     try:
-        run_study(load_study(config), command=command, mechanisms=split(mechanisms), datasets=split(datasets),
-                  settings=split(settings), seeds=[int(s) for s in split(seeds)] if seeds else None,
-                  extra_overrides=extra, log=console.print, doc_only=doc_only)
+        seed_list = [int(s) for s in split(seeds)] if seeds else None
+    except ValueError:
+        _fail(f"--seeds must be comma-separated integers, got {seeds!r}", 2)
+    try:
+        run_study(load_study(config), command=command, mechanisms=split_mechanisms(mechanisms),
+                  datasets=split(datasets), settings=split(settings), seeds=seed_list, extra_overrides=extra,
+                  log=_literal, doc_only=doc_only, write_doc=write_doc)
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue")
         raise typer.Exit(130)
