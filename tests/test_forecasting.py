@@ -330,3 +330,99 @@ def test_study_cli_refuses_bad_arguments_without_a_traceback(tmp_path):
         assert res.exit_code in (1, 2), res.output
         assert needle in res.output and "Traceback" not in res.output
     assert not (tmp_path / "runs").exists()
+
+
+# --- any CSV -----------------------------------------------------------------------------------------
+WEATHER = DATA / "weather_wth" / "WTH.csv.gz"
+needs_weather = pytest.mark.skipif(not WEATHER.is_file(), reason="Weather data not found (set AMLP_DATA_DIR)")
+
+
+@needs_weather
+def test_weather_csv_with_its_own_dates_columns_and_the_ratio_split():
+    from amlp.tasks.forecasting.data import load_series
+
+    seq, label, pred = 48, 24, 24
+    data = load_series(WEATHER, name="Weather", target="WetBulbCelsius", features="M", seq_len=seq,
+                       label_len=label, pred_len=pred)
+    n = 35064
+    assert data.enc_in == 12 and data.columns[-1] == "WetBulbCelsius" and data.target_index == 11
+    n_train, n_test = int(0.7 * n), int(0.2 * n)
+    assert (n_train, n_test) == (24544, 7012)  # as the data's README gives Informer's split
+    assert data.borders == {"train": (0, n_train), "val": (n_train - seq, n - n_test), "test": (n - n_test - seq, n)}
+    # dates like 1/1/2010 0:00 parse, hourly features (hour, weekday, day, day of year)
+    assert data.n_time_features == 4
+    first = data.splits["train"][0]["x_mark"][1].numpy()  # 2010-01-01 01:00, a Friday
+    np.testing.assert_allclose(first, [1 / 23 - 0.5, 4 / 6 - 0.5, -0.5, -0.5], rtol=1e-6, atol=1e-7)
+    with gzip.open(WEATHER, "rt") as fh:
+        rows = list(csv.reader(fh))
+    raw = np.array([[float(v) for v in r[1:]] for r in rows[1:]])
+    np.testing.assert_allclose(data.scaler.mean, raw[:n_train].mean(axis=0), rtol=1e-10)
+    s = load_series(WEATHER, target="WetBulbCelsius", features="S", seq_len=seq, label_len=label, pred_len=pred,
+                    columns=["Visibility", "WetBulbCelsius"])
+    assert s.columns == ("WetBulbCelsius",) and s.enc_in == 1
+
+
+@needs_weather
+def test_forecasting_config_on_a_csv_of_ones_own(tmp_path):
+    from amlp.train import load_config
+    from amlp.tasks.forecasting.task import ForecastingTask
+
+    cfg = load_config(ROOT / "configs/forecasting/cpu/weather_S.yaml", TINY + [f"data.data_dir={DATA}"])
+    task = ForecastingTask(cfg)
+    assert task.data.name == "Weather" and task.data.c_out == 1
+    assert task.data.borders["test"][1] == 35064
+    model = task.build_model()
+    batch = {k: v.unsqueeze(0) for k, v in task.dataset("val")[0].items()}
+    pred, target = task.forecast(model.eval(), batch)
+    assert pred.shape == target.shape == (1, 12, 1)
+    # an absolute path works as well, and a missing one names both places it looked
+    ok = load_config(raw={**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "path": str(WEATHER)}})
+    assert ForecastingTask(ok).data.enc_in == 1
+    bad = load_config(raw={**cfg.to_dict(), "data": {**cfg.to_dict()["data"], "path": "nope/WTH.csv"}})
+    with pytest.raises(FileNotFoundError, match="data.path 'nope/WTH.csv' was found neither"):
+        ForecastingTask(bad)
+
+
+def test_csv_errors_name_the_file_and_the_problem(tmp_path):
+    from amlp.tasks.forecasting.data import load_series, read_series_csv
+
+    def write(name, text):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    good = "when,a,b\n" + "\n".join(f"1/{d}/2020 {h}:00,{d + h},{h}" for d in range(1, 29) for h in range(24))
+    kw = dict(seq_len=24, label_len=12, pred_len=12)
+    data = load_series(write("g.csv", good), target="b", date_column="when", **kw)
+    assert data.enc_in == 2 and data.n_time_features == 4
+    with pytest.raises(ValueError, match="missing column.*date.*the file has when, a, b"):
+        read_series_csv(write("g2.csv", good))
+    with pytest.raises(ValueError, match="target column 'c' is not among"):
+        load_series(write("g3.csv", good), target="c", date_column="when", **kw)
+    with pytest.raises(ValueError, match=r"must hold timestamps like the format '%Y-%m-%d'"):
+        load_series(write("g4.csv", good), target="b", date_column="when", date_format="%Y-%m-%d", **kw)
+    swapped = good.replace("1/2/2020 0:00", "1/1/2019 0:00")
+    with pytest.raises(ValueError, match=r"dates must increase.*line 26.*1/1/2019 0:00"):
+        load_series(write("g5.csv", swapped), target="b", date_column="when", **kw)
+    text = good.replace(",5,", ",abc,", 1)
+    with pytest.raises(ValueError, match="column 'a' has a non-numeric or missing value 'abc'.*data.columns"):
+        load_series(write("g6.csv", text), target="b", date_column="when", **kw)
+    text = good.replace(",5,", ",n/a,", 1)
+    with pytest.raises(ValueError, match=r"column 'a' has a non-numeric or missing value \(empty or NA\)"):
+        load_series(write("g6.csv", text), target="b", date_column="when", **kw)
+    with pytest.raises(ValueError, match="too few for the split"):
+        load_series(write("g7.csv", "when,a\n1/1/2020 0:00,1\n1/1/2020 1:00,2\n"), target="a", date_column="when",
+                    **kw)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.dataset=Weather", "ETT presets.*set data.path"),
+    ("data.split_ratios=[0.7, 0.2, 0.2]", "summing to 1"),
+    ("data.freq=fortnight", "data.freq"),
+    ("data.columns=[a, a]", "distinct"),
+])
+def test_csv_config_errors(override, message):
+    from amlp.train import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(ROOT / "configs/forecasting/cpu/etth1_S.yaml", [override])

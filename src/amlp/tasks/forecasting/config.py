@@ -8,10 +8,15 @@ from typing import Any, Literal
 
 @dataclass
 class ForecastingDataConfig:
-    """Which ETT file, which setting, which windows (see :mod:`amlp.tasks.forecasting.data`)."""
+    """Which series, which setting, which windows (see :mod:`amlp.tasks.forecasting.data`).
 
-    dataset: Literal["ETTh1", "ETTh2", "ETTm1", "ETTm2"] = "ETTh1"
-    #: M: 7 -> 7, S: target -> target, MS: 7 -> target
+    ``dataset`` names an ETT preset (ETTh1, ETTh2, ETTm1, ETTm2: file, columns, date format, split
+    and frequency known) unless ``path`` points at a CSV file of one's own, in which case ``dataset``
+    is only its name in reports and the keys below describe the file.
+    """
+
+    dataset: str = "ETTh1"
+    #: M: all columns -> all columns, S: target -> target, MS: all columns -> target
     features: Literal["M", "S", "MS"] = "M"
     target: str = "OT"
     seq_len: int = 96
@@ -21,6 +26,20 @@ class ForecastingDataConfig:
     data_dir: str | None = None
     #: keep every N-th validation window (the test split always uses every window)
     val_stride: int = 1
+    #: a CSV (or .csv.gz) file of one's own: absolute, or relative to the data directory or the
+    #: working directory; None for the ETT presets
+    path: str | None = None
+    #: name of the date column, and its strftime format (None: inferred by pandas)
+    date_column: str = "date"
+    date_format: str | None = None
+    #: value columns in order (None: every column but the date)
+    columns: list[str] | None = None
+    #: frequency of the time features: s, min, h or d (None: from the spacing of the dates)
+    freq: str | None = None
+    #: ``auto`` (ETT presets: 12/4/4 months; other files: ratio), ``ratio`` or ``ett``
+    split: Literal["auto", "ratio", "ett"] = "auto"
+    #: train / val / test fractions of the ratio split (Informer: 0.7 / 0.1 / 0.2)
+    split_ratios: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])
 
     def validate(self) -> None:
         for name in ("seq_len", "label_len", "pred_len", "val_stride"):
@@ -29,10 +48,26 @@ class ForecastingDataConfig:
         if self.label_len > self.seq_len:
             raise ValueError(f"config key 'data.label_len' ({self.label_len}) must not exceed data.seq_len "
                              f"({self.seq_len})")
-        from .data import ETT_COLUMNS
+        from .data import ETT_COLUMNS, ETT_DATASETS, normalise_freq
 
-        if self.target not in ETT_COLUMNS:
-            raise ValueError(f"config key 'data.target' must be one of {list(ETT_COLUMNS)}, got {self.target!r}")
+        if self.path is None:
+            if self.dataset not in ETT_DATASETS:
+                raise ValueError(f"config key 'data.dataset' must be one of {', '.join(ETT_DATASETS)} (the ETT "
+                                 f"presets), got {self.dataset!r}; for a file of your own set data.path to it")
+            if self.target not in ETT_COLUMNS:
+                raise ValueError(f"config key 'data.target' must be one of {list(ETT_COLUMNS)}, got {self.target!r}")
+        if self.freq is not None:
+            try:
+                normalise_freq(self.freq)
+            except ValueError as err:
+                raise ValueError(f"config key 'data.freq': {err}") from None
+        r = self.split_ratios
+        if (len(r) != 3 or any(not isinstance(x, (int, float)) or x <= 0 for x in r)
+                or abs(sum(r) - 1.0) > 1e-6):
+            raise ValueError(f"config key 'data.split_ratios' must be three positive fractions summing to 1 "
+                             f"(train, val, test), got {r}")
+        if self.columns is not None and (not self.columns or len(set(self.columns)) != len(self.columns)):
+            raise ValueError(f"config key 'data.columns' must list distinct column names, got {self.columns}")
 
 
 @dataclass

@@ -1,18 +1,41 @@
-"""Long-sequence time-series forecasting on ETT with an Informer-style encoder-decoder.
+"""Long-sequence time-series forecasting (ETT presets or any CSV) with an Informer-style encoder-decoder.
 
 Loss: mean squared error on the standardised scale over the ``pred_len`` forecast steps (and, in
-setting M, all 7 columns; in S and MS the target column). Evaluation reports ``mse`` and ``mae``
+setting M, all columns; in S and MS the target column). Evaluation reports ``mse`` and ``mae``
 averaged over every forecast value of the split, as Informer does.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ...models.informer import InformerForecaster, generative_decoder_input
 from .config import ForecastingDataConfig, InformerModelConfig
-from .data import load_ett
+from .data import ETT_DATASETS, load_ett, load_series, resolve_data_dir
+
+
+def load_data(d: ForecastingDataConfig):
+    """The series a ``data:`` section names: an ETT preset, or the CSV file at ``d.path``."""
+    windows = dict(features=d.features, target=d.target, seq_len=d.seq_len, label_len=d.label_len,
+                   pred_len=d.pred_len, val_stride=d.val_stride)
+    if d.path is None:
+        return load_ett(d.dataset, data_dir=d.data_dir, **windows)
+    path = Path(d.path)
+    if not path.is_absolute():
+        in_data_dir = resolve_data_dir(d.data_dir) / path
+        if in_data_dir.is_file():
+            path = in_data_dir
+        elif not path.is_file():
+            raise FileNotFoundError(f"data.path {d.path!r} was found neither in the data directory "
+                                    f"({str(resolve_data_dir(d.data_dir))!r}) nor in the working directory")
+    elif not path.is_file():
+        raise FileNotFoundError(f"data.path {d.path!r} does not exist")
+    split = d.split if d.split != "auto" else ("ett" if d.dataset in ETT_DATASETS else "ratio")
+    return load_series(path, name=d.dataset, date_column=d.date_column, date_format=d.date_format,
+                       columns=d.columns, freq=d.freq, split=split, split_ratios=d.split_ratios, **windows)
 
 
 class ForecastingTask:
@@ -22,8 +45,7 @@ class ForecastingTask:
     def __init__(self, config):
         self.config = config
         d: ForecastingDataConfig = config.data
-        self.data = load_ett(d.dataset, features=d.features, target=d.target, seq_len=d.seq_len,
-                             label_len=d.label_len, pred_len=d.pred_len, data_dir=d.data_dir, val_stride=d.val_stride)
+        self.data = load_data(d)
 
     def build_model(self) -> InformerForecaster:
         m: InformerModelConfig = self.config.model
