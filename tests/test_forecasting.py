@@ -426,3 +426,28 @@ def test_csv_config_errors(override, message):
 
     with pytest.raises(ValueError, match=message):
         load_config(ROOT / "configs/forecasting/cpu/etth1_S.yaml", [override])
+
+
+@needs_data
+def test_resume_needs_only_the_run_dir_and_refuses_a_contradicting_config(tmp_path):
+    from amlp.cli import app
+
+    runner = CliRunner()
+    cfg = str(ROOT / "configs/forecasting/cpu/etth1_S.yaml")
+    run = str(tmp_path / "run")
+    args = ["train", "forecasting", "--config", cfg, "--run-dir", run, "--data-dir", str(DATA),
+            *sum((["--set", o] for o in TINY + ["model.cross_mixer=amlp-cov"]), [])]
+    assert runner.invoke(app, args).exit_code == 0
+    res = runner.invoke(app, ["train", "forecasting", "--run-dir", run, "--resume", "--set", "train.progress=false"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["config"]["model"]["cross_mixer"] == "amlp-cov"
+    # the README's old line: the config file without the run's --set contradicts the recorded config
+    res = runner.invoke(app, ["train", "forecasting", "--config", cfg, "--run-dir", run, "--resume"])
+    assert res.exit_code == 1 and "model.cross_mixer: recorded 'amlp-cov', given 'softmax'" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["train", "forecasting", "--run-dir", run, "--resume", "--set", "train.lr=0.5"])
+    assert res.exit_code == 1 and "train.lr: recorded 0.001, given 0.5" in res.output
+    res = runner.invoke(app, ["train", "forecasting", "--run-dir", str(tmp_path / "empty"), "--resume"])
+    assert res.exit_code == 1 and "holds no recorded config" in res.output
+    res = runner.invoke(app, ["train", "forecasting"])
+    assert res.exit_code == 2 and "give --config" in res.output

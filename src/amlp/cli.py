@@ -93,7 +93,57 @@ def split_mechanisms(text: str | None) -> list[str] | None:
     return out or None
 
 
-def _train(task: str, config: str, overrides: list[str], run_dir: str | None, resume: bool,
+#: config keys a resumed run may change: where and how visibly it runs, and how long (to continue
+#: training further); every other key is the recorded run's
+RESUME_FREE_KEYS = ("train.progress", "train.threads", "train.device", "train.num_workers", "train.log_every",
+                    "train.tensorboard", "data.data_dir", "train.max_steps", "train.epochs")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _resumed_config(run_dir: str, config: str | None, overrides: list[str]):
+    """The config of the run being resumed: the one recorded in its folder, with only the keys of
+    :data:`RESUME_FREE_KEYS` changed; any other difference from ``--config`` / ``--set`` is an error
+    naming the key."""
+    import json
+    from pathlib import Path
+
+    from .train import load_config
+    from .train.config import parse_override
+
+    recorded_path = Path(run_dir) / "config.json"
+    if not recorded_path.is_file():
+        if config is None:
+            raise ValueError(f"{run_dir!r} holds no recorded config (config.json) to resume from; give --config")
+        return load_config(config, overrides)
+    try:
+        recorded = json.loads(recorded_path.read_text())
+    except (json.JSONDecodeError, OSError) as err:
+        raise ValueError(f"{str(recorded_path)!r} cannot be read ({err})") from None
+    free = [o for o in overrides if ".".join(parse_override(o)[0]) in RESUME_FREE_KEYS]
+    base = load_config(raw=recorded, overrides=free)
+    wanted = load_config(config, overrides) if config else load_config(raw=recorded, overrides=overrides)
+    old, new = _flatten(base.to_dict()), _flatten(wanted.to_dict())
+    changed = [k for k in sorted(set(old) | set(new)) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+    if changed:
+        shown = "; ".join(f"{k}: recorded {old.get(k)!r}, given {new.get(k)!r}" for k in changed[:5])
+        more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+        raise ValueError(f"the run in {run_dir!r} was made with another config: {shown}{more}. --resume needs only "
+                         f"--run-dir (the folder records its config); drop the contradicting --config/--set, or "
+                         f"choose another --run-dir")
+    return base
+
+
+def _train(task: str, config: str | None, overrides: list[str], run_dir: str | None, resume: bool,
            data_dir: str | None, seed: int | None) -> None:
     import json
 
@@ -104,12 +154,17 @@ def _train(task: str, config: str, overrides: list[str], run_dir: str | None, re
         overrides.append(f"data.data_dir={data_dir}")
     if seed is not None:
         overrides.append(f"seed={seed}")
+    if config is None and not (resume and run_dir):
+        _fail("give --config (or --resume with --run-dir, to continue a run from the config it recorded)", 2)
     try:
-        cfg = load_config(config, overrides)
-        if cfg.task != task:
-            _fail(f"{config} is a config for task {cfg.task!r}, not {task!r}")
         from pathlib import Path
 
+        if resume and run_dir:
+            cfg = _resumed_config(run_dir, config, overrides)
+        else:
+            cfg = load_config(config, overrides)
+        if cfg.task != task:
+            _fail(f"{config or run_dir} is a config for task {cfg.task!r}, not {task!r}")
         out = run_dir or str(Path("runs") / task / f"{Path(config).stem}-seed{cfg.seed}")
         result = run_experiment(cfg, out, resume=resume)
     except KeyboardInterrupt:
@@ -123,10 +178,12 @@ def _train(task: str, config: str, overrides: list[str], run_dir: str | None, re
 
 def _make_train_command(task: str):
     def command(
-        config: str = typer.Option(..., "--config", "-c", help="YAML config file"),
+        config: str = typer.Option(None, "--config", "-c",
+                                   help="YAML config file (not needed with --resume --run-dir)"),
         overrides: list[str] = typer.Option(None, "--set", help="override, key.sub=value (repeatable)"),
         run_dir: str = typer.Option(None, "--run-dir", help="output folder (default runs/<task>/<config>-seed<seed>)"),
-        resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the run folder"),
+        resume: bool = typer.Option(False, "--resume", help="continue from the newest checkpoint in the run folder, "
+                                                           "with the config the folder records"),
         data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data (default $AMLP_DATA_DIR)"),
         seed: int = typer.Option(None, "--seed", help="override the config's seed"),
     ) -> None:
