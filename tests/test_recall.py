@@ -242,7 +242,7 @@ def test_recall_study_runs_resumes_and_writes_the_report(tmp_path):
 
     study_file = tmp_path / "study.yaml"
     study_file.write_text(
-        "mechanisms: [softmax, causal-rn, amlp-pquery]\nseeds: [0]\n"
+        "mechanisms: [softmax, causal-rn]\nseeds: [0]\n"
         f"copying: {{config: {CPU_CONFIG}, string_lens: [2, 3]}}\n"
         f"mqar: {{config: {MQAR_CONFIG}, num_pairs: [2]}}\n"
         "run_root: runs/s\ndoc: docs/recall.md\nfigures: docs/figures\n"
@@ -250,7 +250,20 @@ def test_recall_study_runs_resumes_and_writes_the_report(tmp_path):
         "data.val_examples=8, data.test_examples=8]\n")
     logs = []
     study = load_recall_study(study_file)
-    doc = run_recall_study(study, command="amlp study recall", root=tmp_path, log=logs.append)
+    with pytest.raises(ValueError, match="unknown mechanism.*'amlp-pquery'"):
+        run_recall_study(study, command="x", mechanisms=["amlp-pquery"], root=tmp_path, log=logs.append)
+    with pytest.raises(ValueError, match="--tasks: 'copy'"):
+        run_recall_study(study, command="x", tasks=["copy"], root=tmp_path, log=logs.append)
+    # part of the grid: the report goes beside the results; the tracked document is refused
+    part = run_recall_study(study, command="amlp study recall", tasks=["copying"], root=tmp_path, log=logs.append)
+    assert part == tmp_path / "runs" / "s" / "report.md"
+    assert (tmp_path / "runs" / "s" / "figures" / "recall_copying_vs_S.png").is_file()
+    with pytest.raises(ValueError, match=r"2 cell\(s\).*mqar/softmax/pairs2/dim8/seed0"):
+        run_recall_study(study, command="x", tasks=["copying"], root=tmp_path, log=logs.append, write_doc=True)
+    assert not (tmp_path / "docs").exists()
+    doc = run_recall_study(study, command="amlp study recall --write-doc", root=tmp_path, log=logs.append,
+                           write_doc=True)
+    assert doc == tmp_path / "docs" / "recall.md"
     results = json.loads((tmp_path / "runs" / "s" / "results.json").read_text())
     assert sorted(results) == sorted([
         "copying/softmax/S2/dim8/seed0", "copying/softmax/S3/dim8/seed0", "copying/causal-rn/S2/dim8/seed0",
@@ -259,7 +272,6 @@ def test_recall_study_runs_resumes_and_writes_the_report(tmp_path):
     assert rec["state_size"] == 2 * 8  # two linear CausalRN blocks, hidden = dim, state independent of length
     assert results["copying/softmax/S3/dim8/seed0"]["state_size"] == 2 * (2 * 8 * 8)  # two K/V caches of 8 tokens
     text = doc.read_text()
-    assert "amlp-pquery" in text.split("Produced by")[1]  # named as skipped (no causal form)
     assert "| softmax | 8 |" in text and "| causal-rn | 8 |" in text and "## Multi-query" in text
     for png in ("recall_copying_vs_S.png", "recall_mqar_vs_pairs.png", "recall_accuracy_vs_state_size.png"):
         assert (tmp_path / "docs" / "figures" / png).stat().st_size > 1000

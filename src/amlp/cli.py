@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(help="amlp: attentive MLPs and the efficient attentions they are measured against.",
@@ -30,8 +31,8 @@ def list_command() -> None:
         max_len = str(c.max_length) if c.max_length else "-"
         if c.max_length_option:
             max_len = f"{max_len if c.max_length else 'set'} by option {c.max_length_option}"
-        table.add_row(info.name, _flag(c.causal), _flag(c.noncausal), _flag(c.cross), _flag(c.padding),
-                      _flag(c.recurrent), max_len, info.description)
+        table.add_row(escape(info.name), _flag(c.causal), _flag(c.noncausal), _flag(c.cross), _flag(c.padding),
+                      _flag(c.recurrent), escape(max_len), escape(info.description))
     console.print(table)
 
 
@@ -49,7 +50,8 @@ def check_command(names: list[str] = typer.Argument(None, help="mixers to check 
     for name in names:
         res = check_mixer(name)
         failed += not res.passed
-        table.add_row(name, "[green]pass[/]" if res.passed else "[red]FAIL[/]", f"{res.max_abs_error:.2e}", res.message)
+        table.add_row(escape(name), "[green]pass[/]" if res.passed else "[red]FAIL[/]", f"{res.max_abs_error:.2e}",
+                      escape(res.message))
     console.print(table)
     if failed:
         raise typer.Exit(1)
@@ -64,10 +66,14 @@ app.add_typer(study_app, name="study")
 app.add_typer(data_app, name="data")
 
 
-def _fail(message: str, code: int = 1):
-    # the message is printed literally: paths, keys and values may hold square brackets
+def _error(message: str) -> None:
+    """Print an error; the message is printed literally (paths, keys and values may hold brackets)."""
     console.print("[red]error:[/] ", end="", highlight=False)
     console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 1):
+    _error(message)
     raise typer.Exit(code)
 
 
@@ -283,9 +289,12 @@ def study_recall_command(
     seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
     overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
     doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+    write_doc: bool = typer.Option(False, "--write-doc",
+                                   help="write the study's tracked document and figures (only from a complete grid)"),
 ) -> None:
     """Run the recall study (mixers x S or pairs x dims x seeds), resuming where it stopped, and write
-    docs/results/recall.md with its plots."""
+    its report and plots next to the results, or with --write-doc docs/results/recall.md (complete
+    grid only)."""
     import shlex
 
     from .train import CheckpointError
@@ -294,16 +303,21 @@ def study_recall_command(
     def split(text):
         return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
-    def ints(text):
-        return [int(t) for t in split(text)] if text else None
+    def ints(text, option):
+        try:
+            return [int(t) for t in split(text)] if text else None
+        except ValueError:
+            _fail(f"{option} must be comma-separated integers, got {text!r}", 2)
 
     command = "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
         f"amlp study recall --config {config}"
-    values = {k: v for k, v in (("copying", ints(string_lens)), ("mqar", ints(pairs))) if v}
+    values = {k: v for k, v in (("copying", ints(string_lens, "--string-lens")), ("mqar", ints(pairs, "--pairs")))
+              if v}
+    dim_list, seed_list = ints(dims, "--dims"), ints(seeds, "--seeds")
     try:
         run_recall_study(load_recall_study(config), command=command, mechanisms=split(mechanisms), tasks=split(tasks),
-                         values=values, dims=ints(dims), seeds=ints(seeds), extra_overrides=list(overrides or []),
-                         log=console.print, doc_only=doc_only)
+                         values=values, dims=dim_list, seeds=seed_list, extra_overrides=list(overrides or []),
+                         log=_literal, doc_only=doc_only, write_doc=write_doc)
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue")
         raise typer.Exit(130)
@@ -327,7 +341,7 @@ def data_download_command(
     except ConnectionError as err:
         _fail(str(err))
     for p in paths:
-        console.print(str(p))
+        _literal(str(p))
 # -- amlp bench ------------------------------------------------------------------------------------
 bench_app = typer.Typer(help="Measure mixers: time, peak memory, crossover lengths, generation study.",
                         no_args_is_help=True, add_completion=False)
@@ -396,7 +410,7 @@ def bench_ops_command(
             bandwidth_mb=_pick(bandwidth_mb, quick, 64, 256))
         settings.validate()
     except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2)
     result = _run_with_progress(run_ops, settings, "bench ops")
     console.print(ops_table(result.rows, settings.baseline))
@@ -405,7 +419,7 @@ def bench_ops_command(
     console.print(f"memory bandwidth (copy): {bw / 1e9:.1f} GB/s; 'fwd x floor' = forward time / time to read the "
                   f"inputs and write the output once at that bandwidth")
     paths = _save(save_ops, result, out, plots)
-    console.print("wrote " + ", ".join(paths))
+    _literal("wrote " + ", ".join(paths))
     if any(r["status"] in ("failed", "error") for r in result.rows):
         raise typer.Exit(1)
 
@@ -444,13 +458,13 @@ def bench_generation_command(
             min_run_time=_pick(min_run_time, quick, 0.05, 1.0), memory=memory, threads=_pick(threads, quick, 1, 0))
         settings.validate()
     except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2)
     result = _run_with_progress(run_generation, settings, "bench generation")
     console.print(generation_table(result.rows))
     console.print(headline_table(result.headline))
     paths = _save(save_generation, result, out, plots)
-    console.print("wrote " + ", ".join(paths))
+    _literal("wrote " + ", ".join(paths))
     if any(r["status"] in ("failed", "error") for r in result.rows):
         raise typer.Exit(1)
 
@@ -466,9 +480,9 @@ def bench_plot_command(out: str = typer.Argument("bench-results", help="folder h
     try:
         paths = replot(out)
     except FileNotFoundError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2)
-    console.print("wrote " + ", ".join(paths))
+    _literal("wrote " + ", ".join(paths))
 
 
 @bench_app.command("step")
@@ -495,23 +509,23 @@ def bench_step_command(
                                 threads=threads)
         settings.validate()
     except ValueError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2)
-    header, rows = run_step(settings, progress=lambda text: console.print(f"  measured {text}"))
+    header, rows = run_step(settings, progress=lambda text: _literal(f"  measured {text}"))
     table = Table(title="one recurrent step at position t")
     for col in ("mixer", "t", "time per step", "vs first t", "state floats", "status"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["mixer"], str(r["position"]), fmt_time(r.get("seconds_per_step")),
+        table.add_row(escape(r["mixer"]), str(r["position"]), fmt_time(r.get("seconds_per_step")),
                       fmt_ratio(r.get("ratio_to_first_position"), 2), str(r.get("state_floats", "-")),
-                      r["status"] if r["status"] == "ok" else f"{r['status']}: {r['message']}")
+                      escape(r["status"] if r["status"] == "ok" else f"{r['status']}: {r['message']}"))
     console.print(table)
     import os
 
     os.makedirs(out, exist_ok=True)
     write_csv(os.path.join(out, "step.csv"), header, rows, STEP_COLUMNS)
     write_json(os.path.join(out, "step.json"), {"header": header, "rows": rows})
-    console.print(f"wrote {out}/step.csv, {out}/step.json")
+    _literal(f"wrote {out}/step.csv, {out}/step.json")
     if any(r["status"] != "ok" for r in rows):
         raise typer.Exit(1)
 
@@ -528,11 +542,11 @@ def bench_report_command(
     try:
         body = report_markdown(out)
     except FileNotFoundError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        _error(str(exc))
         raise typer.Exit(2)
     if doc:
         update_document(doc, section, body)
-        console.print(f"wrote the {section!r} block of {doc}")
+        _literal(f"wrote the {section!r} block of {doc}")
     else:
         print(body)
 

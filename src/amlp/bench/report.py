@@ -7,6 +7,7 @@ import math
 import os
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -103,8 +104,8 @@ def ops_table(rows: list[dict], baseline: str) -> Table:
                 "mem / base (fwd+bwd)", "fwd x floor", "status"):
         table.add_column(col, justify="left" if col in ("mixer", "status") else "right")
     for r in rows:
-        status = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/]: {r['message']}"
-        table.add_row(r["mixer"], str(r["length"]), fmt_time(r.get("fwd_time_s")), fmt_time(r.get("fwdbwd_time_s")),
+        status = r["status"] if r["status"] == "ok" else f"[red]{escape(r['status'])}[/]: {escape(r['message'])}"
+        table.add_row(escape(r["mixer"]), str(r["length"]), fmt_time(r.get("fwd_time_s")), fmt_time(r.get("fwdbwd_time_s")),
                       fmt_bytes(r.get("fwd_peak_bytes")), fmt_bytes(r.get("fwdbwd_peak_bytes")),
                       fmt_ratio(r.get("fwdbwd_speedup_vs_baseline")),
                       fmt_ratio(r.get("fwdbwd_memory_ratio_vs_baseline"), 2), fmt_ratio(r.get("fwd_x_floor")),
@@ -118,7 +119,7 @@ def crossover_table(crossovers: list[dict]) -> Table:
         table.add_column(col)
     for c in crossovers:
         text = f"{c['length']:,.0f}" if c["status"] == "at" else c["status"]
-        table.add_row(c["mixer"], c["baseline"], c["metric"], text)
+        table.add_row(escape(c["mixer"]), escape(c["baseline"]), c["metric"], text)
     return table
 
 
@@ -128,8 +129,8 @@ def generation_table(rows: list[dict]) -> Table:
                 "mem saved vs NAR", "status"):
         table.add_column(col, justify="left" if col in ("method", "mixer", "status") else "right")
     for r in rows:
-        status = r["status"] if r["status"] == "ok" else f"[red]{r['status']}[/]: {r['message']}"
-        table.add_row(r["method"], r["mixer"], str(r["length"]), fmt_time(r.get("time_s")),
+        status = r["status"] if r["status"] == "ok" else f"[red]{escape(r['status'])}[/]: {escape(r['message'])}"
+        table.add_row(escape(r["method"]), escape(r["mixer"]), str(r["length"]), fmt_time(r.get("time_s")),
                       fmt_bytes(r.get("peak_bytes")), fmt_ratio(r.get("time_ratio_to_ar"), 4),
                       fmt_ratio(r.get("speedup_vs_ar")), fmt_ratio(r.get("memory_ratio_to_ar"), 2),
                       fmt_pct(r.get("memory_saving_vs_nar")), status)

@@ -5,7 +5,9 @@ What it measures is where the causal mixers differ most: copying a string of S l
 paper, spec 3.8; Jelassi et al. 2024) and multi-query associative recall (zoology, Arora et al.
 2023). Every cell is one ``amlp train copying|mqar`` run through :func:`amlp.train.run_experiment`;
 finished cells are recorded in ``<run_root>/results.json`` and skipped when the study runs again
-(an unfinished cell continues from its last checkpoint). The report has one table per task, the
+(an unfinished cell continues from its last checkpoint). The report goes to
+``<run_root>/report.md`` (plots in ``<run_root>/figures``), or, when asked (``write_doc``,
+``--write-doc``), to the tracked ``doc`` and ``figures``, only from a complete grid. The report has one table per task, the
 plots accuracy vs S, accuracy vs number of pairs, and accuracy vs recurrent state size (floats of
 mixer state per sequence, summed over blocks, from each mixer's ``state_size(length)`` at the
 task's longest input; the layout of zoology's state-size plots).
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import from_dict, load_config, read_yaml, to_plain
-from .study_forecasting import _fmt, _mean_std, _read_results, _write_json_atomic
+from .study_forecasting import _fmt, _mean_std, _read_results, _record, _write_json_atomic
 
 TASK_AXES = {"copying": ("data.string_len", "S"), "mqar": ("data.num_pairs", "pairs")}
 TASK_METRIC = {"copying": "hard_acc", "mqar": "acc"}
@@ -97,49 +99,76 @@ def _task_grid(study: RecallStudyConfig, tasks, values: dict[str, list[int]] | N
     return out
 
 
-def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list[str] | None = None,
-                     tasks: list[str] | None = None, values: dict[str, list[int]] | None = None,
-                     dims: list[int] | None = None, seeds: list[int] | None = None,
-                     extra_overrides: list[str] | None = None, root: Path | None = None,
-                     log: Callable[[str], None] = print, doc_only: bool = False) -> Path:
-    """Run every unfinished cell of the grid, then write the report and plots; returns the report's path.
-
-    ``mechanisms``, ``tasks`` (copying, mqar), ``values`` ({task: [S or pairs]}), ``dims`` and
-    ``seeds`` restrict or replace the grid. Mechanisms without a causal form in this installation are
-    skipped (and named in the report).
-    """
-    from ..layers import mixer_names
-    from .loop import run_experiment
-
-    root = Path(root or ".")
-    run_root = root / study.run_root
-    results_path = run_root / "results.json"
-    results = _read_results(results_path)
-    overrides = list(study.overrides) + list(extra_overrides or [])
-    mechs = mechanisms or study.mechanisms
-    available = set(mixer_names(causal=True))
-    skipped = [m for m in mechs if m not in available]
-    if skipped:
-        log(f"no causal form in this installation, skipped: {', '.join(skipped)}")
+def _cells(study: RecallStudyConfig, root: Path, overrides, mechs, tasks, values, dims, seeds):
     cells = []
     for task, cfg_path, task_values in _task_grid(study, tasks, values):
         base = load_config(root / cfg_path, overrides)
         if base.task != task:
             raise ValueError(f"the study's {task} section names {cfg_path!r}, a config for task {base.task!r}")
         for mech in mechs:
-            if mech not in available:
-                continue
             for value in task_values:
                 for dim in (dims or study.dims or [base.model.dim]):
                     for seed in seeds or study.seeds:
                         cells.append((task, cfg_path, mech, value, dim, seed))
+    return cells
+
+
+def _check_mechanisms(mechs: list[str]) -> None:
+    from ..layers import mixer_names
+
+    available = mixer_names(causal=True)
+    unknown = [m for m in mechs if m not in available]
+    if unknown:
+        raise ValueError(f"unknown mechanism(s) {', '.join(map(repr, unknown))}: not registered mixers with a causal "
+                         f"form; available: {', '.join(available)}")
+
+
+def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list[str] | None = None,
+                     tasks: list[str] | None = None, values: dict[str, list[int]] | None = None,
+                     dims: list[int] | None = None, seeds: list[int] | None = None,
+                     extra_overrides: list[str] | None = None, root: Path | None = None,
+                     log: Callable[[str], None] = print, doc_only: bool = False, write_doc: bool = False) -> Path:
+    """Run every unfinished cell of the grid, then write the report and plots; returns the report's path.
+
+    ``mechanisms``, ``tasks`` (copying, mqar), ``values`` ({task: [S or pairs]}), ``dims`` and
+    ``seeds`` restrict or replace the grid; an unknown mechanism or task is an error. The report goes
+    beside the results unless ``write_doc``, which writes the study's ``doc`` (and ``figures``) only
+    when every cell of the study file's grid is finished (else a ``ValueError`` lists the missing).
+    """
+    from .loop import run_experiment
+
+    study.validate()
+    root = Path(root or ".")
+    run_root = root / study.run_root
+    results_path = run_root / "results.json"
+    overrides = list(study.overrides) + list(extra_overrides or [])
+    mechs = list(mechanisms or study.mechanisms)
+    _check_mechanisms(mechs)
+    known_tasks = [t for t, sec in (("copying", study.copying), ("mqar", study.mqar)) if sec is not None]
+    bad_tasks = [t for t in tasks or [] if t not in known_tasks]
+    if bad_tasks:
+        raise ValueError(f"--tasks: {', '.join(map(repr, bad_tasks))} not in this study (it has "
+                         f"{', '.join(known_tasks)})")
+    cells = _cells(study, root, overrides, mechs, tasks, values, dims, seeds)
+
+    def missing() -> list[str]:
+        done = _read_results(results_path)
+        full = _cells(study, root, overrides, study.mechanisms, None, None, None, None)
+        return [k for k in (recall_cell_key(t, m, v, d, s) for t, _, m, v, d, s in full)
+                if not done.get(k, {}).get("finished")]
+
+    if write_doc:
+        mine = {recall_cell_key(t, m, v, d, s) for t, _, m, v, d, s in cells}
+        outside = [k for k in missing() if k not in mine]
+        if outside:
+            raise ValueError(_refusal(study, outside))
     if not doc_only:
         for i, (task, cfg_path, mech, value, dim, seed) in enumerate(cells, 1):
             key = recall_cell_key(task, mech, value, dim, seed)
-            if key in results and results[key].get("finished"):
-                log(f"[{i}/{len(cells)}] {key}: done before, skipped")
+            if _read_results(results_path).get(key, {}).get("finished"):
+                log(f"({i}/{len(cells)}) {key}: done before, skipped")
                 continue
-            log(f"[{i}/{len(cells)}] {key}: training")
+            log(f"({i}/{len(cells)}) {key}: training")
             axis = TASK_AXES[task][0]
             cell_overrides = [f"model.mixer={mech}", f"{axis}={value}", f"model.dim={dim}", f"seed={seed}"]
             if task == "mqar":
@@ -153,16 +182,26 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
                       "val": result.val_metrics, "params": test.get("params"), "state_size": test.get("state_size"),
                       "run_dir": str(run_dir.relative_to(root) if run_dir.is_relative_to(root) else run_dir),
                       "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
-            results = _read_results(results_path)  # re-read: other processes may share run_root
-            results[key] = record
-            _write_json_atomic(results_path, results)
+            _record(results_path, key, record)
             log(f"    test {TASK_METRIC[task]} {test.get(TASK_METRIC[task], float('nan')):.3f}")
-    doc = root / study.doc
     results = _read_results(results_path)
-    write_recall_report(doc, results, study=study, command=command, requested=mechs, unavailable=skipped,
-                        figures_dir=root / study.figures)
+    if write_doc:
+        gaps = missing()
+        if gaps:
+            raise ValueError(_refusal(study, gaps))
+        doc, figures = root / study.doc, root / study.figures
+    else:
+        doc, figures = run_root / "report.md", run_root / "figures"
+    write_recall_report(doc, results, study=study, command=command,
+                        requested=study.mechanisms if write_doc else mechs, unavailable=[], figures_dir=figures)
     log(f"report written to {doc}")
     return doc
+
+
+def _refusal(study: RecallStudyConfig, missing: list[str]) -> str:
+    shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+    return (f"not writing {study.doc}: {len(missing)} cell(s) of the study's grid have no finished run ({shown}); "
+            "run the whole grid first (drop --write-doc to get a report of what is there)")
 
 
 # -- the report ---------------------------------------------------------------------------------------
