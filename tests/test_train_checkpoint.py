@@ -181,3 +181,69 @@ def test_test_checkpoint_best_tests_the_best_validation_weights(tmp_path):
     assert test_row[2] == "test" and int(test_row[0]) == best.step
     with pytest.raises(ValueError, match="keep_best"):
         toy_config(test_checkpoint="best", keep_best=False)
+
+
+def _write(path, value):
+    from amlp.train.checkpoint import save_checkpoint
+
+    return save_checkpoint(path, model_state={"w": torch.full((2,), float(value))}, optimizer_tensors={},
+                           state={"step": value, "config": {}})
+
+
+def test_a_failed_write_keeps_the_old_checkpoint_and_leaves_nothing_behind(tmp_path, monkeypatch):
+    import amlp.train.checkpoint as ck
+
+    best = tmp_path / "checkpoints" / "best"
+    _write(best, 1)
+    real_replace = os.replace
+    calls = []
+
+    def failing_swap(src, dst):  # the rename of the new checkpoint into place fails
+        calls.append((src, dst))
+        if ".tmp-" in str(src):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(ck.os, "replace", failing_swap)
+    with pytest.raises(OSError, match="disk full"):
+        _write(best, 2)
+    monkeypatch.setattr(ck.os, "replace", real_replace)
+    assert load_checkpoint(best).state["step"] == 1 and torch.equal(weights(tmp_path, "best")["w"], torch.ones(2))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best"]  # no temporary or old folder left
+
+    def failing_save(*args, **kwargs):  # the new checkpoint cannot even be written
+        raise OSError("no space")
+
+    monkeypatch.setattr(ck, "save_file", failing_save)
+    with pytest.raises(OSError, match="no space"):
+        _write(best, 3)
+    assert load_checkpoint(best).state["step"] == 1
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["best"]
+
+
+def test_old_best_stays_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    import amlp.train.checkpoint as ck
+
+    best = tmp_path / "checkpoints" / "best"
+    _write(best, 1)
+    seen = []
+    real_save = ck.save_file
+
+    def spying_save(tensors, filename, **kw):  # while the new files are written, the old best is intact
+        seen.append(load_checkpoint(best).state["step"])
+        return real_save(tensors, filename, **kw)
+
+    monkeypatch.setattr(ck, "save_file", spying_save)
+    _write(best, 2)
+    assert seen == [1, 1] and load_checkpoint(best).state["step"] == 2
+
+
+def test_resume_keeps_the_best_so_far(tmp_path):
+    # a high rate makes validation wander; after resuming, a worse model must not replace best
+    cfg = dict(eval_every=1, lr=1.0, schedule="constant", clip_norm=0.0)
+    full = Trainer(toy_config(max_steps=20, **cfg), tmp_path / "full").fit()
+    assert full.best["step"] == 17  # the resume below happens after it
+    Trainer(toy_config(max_steps=18, **cfg), tmp_path / "split").fit()
+    resumed = Trainer(toy_config(max_steps=20, **cfg), tmp_path / "split", resume=True).fit()
+    assert resumed.best == full.best
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "best").step == full.best["step"]

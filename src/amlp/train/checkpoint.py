@@ -76,9 +76,15 @@ def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor],
             fh.flush()
             os.fsync(fh.fileno())
         if path.exists():
+            # the old checkpoint stays in place until the new one is complete; it is moved aside only
+            # for the instant of the swap, and put back if the swap fails
             trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(path, trash)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(trash, path)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, path)
