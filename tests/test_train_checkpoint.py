@@ -1,6 +1,7 @@
 """Checkpoints of the training loop: exact resume, interrupts, corrupt and mismatched checkpoints."""
 
 import json
+import math
 import os
 import signal
 
@@ -139,6 +140,8 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, finished_run):
     assert _unchanged(trainer, before)
     # optimiser state that does not fit: same model, one tensor reshaped in the file
     from safetensors.torch import save_file
+
+    from amlp.train.checkpoint import FORMAT
     opt = load_file(str(ckpt / "optimizer.safetensors"))
     opt["optimizer.0.exp_avg"] = opt["optimizer.0.exp_avg"].flatten()[:3].clone()
     save_file(opt, str(ckpt / "optimizer.safetensors"))
@@ -247,3 +250,36 @@ def test_resume_keeps_the_best_so_far(tmp_path):
     resumed = Trainer(toy_config(max_steps=20, **cfg), tmp_path / "split", resume=True).fit()
     assert resumed.best == full.best
     assert load_checkpoint(tmp_path / "split" / "checkpoints" / "best").step == full.best["step"]
+
+
+def test_grad_norm_is_logged_with_and_without_clipping(tmp_path):
+    for clip in (1.0, 0.0):
+        Trainer(toy_config(max_steps=4, clip_norm=clip), tmp_path / f"c{clip}").fit()
+        rows = (tmp_path / f"c{clip}" / "train_log.csv").read_text().strip().splitlines()
+        col = rows[0].split(",").index("grad_norm")
+        norms = [float(r.split(",")[col]) for r in rows[1:]]
+        assert len(norms) == 4 and all(math.isfinite(n) and n > 0 for n in norms), norms
+
+
+def test_eval_of_a_checkpoint_with_nan_weights_is_an_error(tmp_path, finished_run):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from amlp.train.checkpoint import FORMAT
+
+    _, ckpt = finished_run
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": FORMAT})
+    with pytest.raises(CheckpointError, match=f"NaN or infinite weights \\(in {name}"):
+        evaluate_checkpoint(bad)
+    from typer.testing import CliRunner
+
+    from amlp.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(bad)])
+    assert res.exit_code == 1 and "NaN or infinite weights" in res.output and "Traceback" not in res.output

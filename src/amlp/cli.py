@@ -39,10 +39,13 @@ def list_command() -> None:
 @app.command("check")
 def check_command(names: list[str] = typer.Argument(None, help="mixers to check (default: all)")) -> None:
     """Compare each mixer's fast path with its plain reference (float64, with padding)."""
-    from .layers import list_mixers
+    from .layers import list_mixers, mixer_names
     from .layers.check import check_mixer
 
     names = names or [info.name for info in list_mixers()]
+    unknown = [n for n in names if n not in mixer_names()]
+    if unknown:
+        _fail(f"unknown mixer(s) {', '.join(map(repr, unknown))}; registered mixers: {', '.join(mixer_names())}", 2)
     table = Table(title="fast path vs reference (float64)")
     for col in ("mixer", "result", "max abs error", "message"):
         table.add_column(col)
@@ -75,6 +78,24 @@ def _error(message: str) -> None:
 def _fail(message: str, code: int = 1):
     _error(message)
     raise typer.Exit(code)
+
+
+def _describe(err: BaseException) -> str:
+    """A one-line message for an error: OS errors as 'what: path', others as their text."""
+    if isinstance(err, OSError) and err.strerror and not isinstance(err, FileNotFoundError):
+        where = f": {err.filename!r}" if err.filename else ""
+        return f"{err.strerror}{where}"
+    return str(err)
+
+
+def _make_out_dir(out: str, option: str = "--out") -> None:
+    """Create an output folder before any long work, or fail with a one-line message (exit 2)."""
+    import os
+
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as err:
+        _fail(f"{option} {out!r} cannot be created ({_describe(err)})", 2)
 
 
 def _literal(message: str) -> None:
@@ -176,8 +197,8 @@ def _train(task: str, config: str | None, overrides: list[str], run_dir: str | N
     except KeyboardInterrupt:
         console.print("interrupted; the last checkpoint is under the run directory (continue with --resume)")
         raise typer.Exit(130)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        _fail(str(err))
+    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
+        _fail(_describe(err))
     console.print_json(json.dumps({"run_dir": str(result.run_dir), "step": result.step, "val": result.val_metrics,
                                    "test": result.test_metrics, "best": result.best}))
 
@@ -227,8 +248,8 @@ def eval_command(
         overrides.append(f"data.data_dir={data_dir}")
     try:
         metrics = evaluate_checkpoint(checkpoint, split, overrides, device)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        _fail(str(err))
+    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
+        _fail(_describe(err))
     console.print_json(json.dumps({"checkpoint": checkpoint, "split": split, **metrics}))
 
 
@@ -274,8 +295,8 @@ def study_forecasting_command(
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue")
         raise typer.Exit(130)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        _fail(str(err))
+    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
+        _fail(_describe(err))
 
 
 @study_app.command("recall")
@@ -321,8 +342,8 @@ def study_recall_command(
     except KeyboardInterrupt:
         console.print("interrupted; run the same command again to continue")
         raise typer.Exit(130)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        _fail(str(err))
+    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
+        _fail(_describe(err))
 
 
 @data_app.command("download")
@@ -412,6 +433,7 @@ def bench_ops_command(
     except ValueError as exc:
         _error(str(exc))
         raise typer.Exit(2)
+    _make_out_dir(out)
     result = _run_with_progress(run_ops, settings, "bench ops")
     console.print(ops_table(result.rows, settings.baseline))
     console.print(crossover_table(result.crossovers))
@@ -460,6 +482,7 @@ def bench_generation_command(
     except ValueError as exc:
         _error(str(exc))
         raise typer.Exit(2)
+    _make_out_dir(out)
     result = _run_with_progress(run_generation, settings, "bench generation")
     console.print(generation_table(result.rows))
     console.print(headline_table(result.headline))
@@ -504,13 +527,18 @@ def bench_step_command(
     from .bench.sweep import parse_names
 
     try:
-        settings = StepSettings(mixers=parse_names(mixers), positions=[int(p) for p in positions.split(",")],
+        try:
+            position_list = [int(p) for p in positions.split(",")]
+        except ValueError:
+            raise ValueError(f"--positions must be comma-separated integers, got {positions!r}") from None
+        settings = StepSettings(mixers=parse_names(mixers), positions=position_list,
                                 steps=steps, batch=batch, dim=dim, heads=heads, dtype=dtype, device=device,
                                 threads=threads)
         settings.validate()
     except ValueError as exc:
         _error(str(exc))
         raise typer.Exit(2)
+    _make_out_dir(out)
     header, rows = run_step(settings, progress=lambda text: _literal(f"  measured {text}"))
     table = Table(title="one recurrent step at position t")
     for col in ("mixer", "t", "time per step", "vs first t", "state floats", "status"):

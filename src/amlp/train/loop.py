@@ -505,9 +505,10 @@ class Trainer:
                     raise FloatingPointError(f"the loss is {loss.item()} at step {self.step}; lower train.lr, "
                                              "set train.clip_norm or train.precision=fp32")
                 loss.backward()
-                grad_norm = float("nan")
                 if tc.clip_norm > 0:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, tc.clip_norm))
+                else:  # the norm is logged whether or not it is clipped
+                    grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -594,6 +595,11 @@ def load_trained_model(path: str | Path, overrides: list[str] | None = None, dev
     torch.manual_seed(config.seed)
     model = task.build_model()
     check_model_state(model, ckpt.model, f"checkpoint {str(path)!r}")
+    bad = [name for name, t in ckpt.model.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds NaN or infinite weights (in {', '.join(bad[:3])}"
+                              f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); the run diverged before "
+                              "it was saved")
     model.load_state_dict(ckpt.model)
     model.to(resolve_device(device))
     model.eval()
@@ -613,4 +619,8 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: list[s
     amp = autocast_dtype(config.train.precision, dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
         metrics = task.evaluate(model, (move_to(b, dev) for b in loader))
-    return {k: float(v) for k, v in metrics.items()}
+    metrics = {k: float(v) for k, v in metrics.items()}
+    nan = [k for k, v in metrics.items() if math.isnan(v)]
+    if nan:
+        raise ValueError(f"evaluating {str(path)!r} on {split!r} gave NaN for {', '.join(nan)}")
+    return metrics

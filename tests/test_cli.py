@@ -1,0 +1,75 @@
+"""Every subcommand, given a bad argument, exits with a one-line message and no traceback."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from amlp.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ["train", "toy-regression", "--config"]
+
+
+@pytest.fixture(scope="module")
+def toy_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "toy.yaml"
+    path.write_text("task: toy-regression\nseed: 0\ntrain: {batch_size: 8, max_steps: 2, progress: false}\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def a_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("f") / "plain-file"
+    path.write_text("not a folder")
+    return str(path)
+
+
+def cases(toy, a_file):
+    study_f = str(ROOT / "configs/forecasting/study/cpu.yaml")
+    study_r = str(ROOT / "configs/recall/study/cpu.yaml")
+    return [
+        (["check", "nope"], "unknown mixer(s) 'nope'"),
+        (["eval", "--checkpoint", "/nowhere/at/all"], "does not exist"),
+        (["eval", "--checkpoint", a_file], "does not exist"),
+        (["train", "forecasting", "--config", "/nowhere.yaml"], "does not exist"),
+        (["train", "copying", "--config", "/nowhere.yaml"], "does not exist"),
+        (["train", "mqar", "--config", "/nowhere.yaml"], "does not exist"),
+        (TOY + [toy, "--run-dir", a_file + "/run"], "Not a directory"),
+        (TOY + [toy, "--run-dir", a_file + "/run", "--set", "model.hidden=[unclosed"], "not valid YAML"),
+        (TOY + [toy, "--run-dir", a_file + "/x", "--set", "train.lr=-1"], "train.lr"),
+        (TOY + [toy, "--set", "model.hidden=[1, 2]"], "[1, 2]"),  # brackets printed literally
+        (["train", "toy-regression"], "give --config"),
+        (["study", "forecasting", "--config", study_f, "--seeds", "x"], "--seeds must be comma-separated integers"),
+        (["study", "forecasting", "--config", study_f, "--mechanisms", "sofmax"], "unknown mechanism 'sofmax'"),
+        (["study", "forecasting", "--config", "/nowhere.yaml"], "does not exist"),
+        (["study", "recall", "--config", study_r, "--seeds", "x"], "--seeds must be comma-separated integers"),
+        (["study", "recall", "--config", study_r, "--mechanisms", "sofmax"], "unknown mechanism(s) 'sofmax'"),
+        (["study", "recall", "--config", study_r, "--tasks", "copy"], "--tasks: 'copy'"),
+        (["data", "download", "nope"], "unknown data set 'nope'"),
+        (["bench", "ops", "--mixers", "nope"], "unknown mixer 'nope'"),
+        (["bench", "ops", "--quick", "--mixers", "softmax", "--out", a_file + "/out"], "cannot be created"),
+        (["bench", "generation", "--lengths", "x"], "not an integer"),
+        (["bench", "generation", "--quick", "--out", a_file + "/out"], "cannot be created"),
+        (["bench", "step", "--positions", "x"], "--positions must be comma-separated integers"),
+        (["bench", "step", "--mixers", "nope"], "unknown mixer 'nope'"),
+        (["bench", "step", "--out", a_file + "/out"], "cannot be created"),
+        (["bench", "plot", "/nowhere/at/all"], "/nowhere/at/all"),
+        (["bench", "report", "/nowhere/at/all"], "/nowhere/at/all"),
+    ]
+
+
+def test_bad_arguments_give_one_line_errors_without_tracebacks(toy_config, a_file):
+    runner = CliRunner()
+    for args, needle in cases(toy_config, a_file):
+        res = runner.invoke(app, args)
+        assert res.exit_code in (1, 2), (args, res.exit_code, res.output)
+        assert "Traceback" not in res.output, (args, res.output)
+        assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
+        assert needle in res.output, (args, res.output)
+
+
+def test_a_diverging_run_is_a_message_not_a_traceback(toy_config, tmp_path):
+    res = CliRunner().invoke(app, TOY + [toy_config, "--run-dir", str(tmp_path / "r"), "--set", "train.lr=1e30",
+                                         "--set", "train.max_steps=20"])
+    assert res.exit_code == 1 and "lower train.lr" in res.output and "Traceback" not in res.output
