@@ -170,3 +170,46 @@ def test_softmax_attention_dropout_acts_in_training_only():
     assert not torch.allclose(m(x), m(x))
     with pytest.raises(ValueError, match="attn_dropout"):
         amlp.build_mixer("softmax", dim=16, heads=2, attn_dropout=1.0)
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_step_refuses_a_missing_or_mismatched_state(name):
+    if not caps(name).recurrent:
+        pytest.skip("no recurrent step")
+    m = build(name, causal=True)
+    x_t = torch.randn(2, DIM, dtype=torch.float64)
+    with pytest.raises(ValueError, match="state is None"):
+        m.step(x_t, None)
+    with pytest.raises(ValueError, match=r"made for batch size 3, but x_t has batch size 2"):
+        m.step(x_t, m.init_state(3, dtype=torch.float64))
+    for bad in (-1, 0, True, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be a positive int"):
+            m.init_state(bad)
+    with pytest.raises(ValueError, match="x_t must be shaped"):
+        m.step(torch.randn(2, DIM + 1, dtype=torch.float64), m.init_state(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="x_t has dtype torch.float32 but the mixer's parameters are torch.float64"):
+        m.step(x_t.float(), m.init_state(2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_an_input_of_another_dtype_is_a_clear_error(name):
+    m = amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=default_causal(name))  # float32
+    with pytest.raises(ValueError, match="x has dtype torch.float64 but the mixer's parameters are torch.float32"):
+        m(torch.randn(2, 5, DIM, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast a mismatch is expected
+        assert m(torch.randn(2, 5, DIM, dtype=torch.float64).float()).shape == (2, 5, DIM)
+
+
+@pytest.mark.parametrize("name,option", [("amlp-cov", "landmarks"), ("amlp-pquery", "landmarks"),
+                                         ("nystrom", "landmarks"), ("abc", "landmarks"), ("lara", "landmarks"),
+                                         ("performer", "approx_attn_dim"), ("linformer", "proj_len")])
+def test_a_boolean_is_not_a_size(name, option):
+    with pytest.raises(ValueError, match=option):
+        amlp.build_mixer(name, dim=DIM, heads=HEADS, **{option: True})
+
+
+def test_an_unknown_option_is_a_value_error_naming_it():
+    with pytest.raises(ValueError, match=r"mixer 'linformer' takes no option\(s\) 'k'; its options: proj_len"):
+        amlp.build_mixer("linformer", dim=DIM, heads=HEADS, k=8)
+    with pytest.raises(ValueError, match="'landmark'"):
+        amlp.build_mixer("amlp-cov", dim=DIM, heads=HEADS, landmark=8)

@@ -85,7 +85,7 @@ class AMLP(ProjectedMixer):
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.chunk_size = chunk_size
-        if not isinstance(landmarks, int) or landmarks < 1:
+        if isinstance(landmarks, bool) or not isinstance(landmarks, int) or landmarks < 1:
             raise ValueError(f"landmarks must be an int >= 1, got {landmarks!r}")
         check_activation(activation)
         if form not in FORMS:

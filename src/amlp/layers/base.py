@@ -10,6 +10,7 @@ Masks are boolean ``[B, T]`` / ``[B, S]``, True = real token. Causality is fixed
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -37,18 +38,85 @@ class Capabilities:
         return asdict(self)
 
 
+def check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+
+def _state_tensors(state):
+    if isinstance(state, torch.Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from _state_tensors(value)
+    elif isinstance(state, (tuple, list)):
+        for value in state:
+            yield from _state_tensors(value)
+
+
+def check_state(state, batch: int, name: str) -> None:
+    """A recurrent state must be what ``init_state`` (or a previous ``step``) returned, for the
+    batch size of ``x_t``: every tensor in it has that batch size as its first dimension."""
+    if state is None:
+        raise ValueError(f"mixer {name!r}: state is None; start from state = mixer.init_state(batch_size) and pass "
+                         "on the state each step returns")
+    tensors = list(_state_tensors(state))
+    if not tensors:
+        raise ValueError(f"mixer {name!r}: state holds no tensors (got {type(state).__name__}); use the state "
+                         "init_state or step returned")
+    for t in tensors:
+        if t.dim() >= 1 and t.shape[0] != batch:
+            raise ValueError(f"mixer {name!r}: the state was made for batch size {t.shape[0]}, but x_t has batch "
+                             f"size {batch}; call init_state({batch})")
+
+
+def _checked_step(step):
+    @functools.wraps(step)
+    def checked(self, x_t, state):
+        if self.capabilities.recurrent and not self.causal:
+            raise ValueError("step() needs a causal mixer; build it with causal=True")
+        if not isinstance(x_t, torch.Tensor) or x_t.dim() != 2 or x_t.shape[-1] != self.dim:
+            shape = tuple(x_t.shape) if isinstance(x_t, torch.Tensor) else type(x_t).__name__
+            raise ValueError(f"x_t must be shaped [B, E] with E = {self.dim}, got {shape}")
+        self._check_dtype(x_t, "x_t")
+        check_state(state, x_t.shape[0], self.mixer_name)
+        return step(self, x_t, state)
+
+    return checked
+
+
+def _checked_init_state(init_state):
+    @functools.wraps(init_state)
+    def checked(self, batch_size, *args, **kwargs):
+        check_batch_size(batch_size)
+        return init_state(self, batch_size, *args, **kwargs)
+
+    return checked
+
+
 class Mixer(nn.Module):
-    """Base class of every sequence mixer; subclasses implement :meth:`mix_tokens`."""
+    """Base class of every sequence mixer; subclasses implement :meth:`mix_tokens`.
+
+    The recurrent interface of every subclass is checked here: ``init_state`` takes a positive batch
+    size, and ``step`` takes ``x_t`` ``[B, E]`` and a state made for that batch size.
+    """
 
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: registry name, filled in by :func:`amlp.layers.registry.register_mixer`
     mixer_name: ClassVar[str] = "mixer"
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "step" in cls.__dict__:
+            cls.step = _checked_step(cls.__dict__["step"])
+        if "init_state" in cls.__dict__:
+            cls.init_state = _checked_init_state(cls.__dict__["init_state"])
+
     def __init__(self, dim: int, heads: int, *, causal: bool = False, cross: bool = False):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")
-        if not isinstance(heads, int) or heads < 1:
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
             raise ValueError(f"heads must be a positive int, got {heads!r}")
         if dim % heads != 0:
             raise ValueError(f"dim must be divisible by heads, got dim={dim}, heads={heads}")
@@ -114,6 +182,15 @@ class Mixer(nn.Module):
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
         if t.shape[1] == 0:
             raise ValueError(f"{name} must hold at least one token, got length 0")
+        self._check_dtype(t, name)
+
+    def _check_dtype(self, t: torch.Tensor, name: str) -> None:
+        """Outside autocast, the input must have the dtype of the parameters."""
+        p = next(self.parameters(), None)
+        if p is None or t.dtype == p.dtype or torch.is_autocast_enabled(t.device.type):
+            return
+        raise ValueError(f"{name} has dtype {t.dtype} but the mixer's parameters are {p.dtype}; convert one of them "
+                         f"(mixer.to({t.dtype}) or {name}.to({p.dtype})), or run under torch.autocast")
 
     def mix_tokens(self, x, context, x_mask, context_mask) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -43,7 +43,7 @@ class CosFormer(ProjectedMixer):
         super().__init__(dim, heads, causal=causal, cross=cross, dropout=dropout, bias=bias)
         if causal and max_length is None:
             max_length = DEFAULT_CAUSAL_HORIZON
-        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
             raise ValueError(f"max_length must be an int >= 1 or None, got {max_length!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")

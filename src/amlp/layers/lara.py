@@ -41,11 +41,11 @@ class LARA(ProjectedMixer):
                  landmarks: int = 16, mis_weights: str = "query", seed: int = 0, redraw: bool = False,
                  dropout: float = 0.0, bias: bool = True):
         super().__init__(dim, heads, causal=causal, cross=cross, dropout=dropout, bias=bias)
-        if not isinstance(landmarks, int) or landmarks < 1:
+        if isinstance(landmarks, bool) or not isinstance(landmarks, int) or landmarks < 1:
             raise ValueError(f"landmarks must be an int >= 1, got {landmarks!r}")
         if mis_weights not in MIS_WEIGHTS:
             raise ValueError(f"mis_weights must be one of {MIS_WEIGHTS}, got {mis_weights!r}")
-        if not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.landmarks = landmarks
         self.mis_weights = mis_weights

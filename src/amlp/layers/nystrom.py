@@ -42,12 +42,12 @@ class Nystromformer(ProjectedMixer):
                  landmarks: int = DEFAULT_LANDMARKS, pinv_iterations: int = DEFAULT_PINV_ITERATIONS,
                  conv_kernel: int | None = None, dropout: float = 0.0, bias: bool = True):
         super().__init__(dim, heads, causal=causal, cross=cross, dropout=dropout, bias=bias)
-        if not isinstance(landmarks, int) or landmarks < 1:
+        if isinstance(landmarks, bool) or not isinstance(landmarks, int) or landmarks < 1:
             raise ValueError(f"landmarks must be an int >= 1, got {landmarks!r}")
-        if not isinstance(pinv_iterations, int) or pinv_iterations < 0:
+        if isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int) or pinv_iterations < 0:
             raise ValueError(f"pinv_iterations must be an int >= 0, got {pinv_iterations!r}")
         if conv_kernel is not None:
-            if not isinstance(conv_kernel, int) or conv_kernel < 1 or conv_kernel % 2 == 0:
+            if isinstance(conv_kernel, bool) or not isinstance(conv_kernel, int) or conv_kernel < 1 or conv_kernel % 2 == 0:
                 raise ValueError(f"conv_kernel must be an odd int >= 1 or None, got {conv_kernel!r}")
             if cross:
                 raise ValueError("conv_kernel needs self-attention; a convolution skip cannot align a separate context")

@@ -49,9 +49,9 @@ class Performer(ProjectedMixer):
                  approx_attn_dim: int = 64, seed: int = 0, redraw: bool = False,
                  dropout: float = 0.0, bias: bool = True):
         super().__init__(dim, heads, causal=causal, cross=cross, dropout=dropout, bias=bias)
-        if not isinstance(approx_attn_dim, int) or approx_attn_dim < 1:
+        if isinstance(approx_attn_dim, bool) or not isinstance(approx_attn_dim, int) or approx_attn_dim < 1:
             raise ValueError(f"approx_attn_dim must be an int >= 1, got {approx_attn_dim!r}")
-        if not isinstance(seed, int):
+        if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.approx_attn_dim = approx_attn_dim
         self.seed = seed

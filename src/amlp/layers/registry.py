@@ -85,4 +85,25 @@ def build_mixer(name: str, *, dim: int, heads: int, causal: bool = False, cross:
         raise ValueError(f"mixer {name!r} has no non-causal form (capability 'noncausal'); pass causal=True")
     if cross and not caps.cross:
         raise ValueError(f"mixer {name!r} cannot mix a separate context (capability 'cross')")
+    accepted = mixer_options(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"mixer {name!r} takes no option(s) {', '.join(map(repr, unknown))}; its options: "
+                         f"{', '.join(accepted) or 'none'}")
     return info.cls(dim=dim, heads=heads, causal=causal, cross=cross, **options)
+
+
+def mixer_options(name: str) -> list[str]:
+    """The constructor options of the mixer registered as ``name`` (beyond dim, heads, causal, cross)."""
+    import inspect
+
+    cls = get_mixer_info(name).cls
+    names: list[str] = []
+    for klass in cls.__mro__:  # subclasses that forward **options take their parent's
+        if "__init__" not in klass.__dict__:
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        names += [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            break
+    return [n for n in names if n not in ("causal", "cross", "variant")]
