@@ -138,3 +138,18 @@ def test_fast_form_never_builds_t_by_t_logits(monkeypatch, causal):
     local_attention(q, k, v, wsize=wsize, causal=causal)
     (q_shape, k_shape), = seen
     assert q_shape[-2] <= wsize and k_shape[-2] <= 3 * wsize  # queries per block x keys per window
+
+
+def test_a_non_finite_token_reaches_only_the_causal_window():
+    import amlp
+
+    torch.manual_seed(0)
+    m = amlp.build_mixer("local", dim=8, heads=2, causal=True, wsize=3).double().eval()
+    x = torch.randn(1, 12, 8, dtype=torch.float64)
+    x[0, 4] = float("nan")
+    y = m(x)
+    assert torch.isnan(y[0, 4:7]).all()  # positions 4, 5, 6 see position 4
+    assert torch.isfinite(y[0, :4]).all() and torch.isfinite(y[0, 7:]).all()
+    clean = x.clone()
+    clean[0, :5] = torch.randn(5, 8, dtype=torch.float64)  # the past beyond the window does not matter
+    torch.testing.assert_close(m(clean)[0, 7:], y[0, 7:])

@@ -213,3 +213,109 @@ def test_an_unknown_option_is_a_value_error_naming_it():
         amlp.build_mixer("linformer", dim=DIM, heads=HEADS, k=8)
     with pytest.raises(ValueError, match="'landmark'"):
         amlp.build_mixer("amlp-cov", dim=DIM, heads=HEADS, landmark=8)
+
+
+# --- NaN poisoning: padding and the future are selected out, never multiplied by zero ---------------
+POISONS = (float("nan"), float("inf"))
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf"])
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_poisoned_padding_reaches_no_real_output_or_gradient(name, poison):
+    if not caps(name).padding:
+        pytest.skip("mixer takes no padding masks")
+    torch.manual_seed(0)
+    m = build(name)
+    T, n_real = 12, 8
+    x = torch.randn(2, T, DIM, dtype=torch.float64)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, n_real:] = False
+    clean = x.clone().requires_grad_(True)
+    bad = x.clone()
+    bad[1, n_real:] = poison
+    bad.requires_grad_(True)
+    y_clean, y_bad = m(clean, x_mask=mask), m(bad, x_mask=mask)
+    real = mask
+    assert torch.isfinite(y_bad[real]).all()
+    torch.testing.assert_close(y_bad[real], y_clean[real], rtol=1e-9, atol=1e-10)
+    grad = torch.randn_like(y_clean)[real]
+    params = [p for p in m.parameters() if p.requires_grad]
+    g_clean = torch.autograd.grad(y_clean[real], [clean] + params, grad, allow_unused=True)
+    g_bad = torch.autograd.grad(y_bad[real], [bad] + params, grad, allow_unused=True)
+    assert torch.isfinite(g_bad[0][real]).all()
+    torch.testing.assert_close(g_bad[0][real], g_clean[0][real], rtol=1e-8, atol=1e-10)
+    for (pname, _), a, b in zip(m.named_parameters(), g_bad[1:], g_clean[1:]):
+        if a is not None:
+            assert torch.isfinite(a).all(), pname
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=pname)
+
+
+@pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf"])
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_a_poisoned_future_reaches_no_past_output_or_gradient(name, poison):
+    if not caps(name).causal:
+        pytest.skip("no causal form")
+    torch.manual_seed(0)
+    m = build(name, causal=True)
+    T, t = 10, 5
+    x = torch.randn(2, T, DIM, dtype=torch.float64)
+    clean = x.clone().requires_grad_(True)
+    bad = x.clone()
+    bad[:, t] = poison
+    bad.requires_grad_(True)
+    y_clean, y_bad = m(clean), m(bad)
+    assert torch.isfinite(y_bad[:, :t]).all()
+    torch.testing.assert_close(y_bad[:, :t], y_clean[:, :t], rtol=1e-9, atol=1e-10)
+    # the outputs the bad token can reach are NaN, not a finite value computed without it
+    reach = T if name != "local" else min(T, t + m.wsize)
+    assert torch.isnan(y_bad[:, t:reach]).all() and torch.isfinite(y_bad[:, reach:]).all()
+    grad = torch.randn_like(y_clean[:, :t])
+    params = [p for p in m.parameters() if p.requires_grad]
+    g_clean = torch.autograd.grad(y_clean[:, :t], [clean] + params, grad, allow_unused=True)
+    g_bad = torch.autograd.grad(y_bad[:, :t], [bad] + params, grad, allow_unused=True)
+    assert torch.isfinite(g_bad[0]).all()
+    torch.testing.assert_close(g_bad[0], g_clean[0], rtol=1e-8, atol=1e-10)
+    for (pname, _), a, b in zip(m.named_parameters(), g_bad[1:], g_clean[1:]):
+        if a is not None:
+            assert torch.isfinite(a).all(), pname
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=pname)
+    if caps(name).recurrent:  # the step sees only the clean past, and agrees with the poisoned forward
+        state = m.init_state(2, dtype=torch.float64)
+        for i in range(t):
+            y_i, state = m.step(x[:, i], state)
+            torch.testing.assert_close(y_i, y_bad[:, i].detach(), rtol=1e-7, atol=1e-9)
+
+
+# --- the correctness gate fails on what it is there to catch -----------------------------------------
+def _patched_gate(monkeypatch, change):
+    from amlp.layers.softmax import SoftmaxAttention
+
+    original = SoftmaxAttention.mix_heads
+
+    def broken(self, q, k, v, q_mask, kv_mask):
+        return change(self, original(self, q, k, v, q_mask, kv_mask), q_mask)
+
+    monkeypatch.setattr(SoftmaxAttention, "mix_heads", broken)
+    return check_mixer("softmax")
+
+
+def test_gate_catches_a_leak_into_padded_outputs(monkeypatch):
+    res = _patched_gate(monkeypatch, lambda self, out, m: out + (0.0 if m is None else (~m)[:, :, None, None] * 0.1))
+    assert not res.passed and res.message.startswith("non-causal:")
+
+
+def test_gate_catches_a_wrong_parameter_gradient(monkeypatch):
+    def change(self, out, m):  # the same value, a different gradient for q_proj.weight
+        w = self.q_proj.weight
+        return out + 1e-3 * (w - w.detach()).sum()
+
+    res = _patched_gate(monkeypatch, change)
+    assert not res.passed and "gradient of q_proj.weight" in res.message
+
+
+def test_gate_checks_the_causal_form_too(monkeypatch):
+    res = _patched_gate(monkeypatch, lambda self, out, m: out + (1e-3 if self.causal else 0.0))
+    assert not res.passed and res.message.startswith("causal:")
+    assert check_mixer("softmax", causal=False).passed  # only the given form is checked
+    monkeypatch.undo()
+    assert check_mixer("softmax").passed

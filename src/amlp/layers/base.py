@@ -94,6 +94,13 @@ def _checked_init_state(init_state):
     return checked
 
 
+def _select_real(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``t`` with its padded rows (``mask`` False) replaced by zeros, by selection."""
+    if mask is None:
+        return t
+    return torch.where(mask.unsqueeze(-1), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 class Mixer(nn.Module):
     """Base class of every sequence mixer; subclasses implement :meth:`mix_tokens`.
 
@@ -172,7 +179,26 @@ class Mixer(nn.Module):
                     f"mixer {self.mixer_name!r} has a maximum length of {limit} (capability 'max_length'); "
                     f"{name} has length {t.shape[1]}"
                 )
-        return self.mix_tokens(x, context, x_mask, context_mask)
+        # padding is selected out before anything is computed from it: a NaN or inf in a padded
+        # position then reaches neither a real output nor a gradient (a mask that multiplies would
+        # turn 0 * NaN into NaN)
+        x = _select_real(x, x_mask)
+        if context is not None:
+            context = _select_real(context, context_mask)
+        if not self.causal:
+            return self.mix_tokens(x, context, x_mask, context_mask)
+        # causal: a non-finite token is selected out before mixing, so it cannot reach an earlier
+        # output through a product with a zero weight; the outputs it can reach are set to NaN after
+        bad = ~torch.isfinite(x).all(-1)
+        x = torch.where(bad.unsqueeze(-1), torch.zeros((), dtype=x.dtype, device=x.device), x)
+        y = self.mix_tokens(x, context, x_mask, context_mask)
+        reached = self.poison_reach(bad)
+        return torch.where(reached.unsqueeze(-1), torch.full((), float("nan"), dtype=y.dtype, device=y.device), y)
+
+    def poison_reach(self, bad: torch.Tensor) -> torch.Tensor:
+        """Causal forms: which outputs ``[B, T]`` a non-finite input at the ``bad`` positions
+        ``[B, T]`` reaches (by default every later position; a window mixer overrides this)."""
+        return torch.cumsum(bad.to(torch.int32), dim=1) > 0
 
     def _check_input(self, t: torch.Tensor, name: str) -> None:
         if not isinstance(t, torch.Tensor) or t.dim() != 3 or t.shape[-1] != self.dim:

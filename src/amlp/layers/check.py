@@ -20,28 +20,51 @@ class CheckResult:
 def check_mixer(name: str, *, dim: int = 24, heads: int = 3, length: int = 13, batch: int = 2,
                 tolerance: float = 1e-8, seed: int = 0, **options) -> CheckResult:
     """Run mixer ``name`` and its reference in float64 on a small random input (with padding where
-    the mixer supports it) and compare outputs and input gradients."""
+    the mixer supports it) and compare the outputs at every position (padded ones included: the
+    reference defines them too), the input gradient and every parameter gradient.
+
+    Every form the mixer has is checked (non-causal and causal) unless ``causal`` is given in
+    ``options``.
+    """
     info = get_mixer_info(name)
     caps = info.capabilities
-    gen = torch.Generator().manual_seed(seed)
-    try:
-        torch.manual_seed(seed)
-        mixer = build_mixer(name, dim=dim, heads=heads, causal=not caps.noncausal, **options).double().eval()
-        x = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
-        mask = None
-        if caps.padding and batch > 1:
-            mask = torch.ones(batch, length, dtype=torch.bool)
-            mask[-1, length - max(1, length // 3):] = False
-        fast = mixer(x, x_mask=mask)
-        (g_fast,) = torch.autograd.grad(fast.square().sum(), x)
-        ref = mixer.reference(x, x_mask=mask)
-        (g_ref,) = torch.autograd.grad(ref.square().sum(), x)
-    except Exception as exc:  # the gate reports any failure rather than crashing the caller
-        return CheckResult(name, False, float("nan"), f"{type(exc).__name__}: {exc}")
-    if mask is not None:
-        keep = mask[:, :, None]
-        fast, ref = fast * keep, ref * keep
-    err = max((fast - ref).abs().max().item(), (g_fast - g_ref).abs().max().item())
-    scale = max(1.0, ref.abs().max().item())
-    ok = bool(torch.isfinite(fast).all()) and err <= tolerance * scale
-    return CheckResult(name, ok, err, "" if ok else f"max abs error {err:.3g} > {tolerance:g}")
+    if "causal" in options:
+        forms = [bool(options.pop("causal"))]
+    else:
+        forms = [c for c, has in ((False, caps.noncausal), (True, caps.causal)) if has]
+    worst = 0.0
+    for causal in forms:
+        label = "causal" if causal else "non-causal"
+        gen = torch.Generator().manual_seed(seed)
+        try:
+            torch.manual_seed(seed)
+            mixer = build_mixer(name, dim=dim, heads=heads, causal=causal, **options).double().eval()
+            x = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+            mask = None
+            if caps.padding and batch > 1:
+                mask = torch.ones(batch, length, dtype=torch.bool)
+                mask[-1, length - max(1, length // 3):] = False
+            params = [p for p in mixer.parameters() if p.requires_grad]
+            fast = mixer(x, x_mask=mask)
+            weights = torch.randn(fast.shape, generator=gen, dtype=torch.float64)
+            g_fast = torch.autograd.grad((fast * weights).sum(), [x] + params, allow_unused=True)
+            ref = mixer.reference(x, x_mask=mask)
+            g_ref = torch.autograd.grad((ref * weights).sum(), [x] + params, allow_unused=True)
+        except Exception as exc:  # the gate reports any failure rather than crashing the caller
+            return CheckResult(name, False, float("nan"), f"{label}: {type(exc).__name__}: {exc}")
+        names = ["input"] + [n for n, p in mixer.named_parameters() if p.requires_grad]
+        errors = {"output": (fast - ref).abs().max().item()}
+        for n, a, b in zip(names, g_fast, g_ref):
+            if (a is None) != (b is None):
+                return CheckResult(name, False, float("nan"),
+                                   f"{label}: the gradient of {n} exists in one path only")
+            if a is not None:
+                errors[f"gradient of {n}"] = (a - b).abs().max().item()
+        scale = max(1.0, ref.abs().max().item())
+        what, err = max(errors.items(), key=lambda kv: kv[1] if kv[1] == kv[1] else float("inf"))
+        finite = bool(torch.isfinite(fast).all()) and all(e == e for e in errors.values())
+        if not finite or err > tolerance * scale:
+            return CheckResult(name, False, err, f"{label}: max abs error {err:.3g} > {tolerance:g} ({what})"
+                               if finite else f"{label}: non-finite output or gradient")
+        worst = max(worst, err)
+    return CheckResult(name, True, worst, "")

@@ -54,6 +54,12 @@ class LocalAttention(ProjectedMixer):
         return local_attention_reference(q, k, v, wsize=self.wsize, q_mask=q_mask, kv_mask=kv_mask,
                                          causal=self.causal)
 
+    def poison_reach(self, bad: torch.Tensor) -> torch.Tensor:
+        """A token reaches the next ``wsize`` outputs only (the causal window)."""
+        count = torch.cumsum(bad.to(torch.int32), dim=1)
+        before = torch.nn.functional.pad(count, (self.wsize, 0))[:, : count.shape[1]]
+        return count - before > 0
+
     # -- recurrent form: a rolling cache of the last wsize keys and values ------------------------
     def init_state(self, batch_size: int, *, device=None, dtype=None):
         if not self.causal:

@@ -67,10 +67,12 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def padded_rows_to_zero(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Zero the rows of ``x`` (``[B, T, ...]``) where ``mask`` (``[B, T]``) is False."""
+    """Zero the rows of ``x`` (``[B, T, ...]``) where ``mask`` (``[B, T]``) is False, by selection (a
+    NaN or inf in such a row gives 0, where multiplying by a zero mask would give NaN)."""
     if mask is None:
         return x
-    return x * mask.view(mask.shape + (1,) * (x.dim() - 2)).to(x.dtype)
+    keep = mask.view(mask.shape + (1,) * (x.dim() - 2))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def real_counts(mask: torch.Tensor | None, batch: int, length: int, dtype, device) -> torch.Tensor:

@@ -37,9 +37,13 @@ def heads_first(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous()
 
 
-def _weights(mask: torch.Tensor | None, like: torch.Tensor, rows=slice(None)) -> torch.Tensor | None:
-    """``[B, t, 1, 1]`` float weights of a mask slice, or None."""
-    return None if mask is None else mask[:, rows, None, None].to(like.dtype)
+def _select(x: torch.Tensor, mask: torch.Tensor | None, rows=slice(None)) -> torch.Tensor:
+    """The rows ``rows`` of ``x`` (``[B, T, ...]``, or already sliced when ``x`` has ``len(rows)``
+    rows) with padded rows set to zero by selection, never by multiplying with a zero mask."""
+    if mask is None:
+        return x
+    keep = mask[:, rows].view(mask.shape[0], -1, *([1] * (x.dim() - 2)))
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,15 +52,12 @@ def _weights(mask: torch.Tensor | None, like: torch.Tensor, rows=slice(None)) ->
 
 def gram(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``G[b, h] = sum_t m_t x_t^T y_t``: ``[B, T, H, D] x [B, T, H, E] -> [B, H, D, E]``."""
-    w = _weights(mask, x)
-    return torch.einsum("bthd,bthe->bhde", x if w is None else x * w, y)
+    return torch.einsum("bthd,bthe->bhde", _select(x, mask), _select(y, mask))
 
 
 def sumsq(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Per-column sum of squares over real positions: ``[B, T, H, D] -> [B, H, D]``."""
-    sq = x.square()
-    w = _weights(mask, x)
-    return (sq if w is None else sq * w).sum(1)
+    return _select(x, mask).square().sum(1)
 
 
 def write(grad_buf: torch.Tensor, rows: slice, part: torch.Tensor, first: bool) -> None:
@@ -79,17 +80,14 @@ def add_linear_vjp(grad_buf: torch.Tensor, xs: tuple[torch.Tensor, ...], mats: t
     for rows in row_chunks(xs[0]):
         x = torch.cat([heads_first(t[:, rows]) for t in xs], dim=-1) if len(xs) > 1 else heads_first(xs[0][:, rows])
         part = torch.matmul(x, mat).transpose(1, 2)  # [B, t, H, E]
-        w = _weights(mask, part, rows)
-        write(grad_buf, rows, part if w is None else part * w, first)
+        write(grad_buf, rows, _select(part, mask, rows), first)
 
 
 def add_sumsq_vjp(grad_buf: torch.Tensor, x: torch.Tensor, grad_sumsq: torch.Tensor, mask: torch.Tensor | None) -> None:
     """VJP of :func:`sumsq`: ``grad_buf += 2 m x * dS`` (``dS`` is ``[B, H, D]``)."""
     scale = (2.0 * grad_sumsq).unsqueeze(1)  # [B, 1, H, D]
     for rows in row_chunks(x):
-        w = _weights(mask, x, rows)
-        xs = x[:, rows] if w is None else x[:, rows] * w
-        grad_buf[:, rows].addcmul_(xs, scale)
+        grad_buf[:, rows].addcmul_(_select(x[:, rows], mask, rows), scale)
 
 
 class _MaskedGram(torch.autograd.Function):
