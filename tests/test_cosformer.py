@@ -120,3 +120,23 @@ def test_horizon_options():
         cosformer_attention(q, k, v, max_length=3)
     # a fixed horizon changes the weights of a non-causal layer
     assert not torch.allclose(cosformer_attention(q, k, v), cosformer_attention(q, k, v, max_length=8))
+
+
+def test_positions_count_real_tokens_from_one_with_or_without_a_mask():
+    from amlp.ops.cosformer import positions
+
+    assert positions(None, 1, 4, None, torch.float64).tolist() == [[1, 2, 3, 4]]
+    mask = torch.tensor([[True, False, True, True]])
+    assert positions(mask, 1, 4, None, torch.float64).tolist() == [[1, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_an_all_true_mask_on_one_side_changes_nothing(causal):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 2, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    ones = torch.ones(2, 7, dtype=torch.bool)
+    horizon = {"max_length": 9} if causal else {}  # the causal form needs a fixed horizon
+    plain = cosformer_attention(q, k, v, causal=causal, **horizon)
+    for kw in ({"q_mask": ones}, {"kv_mask": ones}, {"q_mask": ones, "kv_mask": ones}):
+        torch.testing.assert_close(cosformer_attention(q, k, v, causal=causal, **horizon, **kw), plain)
+        torch.testing.assert_close(cosformer_attention_reference(q, k, v, causal=causal, **horizon, **kw), plain)

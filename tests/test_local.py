@@ -40,10 +40,12 @@ def test_larger_block_size_gives_the_same_result():
         local_attention(q, k, v, wsize=5, block_size=1)
 
 
+@pytest.mark.parametrize("wsize", [4, 5, 6])
 @pytest.mark.parametrize("causal", [False, True])
-def test_window_is_exactly_the_documented_one(causal):
-    """The gradient of output i reaches exactly the keys of i's window."""
-    T, wsize = 13, 5
+def test_window_is_exactly_the_documented_one(causal, wsize):
+    """The gradient of output i reaches exactly the keys of i's window (written here, independent of
+    the package's window_offsets), for odd and even window sizes."""
+    T = 13
     q, k, v = _qkv(1, T, 1, 4)
     out = local_attention(q, k, v, wsize=wsize, causal=causal)
     for i in range(T):
