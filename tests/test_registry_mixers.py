@@ -319,3 +319,29 @@ def test_gate_checks_the_causal_form_too(monkeypatch):
     assert check_mixer("softmax", causal=False).passed  # only the given form is checked
     monkeypatch.undo()
     assert check_mixer("softmax").passed
+
+
+@pytest.mark.parametrize("name", ALL_MIXERS)
+def test_bfloat16_module_stays_within_the_mixers_own_conditioning(name):
+    # A bfloat16 module (weights, input and every intermediate rounded to 8 bits) differs from the
+    # float32 one by the rounding, amplified by how sensitive the function itself is. That
+    # sensitivity is measured in float32, by perturbing the input relatively by 2**-8 (the size of
+    # bfloat16 rounding); the bfloat16 error must stay within a small multiple of it. More means some
+    # step accumulates or normalises in low precision (as AMLP's head LayerNorm once did: 9-14 %).
+    # Mixers with discontinuous selections (HyperMLP's ReLU/L2 at the first tokens, the stable causal
+    # AMLP's column norms over a one-token prefix) are ill-conditioned there in float32 as well.
+    for causal in [c for c, has in ((False, caps(name).noncausal), (True, caps(name).causal)) if has]:
+        torch.manual_seed(0)
+        m = amlp.build_mixer(name, dim=64, heads=4, causal=causal).eval()
+        x = torch.randn(2, 256 if not caps(name).max_length else min(256, caps(name).max_length), 64)
+        y32 = m(x)
+        half = amlp.build_mixer(name, dim=64, heads=4, causal=causal).eval()
+        half.load_state_dict(m.state_dict())
+        y16 = half.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
+
+        def rel(y):
+            return ((y - y32).abs().max() / y32.abs().max()).item()
+
+        g = torch.Generator().manual_seed(1)
+        sensitivity = max(rel(m(x * (1 + 2 ** -8 * torch.randn(x.shape, generator=g)))) for _ in range(3))
+        assert rel(y16) <= max(0.015, 2.5 * sensitivity), (causal, rel(y16), sensitivity)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._checks import compute_dtype
 from ..ops._common import check_activation
 from ..ops.amlp import FORMS, amlp_cov, amlp_cov_reference, amlp_pquery, amlp_pquery_reference
 from ..ops.amlp_causal import (
@@ -135,6 +136,11 @@ class AMLP(ProjectedMixer):
             self.conv_dropout = nn.Dropout(conv_dropout)
 
     def _mix(self, cov_op, pquery_op, q, k, v, q_mask, kv_mask):
+        # half-precision heads are mixed, and normalised (head_output), in float32: an AMLP head's
+        # output can be a large common value plus small per-feature differences, which rounding it
+        # to 8 bits before the LayerNorm would erase
+        cdt = compute_dtype(q.dtype)
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         common = dict(q_mask=q_mask, kv_mask=kv_mask, activation=self.activation, form=self.form,
                       temperature=self.temperature, scale=self.scale)
         if self.causal:
@@ -172,7 +178,11 @@ class AMLP(ProjectedMixer):
         return out + self.conv_dropout(F.relu(conv)).to(out.dtype)
 
     def head_output(self, out):
-        return out if self.out_norm is None else self.out_norm(out)
+        dtype = self.out_proj.weight.dtype
+        if self.out_norm is not None:
+            n = self.out_norm
+            out = F.layer_norm(out, n.normalized_shape, n.weight.to(out.dtype), n.bias.to(out.dtype), n.eps)
+        return out.to(dtype)
 
     def mix_heads(self, q, k, v, q_mask, kv_mask):
         if self.causal:
@@ -201,7 +211,8 @@ class AMLP(ProjectedMixer):
             raise ValueError(f"x_t must be shaped [B, E] with E = {self.dim}, got {shape}")
         x = x_t.unsqueeze(1)
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out, state = amlp_cov_causal(q, k, v, self.cq, self.ck, activation=self.activation, form=self.form,
+        cdt = compute_dtype(q.dtype)
+        out, state = amlp_cov_causal(q.to(cdt), k.to(cdt), v.to(cdt), self.cq, self.ck, activation=self.activation, form=self.form,
                                      temperature=self.temperature, scale=self.scale, initial_state=state,
                                      return_state=True)
         out = self.head_output(out)

@@ -180,7 +180,7 @@ class HyperHead(Mixer):
 
     def _run(self, x, x_mask, conv, op, **extra):
         if x_mask is not None:
-            x_in = x * x_mask[:, :, None].to(x.dtype)  # padded tokens enter the convolutions as zeros
+            x_in = torch.where(x_mask[:, :, None], x, torch.zeros((), dtype=x.dtype, device=x.device))  # zeros in the convolutions
         else:
             x_in = x
         xk = conv(x_in, self.k_conv) if self.has_conv else x_in
