@@ -161,3 +161,19 @@ def _approx_error(m, seeds=range(4)):
 def test_error_against_softmax_shrinks_with_more_features():
     small, large = _approx_error(16), _approx_error(256)
     assert large < 0.6 * small
+
+
+def test_a_padded_key_far_above_the_real_ones_gives_no_inf_times_zero():
+    # in float32, exp(logit - stabiliser) overflows when a padded key's logit exceeds the real keys'
+    # maximum by about 88; padded keys must be selected out, not multiplied by zero. The logit
+    # w.k' - |k'|^2/2 (k' = k D^-1/4) peaks at k' = w with |w|^2/2, about 128 for D = 256.
+    D = 256
+    g = torch.Generator().manual_seed(0)
+    w = orthogonal_gaussian_features(8, D, generator=g)
+    q, k, v = (torch.randn(1, 6, 1, D, generator=g) for _ in range(3))
+    kv_mask = torch.tensor([[True, True, True, True, False, False]])
+    far = k.clone()
+    far[0, 4:, 0] = w[0] * D ** 0.25
+    out = performer_attention(q, far, v, w, kv_mask=kv_mask)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, performer_attention(q, k[:, :4], v[:, :4], w), rtol=1e-4, atol=1e-5)
