@@ -219,6 +219,21 @@ def test_an_unknown_option_is_a_value_error_naming_it():
 POISONS = (float("nan"), float("inf"))
 
 
+def _same_finite_gradients(m, y_bad, y_clean, bad, clean, keep):
+    """The gradients of ``y_bad[keep]`` (input at ``keep`` and every parameter) are finite and equal
+    those of the clean run."""
+    grad = torch.randn_like(y_clean[keep])
+    params = [p for p in m.parameters() if p.requires_grad]
+    g_clean = torch.autograd.grad(y_clean[keep], [clean] + params, grad, allow_unused=True)
+    g_bad = torch.autograd.grad(y_bad[keep], [bad] + params, grad, allow_unused=True)
+    assert torch.isfinite(g_bad[0][keep]).all()
+    torch.testing.assert_close(g_bad[0][keep], g_clean[0][keep], rtol=1e-8, atol=1e-10)
+    for (pname, _), a, b in zip(m.named_parameters(), g_bad[1:], g_clean[1:]):
+        if a is not None:
+            assert torch.isfinite(a).all(), pname
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=pname)
+
+
 @pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf"])
 @pytest.mark.parametrize("name", ALL_MIXERS)
 def test_poisoned_padding_reaches_no_real_output_or_gradient(name, poison):
@@ -238,16 +253,7 @@ def test_poisoned_padding_reaches_no_real_output_or_gradient(name, poison):
     real = mask
     assert torch.isfinite(y_bad[real]).all()
     torch.testing.assert_close(y_bad[real], y_clean[real], rtol=1e-9, atol=1e-10)
-    grad = torch.randn_like(y_clean)[real]
-    params = [p for p in m.parameters() if p.requires_grad]
-    g_clean = torch.autograd.grad(y_clean[real], [clean] + params, grad, allow_unused=True)
-    g_bad = torch.autograd.grad(y_bad[real], [bad] + params, grad, allow_unused=True)
-    assert torch.isfinite(g_bad[0][real]).all()
-    torch.testing.assert_close(g_bad[0][real], g_clean[0][real], rtol=1e-8, atol=1e-10)
-    for (pname, _), a, b in zip(m.named_parameters(), g_bad[1:], g_clean[1:]):
-        if a is not None:
-            assert torch.isfinite(a).all(), pname
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=pname)
+    _same_finite_gradients(m, y_bad, y_clean, bad, clean, real)
 
 
 @pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf"])
@@ -269,16 +275,9 @@ def test_a_poisoned_future_reaches_no_past_output_or_gradient(name, poison):
     # the outputs the bad token can reach are NaN, not a finite value computed without it
     reach = T if name != "local" else min(T, t + m.wsize)
     assert torch.isnan(y_bad[:, t:reach]).all() and torch.isfinite(y_bad[:, reach:]).all()
-    grad = torch.randn_like(y_clean[:, :t])
-    params = [p for p in m.parameters() if p.requires_grad]
-    g_clean = torch.autograd.grad(y_clean[:, :t], [clean] + params, grad, allow_unused=True)
-    g_bad = torch.autograd.grad(y_bad[:, :t], [bad] + params, grad, allow_unused=True)
-    assert torch.isfinite(g_bad[0]).all()
-    torch.testing.assert_close(g_bad[0], g_clean[0], rtol=1e-8, atol=1e-10)
-    for (pname, _), a, b in zip(m.named_parameters(), g_bad[1:], g_clean[1:]):
-        if a is not None:
-            assert torch.isfinite(a).all(), pname
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10, msg=pname)
+    past = torch.zeros(2, T, dtype=torch.bool)
+    past[:, :t] = True
+    _same_finite_gradients(m, y_bad, y_clean, bad, clean, past)
     if caps(name).recurrent:  # the step sees only the clean past, and agrees with the poisoned forward
         state = m.init_state(2, dtype=torch.float64)
         for i in range(t):
