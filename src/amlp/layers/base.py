@@ -6,6 +6,10 @@
 
 ``context=None`` is self-mixing; a tensor ``[B, S, E]`` is cross-mixing (S may differ from T).
 Masks are boolean ``[B, T]`` / ``[B, S]``, True = real token. Causality is fixed at construction.
+
+Masks select, they never multiply: whatever a padded position holds (NaN and inf included) reaches
+no real output and no gradient, and in a causal form a non-finite token reaches only the outputs
+that see it (the later ones; for a window mixer, those within the window), which are NaN.
 """
 
 from __future__ import annotations
