@@ -44,7 +44,7 @@ def cases(toy, a_file):
         (["study", "forecasting", "--config", study_f, "--mechanisms", "sofmax"], "unknown mechanism 'sofmax'"),
         (["study", "forecasting", "--config", "/nowhere.yaml"], "does not exist"),
         (["study", "recall", "--config", study_r, "--seeds", "x"], "--seeds must be comma-separated integers"),
-        (["study", "recall", "--config", study_r, "--mechanisms", "sofmax"], "unknown mechanism(s) 'sofmax'"),
+        (["study", "recall", "--config", study_r, "--mechanisms", "sofmax"], "unknown mechanism 'sofmax'"),
         (["study", "recall", "--config", study_r, "--tasks", "copy"], "--tasks: 'copy'"),
         (["data", "download", "nope"], "unknown data set 'nope'"),
         (["bench", "ops", "--mixers", "nope"], "unknown mixer 'nope'"),

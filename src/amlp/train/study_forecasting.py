@@ -86,19 +86,20 @@ def load_study(path: str | Path) -> StudyConfig:
     return from_dict(StudyConfig, read_yaml(path))
 
 
-def parse_mechanism(label: str) -> tuple[str, dict]:
+def parse_mechanism(label: str, need: str = "cross") -> tuple[str, dict]:
     """``"amlp-cov"`` -> ("amlp-cov", {}); ``"amlp-cov:form=official,landmarks=8"`` -> ("amlp-cov",
-    {"form": "official", "landmarks": 8}): a registered cross-capable mixer and options for the
-    cross-attention only (values parsed as YAML). Raises ``ValueError`` naming the label."""
+    {"form": "official", "landmarks": 8}): a registered mixer with the form a study needs (``need``:
+    ``cross`` or ``causal``) and options for it (values parsed as YAML). Raises ``ValueError``
+    naming the label."""
     from ..layers import mixer_names
     from .config import yaml_load
 
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"a mechanism must be a mixer name, optionally with :key=value options, got {label!r}")
     name, colon, rest = label.strip().partition(":")
-    available = mixer_names(cross=True)
+    available = mixer_names(**{need: True})
     if name not in available:
-        raise ValueError(f"unknown mechanism {label!r}: {name!r} is not a registered mixer with a cross form; "
+        raise ValueError(f"unknown mechanism {label!r}: {name!r} is not a registered mixer with a {need} form; "
                          f"available: {', '.join(available)}")
     options = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import from_dict, load_config, read_yaml, to_plain
-from .study_forecasting import _fmt, _mean_std, _read_results, _record, _write_json_atomic
+from .study_forecasting import _fmt, _mean_std, _read_results, _record, _write_json_atomic, mechanism_dir, parse_mechanism
 
 TASK_AXES = {"copying": ("data.string_len", "S"), "mqar": ("data.num_pairs", "pairs")}
 TASK_METRIC = {"copying": "hard_acc", "mqar": "acc"}
@@ -113,14 +113,9 @@ def _cells(study: RecallStudyConfig, root: Path, overrides, mechs, tasks, values
     return cells
 
 
-def _check_mechanisms(mechs: list[str]) -> None:
-    from ..layers import mixer_names
-
-    available = mixer_names(causal=True)
-    unknown = [m for m in mechs if m not in available]
-    if unknown:
-        raise ValueError(f"unknown mechanism(s) {', '.join(map(repr, unknown))}: not registered mixers with a causal "
-                         f"form; available: {', '.join(available)}")
+def _check_mechanisms(mechs: list[str]) -> dict[str, tuple[str, dict]]:
+    """{label: (mixer, options)}; a label is a causal mixer's name, optionally ``name:key=value,...``."""
+    return {m: parse_mechanism(m, need="causal") for m in mechs}
 
 
 def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list[str] | None = None,
@@ -143,7 +138,7 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
     results_path = run_root / "results.json"
     overrides = list(study.overrides) + list(extra_overrides or [])
     mechs = list(mechanisms or study.mechanisms)
-    _check_mechanisms(mechs)
+    parsed = _check_mechanisms(mechs)
     known_tasks = [t for t, sec in (("copying", study.copying), ("mqar", study.mqar)) if sec is not None]
     bad_tasks = [t for t in tasks or [] if t not in known_tasks]
     if bad_tasks:
@@ -170,11 +165,13 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
                 continue
             log(f"({i}/{len(cells)}) {key}: training")
             axis = TASK_AXES[task][0]
-            cell_overrides = [f"model.mixer={mech}", f"{axis}={value}", f"model.dim={dim}", f"seed={seed}"]
+            mixer, options = parsed[mech]
+            cell_overrides = [f"model.mixer={mixer}", f"{axis}={value}", f"model.dim={dim}", f"seed={seed}"]
+            cell_overrides += [f"model.mixer_options.{mixer}.{k}={json.dumps(v)}" for k, v in options.items()]
             if task == "mqar":
                 cell_overrides.append(f"data.test_pairs=[{value}]")
             cfg = load_config(root / cfg_path, overrides + cell_overrides)
-            run_dir = run_root / task / mech / f"{TASK_AXES[task][1]}{value}-dim{dim}" / f"seed{seed}"
+            run_dir = run_root / task / mechanism_dir(mech) / f"{TASK_AXES[task][1]}{value}-dim{dim}" / f"seed{seed}"
             result = run_experiment(cfg, run_dir, resume="auto")
             test = result.test_metrics or {}
             record = {"finished": True, "task": task, "mechanism": mech, "value": value, "dim": dim, "seed": seed,
