@@ -23,6 +23,13 @@ def _seed():
 ALL_MIXERS = [info.name for info in amlp.list_mixers()]
 
 
+def chosen(name: str) -> dict:
+    """The test's choice for options without a default (AMLP's form): the stable form, which has
+    both a causal and a non-causal version. The form-specific suites test every form."""
+    caps = amlp.layers.get_mixer_info(name).capabilities
+    return {option: "stable" if "stable" in values else values[0] for option, values in caps.choices}
+
+
 def default_causal(name: str) -> bool:
     """Build causal only when the mixer has no non-causal form."""
     return not amlp.layers.get_mixer_info(name).capabilities.noncausal

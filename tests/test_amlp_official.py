@@ -207,4 +207,4 @@ def test_conv_branch_ignores_padded_queries():
 ])
 def test_bad_official_options(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        AMLP(16, 2, **kwargs)
+        AMLP(16, 2, **{"form": "official", **kwargs})

@@ -14,7 +14,8 @@ from amlp.bench import (CROSSOVER_COLUMNS, GEN_COLUMNS, OPS_COLUMNS, GenerationS
                         save_generation, save_ops)
 from amlp.bench.generation import _step_matches_forward
 from amlp.bench.memory import PeakMeter, cpu_peak_supported
-from amlp.bench.workloads import Workload, accepted_options, make_callable, options_for
+from amlp.bench.workloads import Workload, make_callable, options_for
+from amlp.layers.registry import accepted_options
 from amlp.cli import app
 from amlp.layers import Capabilities, Mixer, ProjectedMixer, register_mixer
 from amlp.layers.registry import _REGISTRY
@@ -107,7 +108,7 @@ def test_options_are_passed_only_to_mixers_that_take_them():
 
 def test_op_workload_is_the_mixers_per_head_op():
     w = Workload(kind="op", mixer="amlp-cov", batch=2, length=5, heads=2, head_dim=3, mode="fwd",
-                 dtype="float64", options={"landmarks": 2})
+                 dtype="float64", options={"landmarks": 2, "form": "stable"})
     fn, facts = make_callable(w)
     out = fn()
     assert out.shape == (2, 5, 2, 3) and not out.requires_grad
@@ -278,8 +279,10 @@ def test_cli_reports_bad_options(tmp_path):
 @pytest.mark.skipif(not cpu_peak_supported(), reason="needs Linux /proc")
 def test_cpu_peak_memory_counts_the_output():
     # the forward output alone is B*T*H*D floats: the peak must be at least that and grow with T
-    small = Workload(kind="op", mixer="amlp-cov", batch=1, length=64, heads=4, head_dim=64, mode="fwd")
-    big = Workload(kind="op", mixer="amlp-cov", batch=1, length=8192, heads=4, head_dim=64, mode="fwd")
+    small = Workload(kind="op", mixer="amlp-cov", batch=1, length=64, heads=4, head_dim=64, mode="fwd",
+                     options={"form": "stable"})
+    big = Workload(kind="op", mixer="amlp-cov", batch=1, length=8192, heads=4, head_dim=64, mode="fwd",
+                   options={"form": "stable"})
     with PeakMeter(threads=1) as meter:
         p_small, p_big = meter.measure(small), meter.measure(big)
     out_bytes = 8192 * 4 * 64 * 4

@@ -163,7 +163,8 @@ def test_download_offline_is_a_clear_error(tmp_path):
 def test_forecaster_with_every_cross_mixer(cross):
     torch.manual_seed(0)
     model = InformerForecaster(3, 3, 2, 4, pred_len=5, d_model=16, heads=2, d_ff=24, dropout=0.0,
-                               cross_mixer=cross, mixer_options={"amlp-cov": {"landmarks": 4}})
+                               cross_mixer=cross, mixer_options={"amlp-cov": {"landmarks": 4, "form": "official"},
+                                                                 "amlp-pquery": {"form": "official"}})
     model.eval()
     x, xm = torch.randn(2, 11, 3), torch.rand(2, 11, 4) - 0.5
     y, ym = torch.randn(2, 9, 3), torch.rand(2, 9, 4) - 0.5
@@ -182,11 +183,13 @@ def test_forecaster_with_every_cross_mixer(cross):
 
 
 def test_embedding_bias_and_cross_only_options():
-    plain = InformerForecaster(3, 3, 2, 4, pred_len=5, d_model=16, heads=2, d_ff=24, cross_mixer="amlp-cov")
+    plain = InformerForecaster(3, 3, 2, 4, pred_len=5, d_model=16, heads=2, d_ff=24, cross_mixer="amlp-cov",
+                               mixer_options={"amlp-cov": {"form": "paper"}})
     assert plain.enc_embedding.value.bias is None and plain.dec_embedding.time.bias is None
     model = InformerForecaster(3, 3, 2, 4, pred_len=5, d_model=16, heads=2, d_ff=24, embedding_bias=True,
                                self_mixer="amlp-cov", cross_mixer="amlp-cov",
-                               mixer_options={"amlp-cov": {"landmarks": 4}}, cross_options={"form": "official"})
+                               mixer_options={"amlp-cov": {"landmarks": 4, "form": "stable"}},
+                               cross_options={"form": "official"})
     for emb in (model.enc_embedding, model.dec_embedding):
         assert emb.value.bias is not None and emb.time.bias is not None
     block = model.decoder[0]

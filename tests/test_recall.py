@@ -134,7 +134,7 @@ def test_mqar_sizes_are_checked():
 
 
 # -- the decoder --------------------------------------------------------------------------------------------
-STEP_MIXERS = {"softmax": {}, "causal-rn": {}, "causal-rn-quadratic": {}, "amlp-cov": {},
+STEP_MIXERS = {"softmax": {}, "causal-rn": {}, "causal-rn-quadratic": {}, "amlp-cov": {"form": "stable"},
                "hyper-glu": {"max_lag": 16}, "local": {"wsize": 3}}
 
 

@@ -8,14 +8,14 @@ import amlp
 from amlp.layers import get_mixer_info
 from amlp.layers.check import check_mixer
 
-from conftest import ALL_MIXERS, default_causal
+from conftest import ALL_MIXERS, chosen, default_causal
 
 DIM, HEADS = 24, 3
 
 
 def build(name, **kw):
     kw.setdefault("causal", default_causal(name))
-    return amlp.build_mixer(name, dim=DIM, heads=HEADS, **kw).double().eval()
+    return amlp.build_mixer(name, dim=DIM, heads=HEADS, **{**chosen(name), **kw}).double().eval()
 
 
 def caps(name):
@@ -52,7 +52,8 @@ def test_fast_path_equals_reference(name):
 
 @pytest.mark.parametrize("name", ALL_MIXERS)
 def test_half_precision_returns_input_dtype(name):
-    m = amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=default_causal(name)).eval().to(torch.bfloat16)
+    m = amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=default_causal(name), **chosen(name)).eval()
+    m = m.to(torch.bfloat16)
     x = torch.randn(2, 9, DIM).to(torch.bfloat16)
     y = m(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
@@ -68,7 +69,7 @@ def test_cross_mixing_or_refusal(name):
         assert y.shape == x.shape and torch.isfinite(y).all()
     else:
         with pytest.raises(ValueError, match=rf"{name}.*cross"):
-            amlp.build_mixer(name, dim=DIM, heads=HEADS, cross=True, causal=default_causal(name))
+            amlp.build_mixer(name, dim=DIM, heads=HEADS, cross=True, causal=default_causal(name), **chosen(name))
         m = build(name)
         with pytest.raises(ValueError, match="cross"):
             m(torch.randn(2, 7, DIM, dtype=torch.float64), torch.randn(2, 5, DIM, dtype=torch.float64))
@@ -78,7 +79,7 @@ def test_cross_mixing_or_refusal(name):
 def test_causal_refusal(name):
     if not caps(name).causal:
         with pytest.raises(ValueError, match=rf"{name}.*causal"):
-            amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=True)
+            amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=True, **chosen(name))
 
 
 @pytest.mark.parametrize("name", ALL_MIXERS)
@@ -193,7 +194,7 @@ def test_step_refuses_a_missing_or_mismatched_state(name):
 
 @pytest.mark.parametrize("name", ALL_MIXERS)
 def test_an_input_of_another_dtype_is_a_clear_error(name):
-    m = amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=default_causal(name))  # float32
+    m = amlp.build_mixer(name, dim=DIM, heads=HEADS, causal=default_causal(name), **chosen(name))  # float32
     with pytest.raises(ValueError, match="x has dtype torch.float64 but the mixer's parameters are torch.float32"):
         m(torch.randn(2, 5, DIM, dtype=torch.float64))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast a mismatch is expected
@@ -205,14 +206,14 @@ def test_an_input_of_another_dtype_is_a_clear_error(name):
                                          ("performer", "approx_attn_dim"), ("linformer", "proj_len")])
 def test_a_boolean_is_not_a_size(name, option):
     with pytest.raises(ValueError, match=option):
-        amlp.build_mixer(name, dim=DIM, heads=HEADS, **{option: True})
+        amlp.build_mixer(name, dim=DIM, heads=HEADS, **{**chosen(name), option: True})
 
 
 def test_an_unknown_option_is_a_value_error_naming_it():
-    with pytest.raises(ValueError, match=r"mixer 'linformer' takes no option\(s\) 'k'; its options: proj_len"):
+    with pytest.raises(ValueError, match=r"mixer 'linformer' takes no option\(s\) 'k'; its options: bias, dropout"):
         amlp.build_mixer("linformer", dim=DIM, heads=HEADS, k=8)
     with pytest.raises(ValueError, match="'landmark'"):
-        amlp.build_mixer("amlp-cov", dim=DIM, heads=HEADS, landmark=8)
+        amlp.build_mixer("amlp-cov", dim=DIM, heads=HEADS, form="paper", landmark=8)
 
 
 # --- NaN poisoning: padding and the future are selected out, never multiplied by zero ---------------
@@ -331,10 +332,10 @@ def test_bfloat16_module_stays_within_the_mixers_own_conditioning(name):
     # AMLP's column norms over a one-token prefix) are ill-conditioned there in float32 as well.
     for causal in [c for c, has in ((False, caps(name).noncausal), (True, caps(name).causal)) if has]:
         torch.manual_seed(0)
-        m = amlp.build_mixer(name, dim=64, heads=4, causal=causal).eval()
+        m = amlp.build_mixer(name, dim=64, heads=4, causal=causal, **chosen(name)).eval()
         x = torch.randn(2, 256 if not caps(name).max_length else min(256, caps(name).max_length), 64)
         y32 = m(x)
-        half = amlp.build_mixer(name, dim=64, heads=4, causal=causal).eval()
+        half = amlp.build_mixer(name, dim=64, heads=4, causal=causal, **chosen(name)).eval()
         half.load_state_dict(m.state_dict())
         y16 = half.to(torch.bfloat16)(x.to(torch.bfloat16)).float()
 
@@ -344,3 +345,13 @@ def test_bfloat16_module_stays_within_the_mixers_own_conditioning(name):
         g = torch.Generator().manual_seed(1)
         sensitivity = max(rel(m(x * (1 + 2 ** -8 * torch.randn(x.shape, generator=g)))) for _ in range(3))
         assert rel(y16) <= max(0.015, 2.5 * sensitivity), (causal, rel(y16), sensitivity)
+
+
+def test_a_mixer_without_a_default_form_says_so():
+    for name in ("amlp-cov", "amlp-pquery"):
+        with pytest.raises(ValueError, match=r"no default form: choose form= one of 'paper', 'official', 'stable'"):
+            amlp.build_mixer(name, dim=DIM, heads=HEADS)
+    from amlp.layers import AMLP
+
+    with pytest.raises(ValueError, match="AMLP has no default form"):
+        AMLP(DIM, HEADS, variant="cov")

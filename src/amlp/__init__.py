@@ -1,7 +1,7 @@
 """amlp: attentive MLPs, sequence mixers whose MLP weights are computed from the context.
 
     >>> import torch, amlp
-    >>> mixer = amlp.build_mixer("amlp-cov", dim=64, heads=4)
+    >>> mixer = amlp.build_mixer("amlp-cov", dim=64, heads=4, form="official")
     >>> mixer(torch.randn(2, 100, 64)).shape
     torch.Size([2, 100, 64])
 """

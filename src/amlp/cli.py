@@ -404,6 +404,7 @@ def bench_ops_command(
     heads: int = typer.Option(None, help="heads H (default 8; with --quick 4)"),
     head_dim: int = typer.Option(None, help="head dim D (default 64; with --quick 32)"),
     landmarks: int = typer.Option(16, help="c, passed as 'landmarks' to mixers that take it"),
+    form: str = typer.Option("stable", help="AMLP's form (it has no default; timing differs little between forms)"),
     dtype: str = typer.Option("float32", help="float32, float64, bfloat16, float16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     level: str = typer.Option("op", help="op: mixer.mix_heads on [B,T,H,D]; layer: the whole module on [B,T,E]"),
@@ -426,7 +427,7 @@ def bench_ops_command(
         settings = OpsSettings(
             mixers=parse_names(mixers), lengths=parse_lengths(_pick(lengths, quick, "256,512,1024", "256:8192")),
             batch=batch, heads=_pick(heads, quick, 4, 8), head_dim=_pick(head_dim, quick, 32, 64),
-            landmarks=landmarks, dtype=dtype, device=device, level=level, causal=causal, baseline=baseline,
+            landmarks=landmarks, form=form, dtype=dtype, device=device, level=level, causal=causal, baseline=baseline,
             min_run_time=_pick(min_run_time, quick, 0.05, 1.0), memory=memory, threads=_pick(threads, quick, 1, 0),
             bandwidth_mb=_pick(bandwidth_mb, quick, 64, 256))
         settings.validate()
@@ -456,6 +457,7 @@ def bench_generation_command(
     ar_mixer: str = typer.Option("softmax", help="causal mixer with a recurrent step for AR decoding"),
     nar_mixers: str = typer.Option("softmax,amlp-cov,amlp-pquery", help="mixers of the NAR passes"),
     landmarks: int = typer.Option(64, help="c of the mixers that take 'landmarks' (paper: 64)"),
+    form: str = typer.Option("stable", help="AMLP's form (it has no default; timing differs little between forms)"),
     activation: str = typer.Option("relu", help="sigma_1 of the mixers that take 'activation' (paper: relu)"),
     dtype: str = typer.Option("float32", help="float32, float64, bfloat16, float16"),
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
@@ -476,7 +478,7 @@ def bench_generation_command(
             lengths=parse_lengths(_pick(lengths, quick, "64,128,256", "256:8192")),
             batch=_pick(batch, quick, 1, 0), dim=_pick(dim, quick, 64, 512), heads=_pick(heads, quick, 2, 8),
             layers=_pick(layers, quick, 1, 2), ar_mixer=ar_mixer, nar_mixers=parse_names(nar_mixers),
-            landmarks=landmarks, activation=activation, dtype=dtype, device=device,
+            landmarks=landmarks, form=form, activation=activation, dtype=dtype, device=device,
             min_run_time=_pick(min_run_time, quick, 0.05, 1.0), memory=memory, threads=_pick(threads, quick, 1, 0))
         settings.validate()
     except ValueError as exc:
@@ -520,6 +522,8 @@ def bench_step_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, ..."),
     threads: int = typer.Option(0, help="torch threads, 0 for torch's default"),
     out: str = typer.Option("bench-results", help="output folder"),
+    form: str = typer.Option("stable", help="AMLP's form: paper or stable (it has no default, and no official "
+                                             "causal form)"),
 ) -> None:
     """Cost of one recurrent step at different positions (constant for a fixed-size state)."""
     from .bench.report import fmt_ratio, fmt_time, write_csv, write_json
@@ -533,7 +537,7 @@ def bench_step_command(
             raise ValueError(f"--positions must be comma-separated integers, got {positions!r}") from None
         settings = StepSettings(mixers=parse_names(mixers), positions=position_list,
                                 steps=steps, batch=batch, dim=dim, heads=heads, dtype=dtype, device=device,
-                                threads=threads)
+                                threads=threads, form=form)
         settings.validate()
     except ValueError as exc:
         _error(str(exc))

@@ -22,7 +22,7 @@ from ..layers import get_mixer_info
 from ..layers.check import check_mixer
 from .environment import invocation, machine_header, parse_dtype, resolve_device
 from .memory import PeakMeter
-from .ops import gate_kwargs
+from .ops import _check_form, gate_kwargs
 from .timing import measure_time
 from .workloads import DecoderStack, Workload, generate_autoregressive, make_callable, options_for
 
@@ -44,6 +44,9 @@ class GenerationSettings:
     nar_mixers: list[str] = field(default_factory=lambda: list(DEFAULT_NAR_MIXERS))
     nar_baseline: str = "softmax"
     landmarks: int = 64
+    #: AMLP's form (AMLP has no default form; the benchmark measures this one, and timing differs
+    #: little between forms)
+    form: str = "stable"
     activation: str = "relu"
     dtype: str = "float32"
     device: str = "auto"
@@ -65,6 +68,7 @@ class GenerationSettings:
             raise ValueError(f"dim must be divisible by heads, got dim={self.dim}, heads={self.heads}")
         if not self.lengths:
             raise ValueError("no lengths to measure")
+        _check_form(self.form)
         info = get_mixer_info(self.ar_mixer)
         if not (info.capabilities.causal and info.capabilities.recurrent):
             raise ValueError(f"the AR mixer must have a causal recurrent step; {self.ar_mixer!r} does not")
@@ -126,7 +130,7 @@ def run_generation(settings: GenerationSettings, *, progress: Callable[[str], No
               "memory_method": ("not measured" if not settings.memory else
                                 "torch.cuda.max_memory_allocated minus allocated before the call" if device.type == "cuda"
                                 else "fresh child process per point: VmHWM after the call minus VmRSS before it")}
-    wanted = {"landmarks": settings.landmarks, "activation": settings.activation}
+    wanted = {"landmarks": settings.landmarks, "activation": settings.activation, "form": settings.form}
     rows = []
     with PeakMeter(threads) as meter:
         for method, mixer, kind in plan:

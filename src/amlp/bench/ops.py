@@ -45,6 +45,13 @@ OPS_COLUMNS = [
 CROSSOVER_COLUMNS = ["mixer", "baseline", "metric", "status", "length"]
 
 
+def _check_form(form: str) -> None:
+    from ..ops.amlp import FORMS
+
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+
+
 @dataclass
 class OpsSettings:
     mixers: list[str] = field(default_factory=lambda: list(DEFAULT_MIXERS))
@@ -53,6 +60,9 @@ class OpsSettings:
     heads: int = 8
     head_dim: int = 64
     landmarks: int = 16
+    #: AMLP's form (AMLP has no default form; the benchmark measures this one, and timing differs
+    #: little between forms)
+    form: str = "stable"
     dtype: str = "float32"
     device: str = "auto"
     level: str = "op"
@@ -73,6 +83,7 @@ class OpsSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.mixers:
             raise ValueError("no mixers to measure")
+        _check_form(self.form)
         if not self.lengths:
             raise ValueError("no lengths to measure")
         if self.baseline in ("", "none"):
@@ -119,7 +130,7 @@ def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = N
         for name in settings.mixers:
             caps = get_mixer_info(name).capabilities
             causal = settings.causal or not caps.noncausal
-            options = options_for(name, {"landmarks": settings.landmarks})
+            options = options_for(name, {"landmarks": settings.landmarks, "form": settings.form})
             base = {"mixer": name, "level": settings.level, "causal": causal, "batch": settings.batch,
                     "heads": settings.heads, "head_dim": settings.head_dim,
                     "landmarks": options.get("landmarks"), "dtype": settings.dtype, "device": str(device)}

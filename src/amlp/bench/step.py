@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..layers import build_mixer, get_mixer_info
+from .workloads import options_for
 from .environment import invocation, machine_header, parse_dtype, resolve_device
 
 STEP_COLUMNS = ["mixer", "status", "message", "position", "seconds_per_step", "ratio_to_first_position",
@@ -34,6 +35,8 @@ class StepSettings:
     device: str = "auto"
     threads: int = 0
     options: dict = field(default_factory=dict)
+    #: AMLP's form (AMLP has no default form): the one measured
+    form: str = "stable"
 
     def validate(self) -> None:
         for name in self.mixers:
@@ -45,6 +48,9 @@ class StepSettings:
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
         parse_dtype(self.dtype)
+        from .ops import _check_form
+
+        _check_form(self.form)
 
 
 def _sync(device: torch.device) -> None:
@@ -65,8 +71,9 @@ def run_step(settings: StepSettings, progress=None) -> tuple[dict, list[dict]]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     for name in settings.mixers:
         torch.manual_seed(0)
+        options = {**options_for(name, {"form": settings.form}), **settings.options.get(name, {})}
         mixer = build_mixer(name, dim=settings.dim, heads=settings.heads, causal=True,
-                            **settings.options.get(name, {})).to(device=device, dtype=dtype).eval()
+                            **options).to(device=device, dtype=dtype).eval()
         first = None
         for position in sorted(settings.positions):
             row = {"mixer": name, "position": position, "dim": settings.dim, "heads": settings.heads,

@@ -16,7 +16,6 @@ and of every parameter, none accumulated between calls).
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ..layers import build_mixer, get_mixer_info
+from ..layers.registry import accepted_options
 from ..layers.base import ProjectedMixer
 from .environment import parse_dtype
 
@@ -54,22 +54,6 @@ class Workload:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def accepted_options(name: str) -> set[str] | None:
-    """Keyword options the constructor of mixer ``name`` names, following ``**options`` up the
-    class hierarchy; None when some constructor takes ``**options`` that no parent names (unknown)."""
-    cls = get_mixer_info(name).cls
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
-        if not any(p.kind == p.VAR_KEYWORD for p in params):
-            return names - {"self"}
-    return None
 
 
 def options_for(name: str, wanted: dict) -> dict:

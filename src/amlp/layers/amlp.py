@@ -32,11 +32,12 @@ class AMLP(ProjectedMixer):
         variant: ``"cov"`` (eqs. 9-10) or ``"pquery"`` (eqs. 11-12).
         landmarks: c, the hidden width of the dynamic MLP (the paper uses 16, and 64 for TTS).
         activation: sigma_1: ``softmax`` (default), ``relu``, ``sigmoid`` or ``identity``.
-        form: ``"stable"`` (default; length- and scale-invariant statistics, learned per-head
-            temperatures, LayerNorm on each head's output), ``"paper"`` (the equations as printed,
-            no temperatures, no output norm) or ``"official"`` (the computation and initialisation
-            of the authors' released code, LayerNorm on each head's output). ``docs/amlp_forms.md``
-            lists every difference.
+        form: required, no default: ``"paper"`` (the equations as printed, no temperatures, no
+            output norm), ``"official"`` (the computation and initialisation of the authors'
+            released code, LayerNorm on each head's output) or ``"stable"`` (length- and
+            scale-invariant statistics, learned per-head temperatures, LayerNorm on each head's
+            output). None is best on every task of the forecasting study, so the choice is the
+            user's; ``docs/amlp_forms.md`` lists every difference and the evidence.
         dropout: dropout on the layer output.
         out_norm: LayerNorm on each head's output before the output projection; defaults to True
             for the stable and official forms and False for the paper form.
@@ -59,14 +60,19 @@ class AMLP(ProjectedMixer):
         chunk_size: tokens per chunk of the parallel causal computation.
     """
 
-    capabilities = Capabilities(causal=True, noncausal=True, cross=True, padding=True, recurrent=True)
+    capabilities = Capabilities(causal=True, noncausal=True, cross=True, padding=True, recurrent=True,
+                                choices=(("form", FORMS),))
 
     def __init__(self, dim: int, heads: int, *, variant: str = "pquery", landmarks: int = 16,
-                 activation: str = "softmax", form: str = "stable", causal: bool = False,
+                 activation: str = "softmax", form: str | None = None, causal: bool = False,
                  cross: bool = False, dropout: float = 0.0, out_norm: bool | None = None,
                  shared_w: bool = True, bias: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  scale: float | None = None, add_norm: bool = False, ema: float | None = None,
                  conv_kernel_size: int | None = None, conv_dropout: float = 0.0):
+        if form is None:
+            raise ValueError("AMLP has no default form: choose form='paper' (the equations as printed), 'official' "
+                             "(the authors' released code) or 'stable' (length- and scale-invariant); none is best on "
+                             "every task of the forecasting study (docs/amlp_forms.md)")
         if causal and variant == "pquery":
             raise ValueError("AMLP-PQuery has no causal form: its values are pooled by sigma_2(L_t^T K^T), and L_t "
                              "changes at every step, so every cached key would be revisited (quadratic); "
@@ -235,7 +241,8 @@ class AMLP(ProjectedMixer):
                 reference="Jiang et al. 2023, Attentive MLP for Non-Autoregressive Generation, eqs. 8-10 "
                           "(causal: Appendix A, eqs. 13-14)")
 class AMLPCov(AMLP):
-    capabilities = Capabilities(causal=True, noncausal=True, cross=True, padding=True, recurrent=True)
+    capabilities = Capabilities(causal=True, noncausal=True, cross=True, padding=True, recurrent=True,
+                                choices=(("form", FORMS),))
 
     def __init__(self, dim: int, heads: int, **options):
         if options.pop("variant", "cov") != "cov":
@@ -246,7 +253,7 @@ class AMLPCov(AMLP):
 @register_mixer("amlp-pquery", description="AMLP-PQuery: dynamic MLP from pooled pseudo-queries (linear time)",
                 reference="Jiang et al. 2023, Attentive MLP for Non-Autoregressive Generation, eqs. 8, 11-12")
 class AMLPPQuery(AMLP):
-    capabilities = Capabilities(causal=False, noncausal=True, cross=True, padding=True)
+    capabilities = Capabilities(causal=False, noncausal=True, cross=True, padding=True, choices=(("form", FORMS),))
 
     def __init__(self, dim: int, heads: int, **options):
         if options.pop("variant", "pquery") != "pquery":

@@ -37,6 +37,9 @@ class Capabilities:
     max_length: int | None = None
     #: name of the constructor option that sets ``max_length`` per instance, if any
     max_length_option: str | None = None
+    #: options with no default, as ``((option, (choice, ...)), ...)``: the user must choose one
+    #: (AMLP's ``form``); generic tools (the correctness gate) go through every choice
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

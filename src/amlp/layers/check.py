@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .registry import build_mixer, get_mixer_info
+from .registry import build_mixer, choice_options, get_mixer_info
 
 
 @dataclass
@@ -24,7 +24,7 @@ def check_mixer(name: str, *, dim: int = 24, heads: int = 3, length: int = 13, b
     reference defines them too), the input gradient and every parameter gradient.
 
     Every form the mixer has is checked (non-causal and causal) unless ``causal`` is given in
-    ``options``.
+    ``options``, and every choice of an option without a default (AMLP's ``form``) that is not given.
     """
     info = get_mixer_info(name)
     caps = info.capabilities
@@ -33,12 +33,18 @@ def check_mixer(name: str, *, dim: int = 24, heads: int = 3, length: int = 13, b
     else:
         forms = [c for c, has in ((False, caps.noncausal), (True, caps.causal)) if has]
     worst = 0.0
+    runs = []
     for causal in forms:
-        label = "causal" if causal else "non-causal"
+        missing = [o for o, _ in caps.choices if o not in options]
+        combos = [{k: v for k, v in c.items() if k in missing} for c in choice_options(name, causal=causal)] \
+            if missing else [{}]
+        runs += [(causal, combo) for combo in combos]
+    for causal, combo in runs:
+        label = ", ".join([f"{k}={v}" for k, v in combo.items()] + ["causal" if causal else "non-causal"])
         gen = torch.Generator().manual_seed(seed)
         try:
             torch.manual_seed(seed)
-            mixer = build_mixer(name, dim=dim, heads=heads, causal=causal, **options).double().eval()
+            mixer = build_mixer(name, dim=dim, heads=heads, causal=causal, **options, **combo).double().eval()
             x = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
             mask = None
             if caps.padding and batch > 1:

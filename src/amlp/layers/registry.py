@@ -1,7 +1,7 @@
 """The mixer registry: build any mixer by name, list what each can do, refuse what it cannot.
 
     >>> import amlp
-    >>> mixer = amlp.build_mixer("amlp-pquery", dim=64, heads=4, cross=True)
+    >>> mixer = amlp.build_mixer("amlp-pquery", dim=64, heads=4, cross=True, form="paper")
 """
 
 from __future__ import annotations
@@ -85,25 +85,52 @@ def build_mixer(name: str, *, dim: int, heads: int, causal: bool = False, cross:
         raise ValueError(f"mixer {name!r} has no non-causal form (capability 'noncausal'); pass causal=True")
     if cross and not caps.cross:
         raise ValueError(f"mixer {name!r} cannot mix a separate context (capability 'cross')")
-    accepted = mixer_options(name)
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(f"mixer {name!r} takes no option(s) {', '.join(map(repr, unknown))}; its options: "
-                         f"{', '.join(accepted) or 'none'}")
+    for option, values in caps.choices:
+        if option not in options:
+            raise ValueError(f"mixer {name!r} has no default {option}: choose {option}= one of "
+                             f"{', '.join(map(repr, values))} (docs/amlp_forms.md compares them)")
+    accepted = accepted_options(name)
+    if accepted is not None:
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            own = sorted(accepted - {"dim", "heads", "causal", "cross", "variant"})
+            raise ValueError(f"mixer {name!r} takes no option(s) {', '.join(map(repr, unknown))}; its options: "
+                             f"{', '.join(own) or 'none'}")
     return info.cls(dim=dim, heads=heads, causal=causal, cross=cross, **options)
 
 
-def mixer_options(name: str) -> list[str]:
-    """The constructor options of the mixer registered as ``name`` (beyond dim, heads, causal, cross)."""
+def choice_options(name: str, *, causal: bool = False) -> list[dict]:
+    """Every combination of the mixer's required choices that builds in the given form (``[{}]``
+    for a mixer without required choices), e.g. ``[{"form": "paper"}, {"form": "stable"}]`` for
+    causal AMLP-Cov, which has no official causal form."""
+    import itertools
+
+    caps = get_mixer_info(name).capabilities
+    combos = [dict(zip([o for o, _ in caps.choices], values))
+              for values in itertools.product(*[v for _, v in caps.choices])]
+    out = []
+    for combo in combos:
+        try:
+            build_mixer(name, dim=4, heads=1, causal=causal, **combo)
+        except ValueError:
+            continue
+        out.append(combo)
+    return out
+
+
+def accepted_options(name: str) -> set[str] | None:
+    """Keyword options the constructor of mixer ``name`` names, following ``**options`` up the
+    class hierarchy; None when some constructor takes ``**options`` that no parent names (unknown)."""
     import inspect
 
     cls = get_mixer_info(name).cls
-    names: list[str] = []
-    for klass in cls.__mro__:  # subclasses that forward **options take their parent's
-        if "__init__" not in klass.__dict__:
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
             continue
-        params = inspect.signature(klass.__init__).parameters.values()
-        names += [p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name not in names]
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return [n for n in names if n not in ("causal", "cross", "variant")]
+        params = inspect.signature(init).parameters.values()
+        names.update(p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            return names - {"self"}
+    return None
