@@ -220,6 +220,13 @@ def test_an_unknown_option_is_a_value_error_naming_it():
 POISONS = (float("nan"), float("inf"))
 
 
+def _clean_and_poisoned(x, where, poison):
+    """Two leaf copies of ``x``: as it is, and with ``x[where]`` set to ``poison``."""
+    bad = x.clone()
+    bad[where] = poison
+    return x.clone().requires_grad_(True), bad.requires_grad_(True)
+
+
 def _same_finite_gradients(m, y_bad, y_clean, bad, clean, keep):
     """The gradients of ``y_bad[keep]`` (input at ``keep`` and every parameter) are finite and equal
     those of the clean run."""
@@ -246,10 +253,7 @@ def test_poisoned_padding_reaches_no_real_output_or_gradient(name, poison):
     x = torch.randn(2, T, DIM, dtype=torch.float64)
     mask = torch.ones(2, T, dtype=torch.bool)
     mask[1, n_real:] = False
-    clean = x.clone().requires_grad_(True)
-    bad = x.clone()
-    bad[1, n_real:] = poison
-    bad.requires_grad_(True)
+    clean, bad = _clean_and_poisoned(x, (1, slice(n_real, None)), poison)
     y_clean, y_bad = m(clean, x_mask=mask), m(bad, x_mask=mask)
     real = mask
     assert torch.isfinite(y_bad[real]).all()
@@ -266,10 +270,7 @@ def test_a_poisoned_future_reaches_no_past_output_or_gradient(name, poison):
     m = build(name, causal=True)
     T, t = 10, 5
     x = torch.randn(2, T, DIM, dtype=torch.float64)
-    clean = x.clone().requires_grad_(True)
-    bad = x.clone()
-    bad[:, t] = poison
-    bad.requires_grad_(True)
+    clean, bad = _clean_and_poisoned(x, (slice(None), t), poison)
     y_clean, y_bad = m(clean), m(bad)
     assert torch.isfinite(y_bad[:, :t]).all()
     torch.testing.assert_close(y_bad[:, :t], y_clean[:, :t], rtol=1e-9, atol=1e-10)
