@@ -233,7 +233,8 @@ _register_train_commands()
 @app.command("eval")
 def eval_command(
     checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint folder (runs/.../checkpoints/step-N or best)"),
-    split: str = typer.Option("test", "--split", help="val or test"),
+    split: str = typer.Option("test", "--split", help="val or test (translation also: test2016, test2017, "
+                                                     "mscoco2017)"),
     overrides: list[str] = typer.Option(None, "--set", help="override of the stored config, key.sub=value"),
     data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -250,7 +251,68 @@ def eval_command(
         metrics = evaluate_checkpoint(checkpoint, split, overrides, device)
     except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
         _fail(_describe(err))
-    console.print_json(json.dumps({"checkpoint": checkpoint, "split": split, **metrics}))
+    record = {"checkpoint": checkpoint, "split": split, **metrics}
+    if "bleu" in metrics:
+        from .tasks.translation.task import bleu_signature, chrf_signature
+
+        record.update(bleu_signature=bleu_signature(), chrf_signature=chrf_signature())
+    console.print_json(json.dumps(record))
+
+
+@app.command("translate")
+def translate_command(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint folder of a translation run "
+                                                            "(runs/.../checkpoints/best, averaged or step-N)"),
+    input_path: str = typer.Option("-", "--input", "-i", help="file with one sentence per line ('-': stdin)"),
+    output_path: str = typer.Option("-", "--output", "-o", help="where the translations go, one per line "
+                                                                "('-': stdout)"),
+    batch_size: int = typer.Option(64, "--batch-size", help="sentences decoded together"),
+    beam: int = typer.Option(None, "--beam", help="beam size of an AR model (1: greedy; default: the config's)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+) -> None:
+    """Translate sentences with a trained model: one line in, one line out, in the same order."""
+    import sys
+
+    from .tasks.translation.task import translate_lines
+    from .train import CheckpointError
+    from .train.loop import load_trained_model
+
+    if batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {batch_size}", 2)
+    if beam is not None and beam < 1:
+        _fail(f"--beam must be >= 1, got {beam}", 2)
+    try:
+        if input_path == "-":
+            text = sys.stdin.read()
+        else:
+            with open(input_path, encoding="utf-8") as fh:
+                text = fh.read()
+    except (OSError, UnicodeDecodeError) as err:
+        _fail(f"cannot read --input {input_path!r}: {_describe(err)}", 2)
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if not lines:
+        _fail("no input: give one sentence per line on stdin or with --input", 2)
+    try:
+        config, task, model = load_trained_model(checkpoint, [f"model.beam={beam}"] if beam else [], device)
+        if config.task != "translation":
+            _fail(f"{checkpoint!r} is a checkpoint of task {config.task!r}, not translation")
+        outputs = translate_lines(task, model, [line.rstrip("\r") for line in lines], batch_size=batch_size,
+                                  progress=progress and sys.stderr.isatty())
+    except (ValueError, OSError, CheckpointError) as err:
+        _fail(_describe(err))
+    result = "".join(line + "\n" for line in outputs)
+    if output_path == "-":
+        sys.stdout.write(result)
+        sys.stdout.flush()
+    else:
+        try:
+            with open(output_path, "w", encoding="utf-8") as fh:
+                fh.write(result)
+        except OSError as err:
+            _fail(f"cannot write --output {output_path!r}: {_describe(err)}")
 
 
 @study_app.command("forecasting")

@@ -71,14 +71,12 @@ def mixer_names(*, causal: bool | None = None, cross: bool | None = None) -> lis
     return out
 
 
-def build_mixer(name: str, *, dim: int, heads: int, causal: bool = False, cross: bool = False, **options) -> Mixer:
-    """Build the mixer registered as ``name``.
-
-    Raises ``ValueError`` naming the mixer and the capability when it cannot do what is asked
-    (``causal=True`` for a non-causal mixer, ``cross=True`` for a self-only one, ...).
-    """
+def check_request(name: str, *, causal: bool = False, cross: bool = False, options: dict | None = None) -> None:
+    """Raise ``ValueError`` naming the mixer and the capability (or option) when the mixer registered as
+    ``name`` cannot be built as asked; what :func:`build_mixer` checks, for config validation."""
     info = get_mixer_info(name)
     caps = info.capabilities
+    options = options or {}
     if causal and not caps.causal:
         raise ValueError(f"mixer {name!r} has no causal form (capability 'causal')")
     if not causal and not caps.noncausal:
@@ -96,6 +94,16 @@ def build_mixer(name: str, *, dim: int, heads: int, causal: bool = False, cross:
             own = sorted(accepted - {"dim", "heads", "causal", "cross", "variant"})
             raise ValueError(f"mixer {name!r} takes no option(s) {', '.join(map(repr, unknown))}; its options: "
                              f"{', '.join(own) or 'none'}")
+
+
+def build_mixer(name: str, *, dim: int, heads: int, causal: bool = False, cross: bool = False, **options) -> Mixer:
+    """Build the mixer registered as ``name``.
+
+    Raises ``ValueError`` naming the mixer and the capability when it cannot do what is asked
+    (``causal=True`` for a non-causal mixer, ``cross=True`` for a self-only one, ...).
+    """
+    info = get_mixer_info(name)
+    check_request(name, causal=causal, cross=cross, options=options)
     return info.cls(dim=dim, heads=heads, causal=causal, cross=cross, **options)
 
 

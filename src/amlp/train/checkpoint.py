@@ -62,8 +62,12 @@ def _plain_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor],
-                    optimizer_tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> Path:
-    """Write a checkpoint directory at ``path`` atomically (replacing an existing one)."""
+                    optimizer_tensors: dict[str, torch.Tensor], state: dict[str, Any],
+                    extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (replacing an existing one).
+
+    ``extra_files`` (name -> bytes) are written beside the weights, e.g. a task's tokenizer, so that a
+    checkpoint folder is enough to use the model."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -71,6 +75,10 @@ def save_checkpoint(path: str | Path, *, model_state: dict[str, torch.Tensor],
     try:
         save_file(_plain_tensors(model_state), str(tmp / MODEL_FILE), metadata={"format": FORMAT})
         save_file(_plain_tensors(optimizer_tensors), str(tmp / OPTIMIZER_FILE), metadata={"format": FORMAT})
+        for name, data in (extra_files or {}).items():
+            if name in (MODEL_FILE, OPTIMIZER_FILE, STATE_FILE) or Path(name).name != name:
+                raise ValueError(f"extra checkpoint file name {name!r} is reserved or not a plain file name")
+            (tmp / name).write_bytes(data)
         with open(tmp / STATE_FILE, "w") as fh:
             json.dump({"format": FORMAT, **state}, fh, indent=1)
             fh.flush()
@@ -219,3 +227,24 @@ def unflatten_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[st
                 raise CheckpointError(f"{where} does not match the optimiser: {name} of parameter {idx} has "
                                       f"shape {tuple(value.shape)}, the parameter {tuple(params[idx].shape)}")
     return {"state": state, "param_groups": groups}
+
+
+def average_checkpoints(paths: list[str | Path]) -> tuple[dict[str, torch.Tensor], Checkpoint]:
+    """The element-wise mean of the model weights of ``paths`` (floating tensors, in float64, cast
+    back; other tensors from the newest), and the newest checkpoint. Every checkpoint must hold the
+    same tensors with the same shapes."""
+    if not paths:
+        raise CheckpointError("no checkpoints to average")
+    ckpts = [load_checkpoint(p) for p in paths]
+    newest = max(ckpts, key=lambda c: c.step)
+    keys = set(newest.model)
+    for c in ckpts:
+        if set(c.model) != keys or any(c.model[k].shape != newest.model[k].shape for k in keys):
+            raise CheckpointError(f"checkpoint {str(c.path)!r} does not hold the same tensors as {str(newest.path)!r}")
+    out = {}
+    for k, t in newest.model.items():
+        if t.is_floating_point():
+            out[k] = (sum(c.model[k].double() for c in ckpts) / len(ckpts)).to(t.dtype)
+        else:
+            out[k] = t.clone()
+    return out, newest

@@ -96,9 +96,12 @@ class TrainConfig:
     threads: int | None = None
     #: evaluate on the test split at the end of training
     test_at_end: bool = True
-    #: which weights the final test uses: ``last`` (the last step) or ``best`` (the checkpoint with
-    #: the best validation ``best_metric``, as Informer tests; needs ``keep_best``)
-    test_checkpoint: Literal["last", "best"] = "last"
+    #: which weights the final test uses: ``last`` (the last step), ``best`` (the checkpoint with
+    #: the best validation ``best_metric``, as Informer tests; needs ``keep_best``) or ``average``
+    #: (the mean of the last ``average_last`` step checkpoints' weights, saved as
+    #: ``checkpoints/averaged``; needs ``keep_last >= average_last``)
+    test_checkpoint: Literal["last", "best", "average"] = "last"
+    average_last: int = 5
 
     def validate(self) -> None:
         positive = ("batch_size", "epochs", "log_every", "keep_last")
@@ -126,6 +129,11 @@ class TrainConfig:
             raise ValueError(f"config key 'train.clip_norm' must be >= 0, got {self.clip_norm}")
         if self.schedule == "inverse_sqrt" and self.warmup_steps < 1:
             raise ValueError("config key 'train.warmup_steps' must be >= 1 for the inverse_sqrt schedule")
+        if self.test_checkpoint == "average" and self.keep_last < self.average_last:
+            raise ValueError(f"config key 'train.test_checkpoint' is 'average' over train.average_last="
+                             f"{self.average_last} checkpoints but train.keep_last={self.keep_last} keeps fewer")
+        if self.average_last < 1:
+            raise ValueError(f"config key 'train.average_last' must be >= 1, got {self.average_last}")
         if self.test_checkpoint == "best" and not self.keep_best:
             raise ValueError("config key 'train.test_checkpoint' is 'best' but train.keep_best is false: no best "
                              "checkpoint would be kept")

@@ -236,9 +236,18 @@ class Trainer:
         if self.train_set is None or len(self.train_set) == 0:
             raise ValueError("the task has no training examples")
         n = len(self.train_set)
-        if n < self.tc.batch_size:
+        # a task with its own batches (``batches(split)``, e.g. by tokens) fixes them once; epochs
+        # shuffle their order
+        self._batch_plan = getattr(self.task, "batches", None)
+        if self._batch_plan is not None:
+            self.train_batches = [list(b) for b in self._batch_plan("train")]
+            self.steps_per_epoch = len(self.train_batches)
+            if self.steps_per_epoch == 0:
+                raise ValueError("the task made no training batches")
+        elif n < self.tc.batch_size:
             raise ValueError(f"the training split has {n} examples, fewer than train.batch_size={self.tc.batch_size}")
-        self.steps_per_epoch = n // self.tc.batch_size
+        else:
+            self.steps_per_epoch = n // self.tc.batch_size
         self.total_steps = self.tc.max_steps or self.tc.epochs * self.steps_per_epoch
         self.decay_every = self.tc.decay_every or self.steps_per_epoch
         self.optimizer = self._build_optimizer()
@@ -271,12 +280,17 @@ class Trainer:
 
     # -- data -----------------------------------------------------------------------------------------
     def _train_loader(self, epoch: int, start_batch: int) -> DataLoader:
-        order = epoch_order(len(self.train_set), self.config.seed, epoch)
-        gb, per = self.tc.batch_size, self.tc.batch_size // self.world
         batches = []
-        for b in range(start_batch, self.steps_per_epoch):
-            idx = order[b * gb:(b + 1) * gb]
-            batches.append(idx[self.rank * per:(self.rank + 1) * per].tolist())
+        if self._batch_plan is not None:
+            order = epoch_order(self.steps_per_epoch, self.config.seed, epoch).tolist()
+            for b in order[start_batch:]:
+                batches.append(self.train_batches[b][self.rank::self.world])
+        else:
+            order = epoch_order(len(self.train_set), self.config.seed, epoch)
+            gb, per = self.tc.batch_size, self.tc.batch_size // self.world
+            for b in range(start_batch, self.steps_per_epoch):
+                idx = order[b * gb:(b + 1) * gb]
+                batches.append(idx[self.rank * per:(self.rank + 1) * per].tolist())
         # an own generator, so that building the loader draws nothing from the global RNG
         # (which drives dropout and must follow the step, not the number of loaders made)
         generator = torch.Generator().manual_seed(int(self.config.seed) * 7 + epoch)
@@ -287,8 +301,8 @@ class Trainer:
         data = self.task.dataset(split)
         if data is None or len(data) == 0:
             return None
-        return DataLoader(data, batch_size=self.tc.batch_size, shuffle=False, collate_fn=self._collate,
-                          generator=torch.Generator().manual_seed(0), num_workers=self.tc.num_workers, pin_memory=self.device.type == "cuda")
+        return _eval_loader(self.task, data, split, self.tc.batch_size, self._collate, self.tc.num_workers,
+                            self.device.type == "cuda")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -303,7 +317,7 @@ class Trainer:
         self.model.eval()
         try:
             with torch.no_grad(), self._autocast():
-                metrics = self.task.evaluate(self.model, (move_to(b, self.device) for b in loader))
+                metrics = _task_evaluate(self.task, self.model, (move_to(b, self.device) for b in loader), split)
         finally:
             self.model.train(was_training)
         return {k: float(v) for k, v in metrics.items()}
@@ -332,7 +346,9 @@ class Trainer:
             return None
         path = path or self.ckpt_dir / step_dir_name(self.step)
         tensors, state = self._state_record()
-        save_checkpoint(path, model_state=self.model.state_dict(), optimizer_tensors=tensors, state=state)
+        files = getattr(self.task, "checkpoint_files", None)
+        save_checkpoint(path, model_state=self.model.state_dict(), optimizer_tensors=tensors, state=state,
+                        extra_files=files() if files is not None else None)
         prune_checkpoints(self.ckpt_dir, self.tc.keep_last)
         return path
 
@@ -443,6 +459,8 @@ class Trainer:
             result.tested_step = self.step
             if self.tc.test_checkpoint == "best":
                 self._load_best_weights(result)
+            elif self.tc.test_checkpoint == "average":
+                self._load_averaged_weights(result)
             result.test_metrics = self.evaluate("test")
             if self.is_main and result.test_metrics is not None:
                 self._log_eval(self.run_dir / "eval_log.csv", "test", result.test_metrics, result.tested_step)
@@ -455,6 +473,26 @@ class Trainer:
         if self._owns_pg and dist.is_initialized():
             dist.destroy_process_group()
         return result
+
+    def _load_averaged_weights(self, result: TrainResult) -> None:
+        """Put the mean of the last ``average_last`` step checkpoints into the model and save it as
+        ``checkpoints/averaged`` (test_checkpoint=average)."""
+        from .checkpoint import average_checkpoints, list_step_checkpoints
+
+        paths = [p for _, p in list_step_checkpoints(self.ckpt_dir)][-self.tc.average_last:]
+        if len(paths) < self.tc.average_last:
+            warnings.warn(f"train.test_checkpoint=average over {self.tc.average_last} checkpoints, but only "
+                          f"{len(paths)} exist; averaging those")
+        weights, newest = average_checkpoints(paths)
+        check_model_state(self.model, weights, "averaged checkpoint")
+        self.model.load_state_dict(weights)
+        result.tested_step = newest.step
+        if self.is_main:
+            tensors, state = self._state_record()
+            state["averaged"] = [p.name for p in paths]
+            files = getattr(self.task, "checkpoint_files", None)
+            save_checkpoint(self.ckpt_dir / "averaged", model_state=weights, optimizer_tensors=tensors, state=state,
+                            extra_files=files() if files is not None else None)
 
     def _load_best_weights(self, result: TrainResult) -> None:
         """Put the weights of the best validation checkpoint into the model (test_checkpoint=best)."""
@@ -499,6 +537,8 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 batch = move_to(batch, self.device)
+                if hasattr(self.task, "set_progress"):
+                    self.task.set_progress(self.step, self.total_steps)
                 with self._autocast():
                     loss = self.task.loss(self.ddp_model, batch)
                 if not torch.isfinite(loss.detach()):
@@ -517,7 +557,7 @@ class Trainer:
                     dist.all_reduce(loss_value)
                     loss_value /= self.world
                 loss_value = float(loss_value)
-                window_samples += tc.batch_size
+                window_samples += _rows(batch) * self.world
                 if self.step % tc.log_every == 0 or self.step == self.total_steps:
                     now = time.perf_counter()
                     samples_per_s = window_samples / max(now - window_start, 1e-9)
@@ -571,6 +611,39 @@ class Trainer:
                 self.save(self.ckpt_dir / "best")
 
 
+def _rows(batch: Any) -> int:
+    """Examples in a (local) batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else []
+    for v in values:
+        n = _rows(v)
+        if n:
+            return n
+    return 0
+
+
+def _eval_loader(task, data, split: str, batch_size: int, collate, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader:
+    """Batches of ``split`` in order: the task's own (``batches(split)``) if it has them, else
+    ``batch_size`` examples at a time."""
+    plan = getattr(task, "batches", None)
+    if plan is not None:
+        return DataLoader(data, batch_sampler=[list(b) for b in plan(split)], collate_fn=collate,
+                          num_workers=num_workers, pin_memory=pin_memory)
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(0), num_workers=num_workers, pin_memory=pin_memory)
+
+
+def _task_evaluate(task, model, batches, split: str) -> dict[str, float]:
+    """``task.evaluate``, told the split when it takes a ``split`` argument."""
+    import inspect
+
+    if "split" in inspect.signature(task.evaluate).parameters:
+        return task.evaluate(model, batches, split=split)
+    return task.evaluate(model, batches)
+
+
 # -- running and evaluating from files ------------------------------------------------------------------
 def run_experiment(config: ExperimentConfig, run_dir: str | Path, *, resume: bool | str | Path = False,
                    **kwargs) -> TrainResult:
@@ -585,8 +658,11 @@ def load_trained_model(path: str | Path, overrides: list[str] | None = None, dev
     """
     from .config import apply_overrides
 
+    from .tasks import get_task_class
+
     ckpt = load_checkpoint(path)
-    raw = apply_overrides(ckpt.state["config"], overrides)
+    own = getattr(get_task_class(ckpt.state["config"].get("task")), "checkpoint_overrides", None)
+    raw = apply_overrides(ckpt.state["config"], (own(path) if own is not None else []) + list(overrides or []))
     try:
         config = build_config(raw)
     except ValueError as err:
@@ -614,11 +690,11 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: list[s
     data = task.dataset(split)
     if data is None:
         raise ValueError(f"the task has no {split!r} split")
-    loader = DataLoader(data, batch_size=config.train.batch_size, shuffle=False,
-                        collate_fn=getattr(task, "collate", None) or default_collate)
+    loader = _eval_loader(task, data, split, config.train.batch_size,
+                          getattr(task, "collate", None) or default_collate)
     amp = autocast_dtype(config.train.precision, dev)
     with torch.no_grad(), torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
-        metrics = task.evaluate(model, (move_to(b, dev) for b in loader))
+        metrics = _task_evaluate(task, model, (move_to(b, dev) for b in loader), split)
     metrics = {k: float(v) for k, v in metrics.items()}
     nan = [k for k, v in metrics.items() if math.isnan(v)]
     if nan:

@@ -40,6 +40,7 @@ TASKS: dict[str, str] = {
     "forecasting": "amlp.tasks.forecasting.task:ForecastingTask",
     "copying": "amlp.tasks.recall.task:CopyingTask",
     "mqar": "amlp.tasks.recall.task:MQARTask",
+    "translation": "amlp.tasks.translation.task:TranslationTask",
 }
 
 

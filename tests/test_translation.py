@@ -1,0 +1,265 @@
+"""Translation: subwords and BLEU, the AR and GLAT models, their decoding, the task, the CLI."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from amlp.cli import app
+from amlp.models.translation import BOS, EOS, GLAT, PAD, TransformerMT, uniform_copy
+from amlp.models.translation_decoding import ar_greedy, ar_teacher_forced_argmax, beam_search, nar_decode
+from amlp.tasks.translation.data import read_split, token_batches, train_tokenizer
+from amlp.tasks.translation.task import (ar_inputs, corpus_scores, glancing_reveal, bleu_signature,
+                                         translate_lines)
+from amlp.train import load_config, run_experiment
+from amlp.train.loop import evaluate_checkpoint, load_trained_model
+from conftest import shared_data_dir
+
+DATA = Path(shared_data_dir())
+needs_data = pytest.mark.skipif(not (DATA / "multi30k" / "val.en.gz").is_file(),
+                                reason="Multi30k not found (set AMLP_DATA_DIR)")
+runner = CliRunner()
+
+
+# -- subwords and scores ---------------------------------------------------------------------------------
+@needs_data
+def test_sentencepiece_round_trip_and_special_ids():
+    src, tgt = read_split("val", "en", "de", DATA)
+    tok = train_tokenizer(src[:64] + tgt[:64], 300)
+    for line in src[:8] + tgt[:8]:
+        ids = tok.encode(line)
+        assert min(ids) > EOS or 1 in ids  # no pad/bos/eos inside a sentence
+        assert tok.decode(ids) == line
+        assert tok.decode(ids + [EOS, 17, 18]) == line  # decoding stops at EOS
+    assert tok.decode([BOS] + tok.encode(src[0]) + [PAD, PAD]) == src[0]
+
+
+def test_sacrebleu_scores_and_signature():
+    refs = ["Ein Mann fährt Fahrrad .", "Zwei Hunde spielen im Schnee ."]
+    assert corpus_scores(refs, refs)["bleu"] == pytest.approx(100.0)
+    assert corpus_scores(refs, refs)["chrf"] == pytest.approx(100.0)
+    worse = corpus_scores(["Ein Mann fährt .", "Hunde im Schnee ."], refs)
+    assert 0 < worse["bleu"] < 100 and 0 < worse["chrf"] < 100
+    sig = bleu_signature()
+    assert "tok:13a" in sig and "case:mixed" in sig
+    with pytest.raises(ValueError, match="hypotheses"):
+        corpus_scores(["a"], refs)
+
+
+def test_token_batches_respect_budget_and_cover_everything():
+    lengths = [3, 9, 4, 12, 7, 1, 20, 5, 5, 8]
+    batches = token_batches(lengths, 24)
+    seen = sorted(i for b in batches for i in b)
+    assert seen == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 24
+    assert token_batches(lengths, 24) == batches  # a function of the lengths
+    assert [[6]] == [b for b in token_batches(lengths, 10) if 6 in b]  # longer than the budget: alone
+
+
+# -- glancing and lengths --------------------------------------------------------------------------------
+@pytest.mark.parametrize("ratio", [0.0, 0.3, 0.5, 1.0])
+def test_glancing_reveals_ratio_times_hamming_distance(ratio):
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(4, 50, (6, 11), generator=g)
+    mask = torch.ones(6, 11, dtype=torch.bool)
+    mask[2, 7:] = False
+    mask[4, 3:] = False
+    prediction = target.clone()
+    wrong = torch.rand(6, 11, generator=g) < 0.6
+    prediction[wrong] = 0  # never a target token
+    revealed = glancing_reveal(prediction, target, mask, ratio, generator=g)
+    distance = ((prediction != target) & mask).sum(1)
+    assert torch.equal(revealed.sum(1), torch.floor(distance * ratio).long())
+    assert not bool((revealed & ~mask).any())
+
+
+def test_uniform_copy_maps_ends_to_ends():
+    emb = torch.arange(5, dtype=torch.float32)[None, :, None].repeat(2, 1, 3)
+    out = uniform_copy(emb, torch.tensor([5, 3]), torch.tensor([9, 2]), 9)
+    assert out[0, :, 0].tolist() == [0, 0, 1, 2, 2, 2, 3, 4, 4]  # round(j * 4 / 8), halves to even
+    assert out[1, :2, 0].tolist() == [0, 2]
+
+
+def _glat(**kw):
+    torch.manual_seed(0)
+    opts = dict(dim=32, heads=2, ffn_dim=64, encoder_layers=1, decoder_layers=1, dropout=0.0)
+    opts.update(kw)
+    return GLAT(40, 24, **opts).eval()
+
+
+def test_length_prediction_and_length_beam_shapes():
+    model = _glat()
+    src = torch.randint(4, 40, (3, 7))
+    mask = torch.ones_like(src, dtype=torch.bool)
+    memory = model.encode(src, mask)
+    assert model.length_logits(memory, mask).shape == (3, 25)
+    tgt_mask = torch.arange(9)[None] < torch.tensor([[9], [4], [6]])
+    logits, length_logits = model(src, mask, tgt_mask)
+    assert logits.shape == (3, 9, 40) and length_logits.shape == (3, 25)
+    for beam in (1, 3):
+        out = nar_decode(model, src, mask, length_beam=beam)
+        assert len(out) == 3
+        top = model.length_logits(memory, mask)[:, 1:].topk(beam, dim=1).indices + 1
+        for row, lengths in zip(out, top.tolist()):
+            assert len(row) in lengths and all(t > EOS for t in row)
+
+
+# -- AR decoding through step ------------------------------------------------------------------------------
+AR_SITES = [("softmax", {}, "softmax", {}), ("performer", {}, "performer", {}), ("abc", {}, "abc", {}),
+            ("cosformer", {"max_length": 32}, "cosformer", {"max_length": 32}), ("local", {}, "softmax", {}),
+            ("amlp-cov", {"form": "stable"}, "softmax", {})]
+
+
+def _ar(self_mixer="softmax", self_options=None, cross_mixer="softmax", cross_options=None):
+    torch.manual_seed(0)
+    return TransformerMT(40, 32, dim=32, heads=2, ffn_dim=64, encoder_layers=2, decoder_layers=2,
+                         self_mixer=self_mixer, self_options=self_options, cross_mixer=cross_mixer,
+                         cross_options=cross_options, dropout=0.0).eval()
+
+
+def _sources():
+    g = torch.Generator().manual_seed(1)
+    src = torch.randint(4, 40, (3, 7), generator=g)
+    mask = torch.ones_like(src, dtype=torch.bool)
+    src[1, 5:], mask[1, 5:] = PAD, False
+    return src, mask
+
+
+@pytest.mark.parametrize("self_mixer,self_options,cross_mixer,cross_options", AR_SITES,
+                         ids=[s[0] + "/" + s[2] for s in AR_SITES])
+def test_step_decoding_equals_teacher_forced_argmax(self_mixer, self_options, cross_mixer, cross_options):
+    model = _ar(self_mixer, self_options, cross_mixer, cross_options)
+    src, mask = _sources()
+    hyps = ar_greedy(model, src, mask)
+    assert ar_teacher_forced_argmax(model, src, mask, hyps) == hyps
+    assert beam_search(model, src, mask, beam=1) == hyps
+
+
+def test_beam_search_finds_no_worse_sequence_than_greedy():
+    model = _ar()
+    src, mask = _sources()
+    greedy = ar_greedy(model, src, mask)
+    beam = beam_search(model, src, mask, beam=4, length_penalty=0.0)
+
+    @torch.no_grad()
+    def score(hyp, b):
+        inp = torch.tensor([[BOS] + hyp])
+        logp = torch.log_softmax(model(src[b:b + 1], mask[b:b + 1], inp).float(), -1)[0]
+        logp[:, [PAD, BOS]] = -math.inf
+        logp = torch.log_softmax(logp, -1)
+        targets = hyp + [EOS]
+        return sum(float(logp[t, tok]) for t, tok in enumerate(targets))
+
+    for b in range(3):
+        assert score(beam[b], b) >= score(greedy[b], b) - 1e-4
+
+
+def test_source_padding_does_not_change_the_translation():
+    model = _ar()
+    src, mask = _sources()
+    wide = torch.cat([src, torch.full((3, 4), PAD)], 1)
+    wide_mask = torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], 1)
+    wide[:, 7:] = 9  # garbage under the mask
+    assert beam_search(model, src, mask) == beam_search(model, wide, wide_mask)
+    glat = _glat()
+    assert nar_decode(glat, src, mask, iterations=3) == nar_decode(glat, wide, wide_mask, iterations=3)
+
+
+def test_sites_a_mixer_cannot_serve_are_refused():
+    with pytest.raises(ValueError, match="decoder self site.*capability 'causal'"):
+        _ar("amlp-pquery", {"form": "official"})
+    with pytest.raises(ValueError, match="decoder cross site.*capability 'cross'"):
+        _ar(cross_mixer="local")
+    with pytest.raises(ValueError, match="see later target tokens"):
+        _ar(cross_mixer="amlp-pquery", cross_options={"form": "official"})
+    with pytest.raises(ValueError, match="no default form"):
+        _glat(self_mixer="amlp-pquery")
+    base = {"task": "translation", "model": {"arch": "transformer", "self_mixer": "xca"}}
+    with pytest.raises(ValueError, match="model.self_mixer.*capability 'causal'"):
+        load_config(raw=base)
+    with pytest.raises(ValueError, match="model.cross_mixer.*capability 'cross'"):
+        load_config(raw={"task": "translation", "model": {"arch": "glat", "cross_mixer": "gmlp"}})
+
+
+def test_ar_inputs_shift_and_end_with_eos():
+    tgt = torch.tensor([[5, 6, 7], [8, 9, PAD]])
+    inp, out, mask = ar_inputs(tgt, tgt != PAD)
+    assert inp.tolist() == [[BOS, 5, 6, 7], [BOS, 8, 9, PAD]]
+    assert out.tolist() == [[5, 6, 7, EOS], [8, 9, EOS, PAD]]
+    assert mask.tolist() == [[True] * 4, [True, True, True, False]]
+
+
+# -- the task end to end ------------------------------------------------------------------------------------
+def _tiny_corpus(folder: Path, n: int = 32) -> Path:
+    src, tgt = read_split("val", "en", "de", DATA)
+    out = folder / "multi30k"
+    out.mkdir(parents=True)
+    for split in ("train", "val", "test_2016_flickr"):
+        for lang, lines in (("en", src[:n]), ("de", tgt[:n])):
+            with gzip.open(out / f"{split}.{lang}.gz", "wt", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in lines))
+    return folder
+
+
+def _tiny_config(tmp_path: Path, arch: str, steps: int, **model):
+    raw = {
+        "task": "translation", "seed": 0,
+        "data": {"data_dir": str(_tiny_corpus(tmp_path)), "vocab_size": 300, "max_tokens": 2048,
+                 "cache_dir": str(tmp_path / "cache")},
+        "model": {"arch": arch, "dim": 64, "heads": 2, "ffn_dim": 128, "encoder_layers": 2, "decoder_layers": 2,
+                  "dropout": 0.0, "max_length": 96, "label_smoothing": 0.0, "beam": 2, "length_beam": 1,
+                  "glance_start": 0.5, "glance_end": 0.3, **model},
+        "train": {"optimizer": "adam", "lr": 3e-3, "max_steps": steps, "threads": 1, "progress": False,
+                  "eval_every": steps, "checkpoint_every": steps // 2, "keep_last": 2, "precision": "fp32",
+                  "test_checkpoint": "average", "average_last": 1},
+    }
+    return load_config(raw=raw)
+
+
+@needs_data
+@pytest.mark.parametrize("arch,steps", [("transformer", 150), ("glat", 300)])
+def test_tiny_model_overfits_32_pairs(tmp_path, arch, steps):
+    cfg = _tiny_config(tmp_path, arch, steps)
+    result = run_experiment(cfg, tmp_path / "run")
+    assert result.test_metrics["bleu"] >= 90, result.test_metrics
+    ckpt = tmp_path / "run" / "checkpoints" / "averaged"
+    assert (ckpt / "tokenizer.model").is_file()
+    # the checkpoint carries its tokenizer: the cache may go
+    for f in (tmp_path / "cache").iterdir():
+        f.unlink()
+    metrics = evaluate_checkpoint(ckpt, "test2016", device="cpu")
+    assert metrics["bleu"] == pytest.approx(result.test_metrics["bleu"])
+    if arch == "transformer":
+        _check_translate_cli(tmp_path, ckpt)
+
+
+def _check_translate_cli(tmp_path: Path, ckpt: Path) -> None:
+    src, tgt = read_split("val", "en", "de", DATA)
+    lines = [src[1], src[0], src[17], src[1]]
+    res = runner.invoke(app, ["translate", "--checkpoint", str(ckpt), "--no-progress"], input="\n".join(lines) + "\n")
+    assert res.exit_code == 0, res.output
+    out = res.stdout.strip("\n").split("\n")
+    assert len(out) == 4 and out[0] == out[3]
+    config, task, model = load_trained_model(ckpt, device="cpu")
+    assert out == translate_lines(task, model, lines, batch_size=3)
+    assert out == [translate_lines(task, model, [line])[0] for line in lines]
+    assert corpus_scores(out, [tgt[1], tgt[0], tgt[17], tgt[1]])["bleu"] >= 70
+    # bad inputs: an empty line, a line longer than the model's positions, an unknown checkpoint
+    res = runner.invoke(app, ["translate", "--checkpoint", str(ckpt)], input=f"{src[0]}\n\n{src[1]}\n")
+    assert res.exit_code == 1 and "line 2 is empty" in res.output
+    res = runner.invoke(app, ["translate", "--checkpoint", str(ckpt)], input=" ".join(src[:30]) + "\n")
+    assert res.exit_code == 1 and "line 1 has" in res.output and "model.max_length" in res.output
+    res = runner.invoke(app, ["translate", "--checkpoint", str(tmp_path / "nowhere")], input="a\n")
+    assert res.exit_code == 1 and "nowhere" in res.output
+    res = runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--split", "test2016"])
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.stdout)
+    assert "BLEU" not in record["bleu_signature"] or "nrefs:1" in record["bleu_signature"]
+    assert record["bleu"] >= 90
