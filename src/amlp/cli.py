@@ -408,6 +408,46 @@ def study_recall_command(
         _fail(_describe(err))
 
 
+@study_app.command("translation")
+def study_translation_command(
+    config: str = typer.Option("configs/translation/study/cpu.yaml", "--config", "-c", help="study file"),
+    rows: str = typer.Option(None, "--rows", help="semicolon-separated rows, e.g. 'transformer/softmax;glat/abc' "
+                                                  "(default: the study's)"),
+    directions: str = typer.Option(None, "--directions", help="comma-separated: en-de,de-en (default: the study's)"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
+    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
+    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+    write_doc: bool = typer.Option(False, "--write-doc",
+                                   help="write the study's tracked document (only from a complete grid)"),
+) -> None:
+    """Run the translation study (AR and GLAT rows x directions x seeds; the NAR rows distil from the AR
+    softmax teacher, trained first), resuming where it stopped, and write its report next to the
+    results, or with --write-doc docs/results/translation.md (complete grid only)."""
+    import shlex
+
+    from .tasks.translation.study import load_translation_study, run_translation_study
+    from .train import CheckpointError
+
+    def split(text, sep=","):
+        return [t.strip() for t in text.split(sep) if t.strip()] if text else None
+
+    try:
+        seed_list = [int(t) for t in split(seeds)] if seeds else None
+    except ValueError:
+        _fail(f"--seeds must be comma-separated integers, got {seeds!r}", 2)
+    command = "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
+        f"amlp study translation --config {config}"
+    try:
+        run_translation_study(load_translation_study(config), command=command, rows=split(rows, ";"),
+                              directions=split(directions), seeds=seed_list, extra_overrides=list(overrides or []),
+                              log=_literal, doc_only=doc_only, write_doc=write_doc)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue")
+        raise typer.Exit(130)
+    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
+        _fail(_describe(err))
+
+
 @data_app.command("download")
 def data_download_command(
     name: str = typer.Argument(..., help="data set: ett"),

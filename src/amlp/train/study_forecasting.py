@@ -90,16 +90,17 @@ def parse_mechanism(label: str, need: str = "cross") -> tuple[str, dict]:
     """``"amlp-cov"`` -> ("amlp-cov", {}); ``"amlp-cov:form=official,landmarks=8"`` -> ("amlp-cov",
     {"form": "official", "landmarks": 8}): a registered mixer with the form a study needs (``need``:
     ``cross`` or ``causal``) and options for it (values parsed as YAML). Raises ``ValueError``
-    naming the label."""
+    naming the label. ``need="noncausal"`` asks for a non-causal form."""
     from ..layers import mixer_names
     from .config import yaml_load
 
     if not isinstance(label, str) or not label.strip():
         raise ValueError(f"a mechanism must be a mixer name, optionally with :key=value options, got {label!r}")
     name, colon, rest = label.strip().partition(":")
-    available = mixer_names(**{need: True})
+    available = mixer_names(causal=False) if need == "noncausal" else mixer_names(**{need: True})
     if name not in available:
-        raise ValueError(f"unknown mechanism {label!r}: {name!r} is not a registered mixer with a {need} form; "
+        form = "non-causal" if need == "noncausal" else need
+        raise ValueError(f"unknown mechanism {label!r}: {name!r} is not a registered mixer with a {form} form; "
                          f"available: {', '.join(available)}")
     options = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):

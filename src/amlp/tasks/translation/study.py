@@ -1,0 +1,412 @@
+"""The translation study: AR and NAR (GLAT) models x mechanisms x directions x seeds on Multi30k, in the
+layout of the AMLP paper's Table 2 and Table 10, with decoding speed beside the scores.
+
+Every cell is one ``amlp train translation`` run (:func:`amlp.train.run_experiment`) in
+``<run_root>/<direction>/<arch>/<mechanism>/seed<s>``; finished cells are recorded in
+``<run_root>/results.json`` and skipped when the study runs again (an unfinished cell continues from
+its last checkpoint). A row's mechanism is put at the decoder self and cross sites (the encoder keeps
+the config's mixer, softmax in the paper's recipe); a row may name another cross mixer (``cross``)
+where the mechanism has no cross form (local attention).
+
+The NAR rows train on sequence-level distillation: the targets of the training split are the beam
+outputs of the study's teacher row (the AR softmax Transformer, seed ``teacher_seed``, same
+direction), so teacher cells run first. After training, each cell is scored on every test set of
+the study (BLEU and chrF from sacrebleu; the signature is printed in the report) and its decoding is
+timed on the first ``latency.sentences`` sentences of test2016 at every batch size of
+``latency.batch_sizes`` (sentences per second, wall clock, with the run's threads; peak memory the
+decoding added: resident-set high-water mark on CPU, ``max_memory_allocated`` on CUDA).
+
+A study file::
+
+    title: "..."
+    directions: [en-de, de-en]
+    configs: {transformer: configs/translation/cpu/transformer.yaml, glat: configs/translation/cpu/glat.yaml}
+    rows:
+      - {arch: transformer, mechanism: softmax}
+      - {arch: transformer, mechanism: local, cross: softmax}
+      - {arch: glat, mechanism: "amlp-pquery:form=official,landmarks=16,ema=0.99"}
+    seeds: [0]
+    more_seeds: {seeds: [0, 1, 2], directions: [en-de], rows: [transformer/softmax, glat/softmax]}
+    teacher: transformer/softmax
+    teacher_seed: 0
+    test_sets: [test2016, test2017]
+    latency: {batch_sizes: [1, 64], sentences: 200}
+    run_root: runs/study/translation-cpu
+    doc: docs/results/translation.md
+    overrides: []
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ...train.config import from_dict, load_config, read_yaml, to_plain
+from ...train.study_forecasting import (_mean_std, _read_results, _record, mechanism_dir, parse_mechanism)
+
+ARCHS = ("transformer", "glat")
+#: the paper's WMT14 BLEU (AMLP paper Table 2 and Table 10: En-De, De-En), quoted beside our rows;
+#: "fails" where the paper marks that the attention failed on the data set
+PAPER_BLEU: dict[str, tuple[Any, Any]] = {
+    "transformer/softmax": (27.38, 31.26),
+    "transformer/local": (24.77, 28.21),
+    "transformer/abc": (25.86, 29.09),
+    "glat/softmax": (26.24, 30.10),
+    "glat/local": (18.19, 21.36),
+    "glat/cosformer": ("fails", "fails"),
+    "glat/performer": (17.81, "fails"),
+    "glat/abc": (21.98, 24.78),
+    "glat/amlp-pquery": (25.00, 28.42),
+}
+
+
+@dataclass
+class StudyRow:
+    arch: str
+    mechanism: str
+    #: the cross site's mixer when it is not the mechanism (a mixer with no cross form), with options
+    cross: str | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.arch}/{self.mechanism}"
+
+
+@dataclass
+class MoreSeeds:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    directions: list[str] = field(default_factory=lambda: ["en-de"])
+    rows: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Latency:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
+    sentences: int = 200
+
+
+@dataclass
+class TranslationStudyConfig:
+    configs: dict[str, str]
+    rows: list[StudyRow]
+    title: str = "Translation on Multi30k: AR and NAR models with efficient attention"
+    directions: list[str] = field(default_factory=lambda: ["en-de", "de-en"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    more_seeds: MoreSeeds | None = None
+    teacher: str = "transformer/softmax"
+    teacher_seed: int = 0
+    test_sets: list[str] = field(default_factory=lambda: ["test2016", "test2017"])
+    latency: Latency = field(default_factory=Latency)
+    run_root: str = "runs/study/translation-cpu"
+    doc: str = "docs/results/translation.md"
+    overrides: list[str] = field(default_factory=list)
+
+    def validate(self) -> None:
+        unknown = sorted(set(self.configs) - set(ARCHS))
+        if unknown or not self.configs:
+            raise ValueError(f"study key 'configs' maps an arch ({', '.join(ARCHS)}) to a config file, got "
+                             f"{sorted(self.configs)}")
+        for d in self.directions:
+            if d not in ("en-de", "de-en"):
+                raise ValueError(f"study key 'directions': {d!r} is not en-de or de-en")
+        keys = [r.key for r in self.rows]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"study key 'rows' repeats a row: {keys}")
+        for r in self.rows:
+            if r.arch not in self.configs:
+                raise ValueError(f"study row {r.key!r}: no config for arch {r.arch!r} under 'configs'")
+            parse_mechanism(r.mechanism, "causal" if r.arch == "transformer" and not r.cross else "noncausal")
+        if self.teacher not in keys or not self.teacher.startswith("transformer/"):
+            raise ValueError(f"study key 'teacher' must name an AR row (transformer/...), got {self.teacher!r}")
+        if self.more_seeds:
+            missing = [k for k in self.more_seeds.rows if k not in keys]
+            if missing:
+                raise ValueError(f"study key 'more_seeds.rows' names rows that are not in 'rows': {missing}")
+        if any(b < 1 for b in self.latency.batch_sizes) or self.latency.sentences < 1:
+            raise ValueError("study key 'latency': batch sizes and sentences must be >= 1")
+
+
+def load_translation_study(path: str | Path) -> TranslationStudyConfig:
+    return from_dict(TranslationStudyConfig, read_yaml(path))
+
+
+def cell_key(direction: str, row: str, seed: int) -> str:
+    return f"{direction}/{row}/seed{seed}"
+
+
+@dataclass
+class _Cell:
+    direction: str
+    row: StudyRow
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return cell_key(self.direction, self.row.key, self.seed)
+
+
+def study_cells(study: TranslationStudyConfig) -> list[_Cell]:
+    """Every cell of the study's grid, teacher cells first (the NAR cells distil from them)."""
+    cells = []
+    for d in study.directions:
+        for row in study.rows:
+            seeds = list(study.seeds)
+            more = study.more_seeds
+            if more and row.key in more.rows and d in more.directions:
+                seeds = sorted(set(seeds) | set(more.seeds))
+            cells += [_Cell(d, row, s) for s in seeds]
+    teacher = [c for c in cells if c.row.key == study.teacher and c.seed == study.teacher_seed]
+    return teacher + [c for c in cells if c not in teacher]
+
+
+def _site_overrides(row: StudyRow) -> list[str]:
+    mixer, options = parse_mechanism(row.mechanism, "noncausal" if row.arch == "glat" else "causal")
+    out = [f"model.self_mixer={mixer}", f"model.self_options={json.dumps(options)}"]
+    cross_mixer, cross_options = (mixer, options) if row.cross is None else parse_mechanism(row.cross, "cross")
+    out += [f"model.cross_mixer={cross_mixer}", f"model.cross_options={json.dumps(cross_options)}"]
+    return out
+
+
+def _tested_checkpoint(run_dir: Path, cfg) -> Path:
+    name = {"average": "averaged", "best": "best"}.get(cfg.train.test_checkpoint)
+    if name and (run_dir / "checkpoints" / name).is_dir():
+        return run_dir / "checkpoints" / name
+    from ...train.checkpoint import latest_checkpoint
+
+    path = latest_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        raise ValueError(f"no checkpoint in {str(run_dir)!r}")
+    return path
+
+
+def measure_latency(checkpoint: Path, batch_sizes: list[int], sentences: int, threads: int | None) -> dict:
+    """Sentences per second and peak added memory (MiB) of decoding the first ``sentences`` sentences of
+    test2016 with the checkpoint's decoding settings, per batch size."""
+    from ...bench.memory import _status_kib, cpu_peak_supported, trim_heap
+    from ...train.loop import load_trained_model
+    from .data import read_split
+    from .task import translate_lines
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        config, task, model = load_trained_model(checkpoint, device="auto")
+        device = next(model.parameters()).device
+        lines = read_split("test2016", config.data.source, config.data.target, config.data.data_dir)[0][:sentences]
+        out = {}
+        translate_lines(task, model, lines[:8], batch_size=8)  # warm-up
+        for bs in batch_sizes:
+            peak = None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            elif cpu_peak_supported():
+                trim_heap()
+                base = _status_kib("VmRSS")
+                with open("/proc/self/clear_refs", "w") as fh:
+                    fh.write("5")
+            start = time.perf_counter()
+            translate_lines(task, model, lines, batch_size=bs)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            elif cpu_peak_supported():
+                peak = max(_status_kib("VmHWM") - base, 0) / 1024
+            elapsed = time.perf_counter() - start
+            out[str(bs)] = {"sentences_per_s": len(lines) / elapsed, "peak_mib": peak}
+        return {"device": str(device), "threads": torch.get_num_threads(), "sentences": len(lines),
+                "batch_sizes": out}
+    finally:
+        torch.set_num_threads(old)
+
+
+def missing_cells(study: TranslationStudyConfig, results: dict) -> list[str]:
+    return [c.key for c in study_cells(study) if not results.get(c.key, {}).get("finished")]
+
+
+def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: list[str] | None = None,
+                          directions: list[str] | None = None, seeds: list[int] | None = None,
+                          extra_overrides: list[str] | None = None, root: Path | None = None,
+                          log: Callable[[str], None] = print, doc_only: bool = False,
+                          write_doc: bool = False) -> Path:
+    """Run every unfinished cell (restricted to ``rows`` / ``directions`` / ``seeds`` when given), then
+    write the report to ``<run_root>/report.md``, or with ``write_doc`` to the study's ``doc``, only
+    from a complete grid (else ``ValueError`` listing the missing cells, before any work)."""
+    from ...train.loop import evaluate_checkpoint, run_experiment
+
+    study.validate()
+    root = Path(root or ".")
+    run_root = root / study.run_root
+    results_path = run_root / "results.json"
+    overrides = list(study.overrides) + list(extra_overrides or [])
+    keys = [r.key for r in study.rows]
+    for name, wanted, known in (("--rows", rows, keys), ("--directions", directions, study.directions)):
+        unknown = [w for w in wanted or [] if w not in known]
+        if unknown:
+            raise ValueError(f"{name}: {', '.join(map(repr, unknown))} not in this study (it has {', '.join(known)})")
+    cells = [c for c in study_cells(study) if (not rows or c.row.key in rows)
+             and (not directions or c.direction in directions) and (not seeds or c.seed in seeds)]
+    if write_doc:
+        outside = [k for k in missing_cells(study, _read_results(results_path)) if k not in {c.key for c in cells}]
+        if outside:
+            raise ValueError(_refusal(study, outside))
+    if not doc_only:
+        for i, cell in enumerate(cells, 1):
+            results = _read_results(results_path)
+            if results.get(cell.key, {}).get("finished"):
+                log(f"({i}/{len(cells)}) {cell.key}: done before, skipped")
+                continue
+            source, target = cell.direction.split("-")
+            cell_overrides = [f"data.source={source}", f"data.target={target}", f"seed={cell.seed}"]
+            cell_overrides += _site_overrides(cell.row)
+            if cell.row.arch == "glat":
+                teacher = results.get(cell_key(cell.direction, study.teacher, study.teacher_seed), {})
+                if not teacher.get("finished"):
+                    raise ValueError(f"{cell.key} distils from {cell_key(cell.direction, study.teacher, study.teacher_seed)}"
+                                     ", which has no finished run; run the teacher first (it is the first cell)")
+                cell_overrides.append(f"data.distill_from={root / teacher['checkpoint']}")
+            cfg = load_config(root / study.configs[cell.row.arch], overrides + cell_overrides)
+            run_dir = run_root / cell.direction / cell.row.arch / mechanism_dir(cell.row.mechanism) / f"seed{cell.seed}"
+            log(f"({i}/{len(cells)}) {cell.key}: training in {run_dir}")
+            result = run_experiment(cfg, run_dir, resume="auto")
+            ckpt = _tested_checkpoint(run_dir, cfg)
+            tests = {cfg.data.test_split: result.test_metrics}
+            for name in study.test_sets:
+                if name not in tests:
+                    tests[name] = evaluate_checkpoint(ckpt, name)
+            log(f"    timing decoding at batch sizes {study.latency.batch_sizes}")
+            latency = measure_latency(ckpt, study.latency.batch_sizes, study.latency.sentences, cfg.train.threads)
+            rel = lambda p: str(p.relative_to(root) if p.is_relative_to(root) else p)  # noqa: E731
+            record = {"finished": True, "direction": cell.direction, "row": cell.row.key, "arch": cell.row.arch,
+                      "mechanism": cell.row.mechanism, "cross": cell.row.cross, "seed": cell.seed,
+                      "config": study.configs[cell.row.arch], "overrides": overrides + cell_overrides,
+                      "steps": result.step, "tested_step": result.tested_step, "tests": tests,
+                      "val": result.val_metrics, "latency": latency, "run_dir": rel(run_dir),
+                      "checkpoint": rel(ckpt), "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
+                      "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
+            _record(results_path, cell.key, record)
+            log(f"    {cell.key}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in tests.items()))
+    results = _read_results(results_path)
+    if write_doc:
+        missing = missing_cells(study, results)
+        if missing:
+            raise ValueError(_refusal(study, missing))
+        doc = root / study.doc
+    else:
+        doc = run_root / "report.md"
+    write_translation_report(doc, results, study=study, command=command)
+    log(f"report written to {doc}")
+    return doc
+
+
+def _refusal(study: TranslationStudyConfig, missing: list[str]) -> str:
+    shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
+    return (f"not writing {study.doc}: {len(missing)} cell(s) of the study's grid have no finished run ({shown}); "
+            "run the whole grid first (drop --write-doc to get a report of what is there)")
+
+
+# -- the report -----------------------------------------------------------------------------------------------
+def _label(row: StudyRow) -> str:
+    name = "Tr" if row.arch == "transformer" else "GLAT"
+    cross = f", cross {row.cross}" if row.cross else ""
+    return f"{name} ({row.mechanism}{cross})"
+
+
+def _cell_values(results: dict, direction: str, row: str, get) -> list[float]:
+    out = []
+    for rec in results.values():
+        if rec.get("finished") and rec.get("direction") == direction and rec.get("row") == row:
+            value = get(rec)
+            if value is not None:
+                out.append(value)
+    return out
+
+
+def _fmt(values: list[float], digits: int = 2) -> str:
+    if not values:
+        return "—"
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}¹"
+
+
+def write_translation_report(path: Path, results: dict, *, study: TranslationStudyConfig, command: str) -> None:
+    from .task import bleu_signature, chrf_signature
+
+    lines = [f"# {study.title}", "",
+             f"Generated by `{command}` from `{study.run_root}/results.json`. BLEU and chrF are sacrebleu's on "
+             "detokenised output against the raw references:", "",
+             f"- BLEU: `{bleu_signature()}`", f"- chrF: `{chrf_signature()}`", "",
+             "Scores are mean ± std over seeds; ¹ marks a single seed. The paper's numbers are WMT14 (distilled "
+             "for NAR, transformer-base, 300k updates), quoted for their ranking, not comparable in value "
+             "with Multi30k.", ""]
+    for direction in study.directions:
+        column = 0 if direction == "en-de" else 1
+        test_names = list(dict.fromkeys(study.test_sets))
+        lines += [f"## {direction.replace('-', ' → ')}", ""]
+        head = ["arch", "model"] + [f"{t} BLEU" for t in test_names] + [f"{test_names[0]} chrF", "seeds"]
+        head += [f"sent/s @ {b}" for b in study.latency.batch_sizes] + [f"peak MiB @ {study.latency.batch_sizes[-1]}",
+                                                                         "paper WMT14 BLEU"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in study.rows:
+            key = row.key
+            recs = [r for r in results.values() if r.get("finished") and r.get("direction") == direction
+                    and r.get("row") == key]
+            cells = ["AR" if row.arch == "transformer" else "NAR", _label(row)]
+            for t in test_names:
+                cells.append(_fmt(_cell_values(results, direction, key, lambda r, t=t: (r["tests"].get(t) or {}).get("bleu"))))
+            cells.append(_fmt(_cell_values(results, direction, key,
+                                           lambda r: (r["tests"].get(test_names[0]) or {}).get("chrf"))))
+            cells.append(str(len(recs)) if recs else "—")
+            for b in study.latency.batch_sizes:
+                cells.append(_fmt(_cell_values(results, direction, key,
+                                               lambda r, b=b: r["latency"]["batch_sizes"].get(str(b), {}).get("sentences_per_s")), 1))
+            last = str(study.latency.batch_sizes[-1])
+            cells.append(_fmt(_cell_values(results, direction, key,
+                                           lambda r: r["latency"]["batch_sizes"].get(last, {}).get("peak_mib")), 0))
+            paper = PAPER_BLEU.get(f"{row.arch}/{row.mechanism.split(':')[0]}")
+            value = paper[column] if paper else None
+            cells.append("—" if value is None else value if isinstance(value, str) else f"{value:.2f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += _protocol(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+
+
+def _protocol(results: dict) -> list[str]:
+    recs = [r for r in results.values() if r.get("finished")]
+    if not recs:
+        return ["No finished cells yet."]
+    out = ["## Protocol", ""]
+    seen = set()
+    for r in recs:
+        arch = r["arch"]
+        if arch in seen:
+            continue
+        seen.add(arch)
+        m, t, d = r["model"], r["train"], r["data"]
+        out.append(f"- {arch}: config `{r['config']}`; width {m['dim']}, {m['heads']} heads, FFN {m['ffn_dim']}, "
+                   f"{m['encoder_layers']}+{m['decoder_layers']} layers, dropout {m['dropout']}, label smoothing "
+                   f"{m['label_smoothing']}; {t['max_steps']} steps of {d['max_tokens']} tokens, {t['optimizer']} lr "
+                   f"{t['lr']} ({t['schedule']}, warm-up {t['warmup_steps']}); test on checkpoint "
+                   f"`{t['test_checkpoint']}`" + (f" of the last {t['average_last']}" if t['test_checkpoint'] == "average"
+                                                   else "") + "; decoding: " +
+                   (f"beam {m['beam']}, length penalty {m['length_penalty']}" if arch == "transformer" else
+                    f"length beam {m['length_beam']}, {m['iterations']} iteration(s), glancing ratio "
+                    f"{m['glance_start']} → {m['glance_end']}, distilled from the teacher row"))
+    lat = recs[0]["latency"]
+    out += [f"- Decoding speed: the first {lat['sentences']} sentences of test2016 on {lat['device']} with "
+            f"{lat['threads']} thread(s), wall clock including subword encoding and decoding; peak memory is "
+            "what decoding added (resident-set high-water mark on CPU).", ""]
+    return out
