@@ -10,10 +10,14 @@ from typing import Any, Literal
 class TranslationDataConfig:
     """Which direction, which subwords, which batches (see :mod:`amlp.tasks.translation.data`)."""
 
-    source: Literal["en", "de"] = "en"
-    target: Literal["en", "de"] = "de"
+    #: language codes: the file suffixes (Multi30k has en and de)
+    source: str = "en"
+    target: str = "de"
     #: folder holding multi30k/ (None: $AMLP_DATA_DIR, else ../shared/data beside the repository, else ./data)
     data_dir: str | None = None
+    #: a corpus of one's own instead of Multi30k: split name (train, val and the test split) -> path
+    #: prefix of ``<prefix>.<source>`` / ``<prefix>.<target>`` (plain or .gz), e.g. a distilled WMT14
+    files: dict[str, str] | None = None
     #: the joint sentencepiece model; None: trained on the training split (both sides) and cached
     #: in ``cache_dir``; every checkpoint carries a copy (``tokenizer.model``)
     tokenizer: str | None = None
@@ -24,8 +28,9 @@ class TranslationDataConfig:
     max_tokens: int = 4096
     #: training pairs with a side longer than this many subwords are left out
     max_train_length: int = 100
-    #: split reported by the final test: test2016 (the standard), test2017 or mscoco2017
-    test_split: Literal["val", "test2016", "test2017", "mscoco2017"] = "test2016"
+    #: split reported by the final test: test2016 (the standard), test2017 or mscoco2017 (or a
+    #: split of ``files``)
+    test_split: str = "test2016"
     #: checkpoint of a trained AR model: the training targets become its beam outputs on the training
     #: sources (sequence-level knowledge distillation, Kim and Rush 2016), cached in its run folder
     distill_from: str | None = None
@@ -34,6 +39,21 @@ class TranslationDataConfig:
     val_bleu_examples: int | None = None
 
     def validate(self) -> None:
+        for name in ("source", "target"):
+            code = getattr(self, name)
+            if not code or not code.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"config key 'data.{name}' must be a language code such as en or de, got {code!r}")
+        if self.files is not None:
+            missing = [s for s in ("train", "val", self.test_split) if s not in self.files]
+            if missing:
+                raise ValueError(f"config key 'data.files' needs the splits train, val and data.test_split "
+                                 f"({self.test_split}); missing: {', '.join(missing)}")
+        else:
+            from .data import SPLITS
+
+            if self.test_split not in SPLITS or self.test_split == "train":
+                raise ValueError(f"config key 'data.test_split' must be one of val, test2016, test2017, mscoco2017 "
+                                 f"for Multi30k, got {self.test_split!r}")
         if self.source == self.target:
             raise ValueError(f"config keys 'data.source' and 'data.target' must differ, both are {self.source!r}")
         for name in ("vocab_size", "max_tokens", "max_train_length", "distill_beam"):

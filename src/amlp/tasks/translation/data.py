@@ -44,23 +44,33 @@ def read_lines(path: Path) -> list[str]:
         return [line.rstrip("\n") for line in fh]
 
 
-def read_split(split: str, src: str, tgt: str, data_dir: str | os.PathLike | None = None
-               ) -> tuple[list[str], list[str]]:
-    """(source lines, target lines) of a Multi30k split."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; Multi30k splits: {', '.join(SPLITS)}")
-    folder = multi30k_dir(data_dir)
+def read_split(split: str, src: str, tgt: str, data_dir: str | os.PathLike | None = None,
+               files: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """(source lines, target lines) of a split: Multi30k's, or with ``files`` (split name -> path prefix)
+    a corpus of one's own in ``<prefix>.<lang>`` or ``<prefix>.<lang>.gz`` (a relative prefix is taken
+    from the data directory, else the working directory)."""
+    if files is not None:
+        if split not in files:
+            raise ValueError(f"no files for split {split!r}; data.files has {', '.join(files) or 'none'}")
+        prefix = Path(files[split])
+        if not prefix.is_absolute() and not prefix.parent.is_dir():
+            prefix = resolve_data_dir(data_dir) / prefix
+        stem, where = prefix, "corpus"
+    else:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; Multi30k splits: {', '.join(SPLITS)}")
+        stem, where = multi30k_dir(data_dir) / SPLITS[split], "Multi30k"
     sides = []
     for lang in (src, tgt):
-        path = folder / f"{SPLITS[split]}.{lang}.gz"
+        path = stem.with_name(f"{stem.name}.{lang}.gz")
         if not path.is_file():
             plain = path.with_suffix("")
             if not plain.is_file():
-                raise FileNotFoundError(f"Multi30k file not found: {str(path)!r}")
+                raise FileNotFoundError(f"{where} file not found: {str(plain)!r} (or .gz)")
             path = plain
         sides.append(read_lines(path))
     if len(sides[0]) != len(sides[1]):
-        raise ValueError(f"Multi30k {split}: {len(sides[0])} {src} lines but {len(sides[1])} {tgt} lines")
+        raise ValueError(f"{where} {split}: {len(sides[0])} {src} lines but {len(sides[1])} {tgt} lines")
     return sides[0], sides[1]
 
 

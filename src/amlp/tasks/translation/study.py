@@ -12,7 +12,7 @@ The NAR rows train on sequence-level distillation: the targets of the training s
 outputs of the study's teacher row (the AR softmax Transformer, seed ``teacher_seed``, same
 direction), so teacher cells run first. After training, each cell is scored on every test set of
 the study (BLEU and chrF from sacrebleu; the signature is printed in the report) and its decoding is
-timed on the first ``latency.sentences`` sentences of test2016 at every batch size of
+timed on the first ``latency.sentences`` sentences of the test split (test2016) at every batch size of
 ``latency.batch_sizes`` (sentences per second, wall clock, with the run's threads; peak memory the
 decoding added: resident-set high-water mark on CPU, ``max_memory_allocated`` on CUDA).
 
@@ -191,7 +191,6 @@ def measure_latency(checkpoint: Path, batch_sizes: list[int], sentences: int, th
     test2016 with the checkpoint's decoding settings, per batch size."""
     from ...bench.memory import _status_kib, cpu_peak_supported, trim_heap
     from ...train.loop import load_trained_model
-    from .data import read_split
     from .task import translate_lines
 
     old = torch.get_num_threads()
@@ -200,7 +199,7 @@ def measure_latency(checkpoint: Path, batch_sizes: list[int], sentences: int, th
     try:
         config, task, model = load_trained_model(checkpoint, device="auto")
         device = next(model.parameters()).device
-        lines = read_split("test2016", config.data.source, config.data.target, config.data.data_dir)[0][:sentences]
+        lines = task.dataset("test").sources[:sentences]
         out = {}
         translate_lines(task, model, lines[:8], batch_size=8)  # warm-up
         for bs in batch_sizes:

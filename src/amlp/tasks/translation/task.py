@@ -117,13 +117,15 @@ class TranslationTask:
         if d.tokenizer is not None:
             self.tokenizer = Tokenizer.load(d.tokenizer)
         else:
-            train_src, train_tgt = read_split("train", "en", "de", d.data_dir)
-            self.tokenizer, path = cached_tokenizer(train_src + train_tgt, d.vocab_size, d.spm_model_type, 1.0,
-                                                    d.cache_dir)
+            train_src, train_tgt = read_split("train", d.source, d.target, d.data_dir, d.files)
+            # one joint model per language pair, whichever the direction
+            sides = sorted([(d.source, train_src), (d.target, train_tgt)], key=lambda side: side[0])
+            self.tokenizer, _ = cached_tokenizer(sides[0][1] + sides[1][1], d.vocab_size, d.spm_model_type, 1.0,
+                                                 d.cache_dir)
         self._splits: dict[str, PairDataset] = {}
-        #: loop split -> Multi30k split; the Multi30k names themselves are accepted too (``amlp eval --split``)
-        self._split_names = {"train": "train", "val": "val", "test": d.test_split, "test2016": "test2016",
-                             "test2017": "test2017", "mscoco2017": "mscoco2017"}
+        #: loop split -> corpus split; the corpus's own names are accepted too (``amlp eval --split``)
+        names = list(d.files) if d.files is not None else ["test2016", "test2017", "mscoco2017"]
+        self._split_names = {"train": "train", "val": "val", "test": d.test_split, **{n: n for n in names}}
 
     # -- data ---------------------------------------------------------------------------------------
     def encode_lines(self, lines: list[str]) -> list[list[int]]:
@@ -132,7 +134,7 @@ class TranslationTask:
     def _load(self, split: str) -> PairDataset:
         d: TranslationDataConfig = self.config.data
         name = self._split_names[split]
-        src_lines, tgt_lines = read_split(name, d.source, d.target, d.data_dir)
+        src_lines, tgt_lines = read_split(name, d.source, d.target, d.data_dir, d.files)
         if split == "train" and d.distill_from:
             tgt_lines = distilled_targets(d.distill_from, src_lines, self.config)
         src, tgt = self.encode_lines(src_lines), self.encode_lines(tgt_lines)
