@@ -283,3 +283,61 @@ def test_eval_of_a_checkpoint_with_nan_weights_is_an_error(tmp_path, finished_ru
 
     res = CliRunner().invoke(app, ["eval", "--checkpoint", str(bad)])
     assert res.exit_code == 1 and "NaN or infinite weights" in res.output and "Traceback" not in res.output
+
+
+class _PlannedToyTask:
+    """The toy task with its own batches of uneven sizes, and a file in every checkpoint."""
+
+    def __new__(cls, config):
+        from amlp.train.toy import ToyRegressionTask
+
+        task = ToyRegressionTask(config)
+        n = len(task.dataset("train"))
+        sizes = [5, 11, 7, 16, 3]
+        plan, start = [], 0
+        while start + max(sizes) <= n:
+            for s in sizes:
+                plan.append(list(range(start, start + s)))
+                start += s
+        task.batches = lambda split: plan if split == "train" else [list(range(len(task.dataset(split))))]
+        task.checkpoint_files = lambda: {"notes.txt": b"kept with the weights"}
+        task.seen = []
+        original = task.loss
+
+        def loss(model, batch):
+            task.seen.append(len(batch[0]) if isinstance(batch, (list, tuple)) else None)
+            return original(model, batch)
+        task.loss = loss
+        return task
+
+
+def test_task_batches_are_used_and_resume_exactly(tmp_path):
+    cfg = toy_config(max_steps=13)
+    full_task = _PlannedToyTask(cfg)
+    full = Trainer(cfg, tmp_path / "full", task=full_task).fit()
+    assert set(full_task.seen) == {3, 5, 7, 11, 16}  # the task's batches, not train.batch_size
+    assert (latest_checkpoint(tmp_path / "full" / "checkpoints") / "notes.txt").read_bytes() == b"kept with the weights"
+    Trainer(toy_config(max_steps=6), tmp_path / "split", task=_PlannedToyTask(cfg)).fit()
+    resumed = Trainer(cfg, tmp_path / "split", resume=True, task=_PlannedToyTask(cfg)).fit()
+    a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full.test_metrics == resumed.test_metrics
+
+
+def test_test_on_averaged_checkpoints(tmp_path):
+    from amlp.train.checkpoint import average_checkpoints
+
+    cfg = toy_config(max_steps=12, checkpoint_every=3, keep_last=3, test_checkpoint="average", average_last=3)
+    result = Trainer(cfg, tmp_path / "r").fit()
+    ckpts = [p for _, p in list_step_checkpoints(tmp_path / "r" / "checkpoints")]
+    assert [p.name for p in ckpts] == ["step-00000006", "step-00000009", "step-00000012"]
+    averaged = weights(tmp_path / "r", "averaged")
+    parts = [load_file(str(p / "model.safetensors")) for p in ckpts]
+    for k, v in averaged.items():
+        assert torch.allclose(v, sum(p[k] for p in parts) / 3, atol=1e-6), k
+    assert result.tested_step == 12
+    assert evaluate_checkpoint(tmp_path / "r" / "checkpoints" / "averaged", "test") == result.test_metrics
+    assert average_checkpoints(ckpts)[1].step == 12
+    with pytest.raises(ValueError, match="average_last"):
+        toy_config(test_checkpoint="average", average_last=4, keep_last=2)

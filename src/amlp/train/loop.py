@@ -628,9 +628,10 @@ def _eval_loader(task, data, split: str, batch_size: int, collate, num_workers: 
     """Batches of ``split`` in order: the task's own (``batches(split)``) if it has them, else
     ``batch_size`` examples at a time."""
     plan = getattr(task, "batches", None)
+    # an own generator: making the loader's iterator must draw nothing from the global RNG
     if plan is not None:
         return DataLoader(data, batch_sampler=[list(b) for b in plan(split)], collate_fn=collate,
-                          num_workers=num_workers, pin_memory=pin_memory)
+                          generator=torch.Generator().manual_seed(0), num_workers=num_workers, pin_memory=pin_memory)
     return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate,
                       generator=torch.Generator().manual_seed(0), num_workers=num_workers, pin_memory=pin_memory)
 
