@@ -79,7 +79,13 @@ def test_every_repository_config_validates():
     from amlp.train.study_recall import load_recall_study
 
     for path in files:
-        if path.parent.name == "study" and path.parent.parent.name == "recall":
+        if path.parent.name == "study" and path.parent.parent.name == "translation":
+            from amlp.tasks.translation.study import load_translation_study
+
+            study = load_translation_study(path)
+            for arch, cfg in study.configs.items():
+                assert load_config(ROOT / cfg).model.arch == arch
+        elif path.parent.name == "study" and path.parent.parent.name == "recall":
             study = load_recall_study(path)
             for task, section in (("copying", study.copying), ("mqar", study.mqar)):
                 if section is not None:
