@@ -316,3 +316,22 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     run_translation_study(study, command="amlp study translation", write_doc=True, log=logged.append)
     assert sum("done before, skipped" in line for line in logged) == 2
     assert (tmp_path / "doc.md").is_file()
+
+
+@pytest.mark.parametrize("name", ["softmax", "performer", "abc", "cosformer"])
+def test_projected_context_mixes_as_the_full_call(name):
+    import amlp
+
+    torch.manual_seed(0)
+    mixer = amlp.build_mixer(name, dim=16, heads=2, cross=True).eval()
+    x, ctx = torch.randn(3, 4, 16), torch.randn(3, 6, 16)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    ctx[1, 4:] = float("nan")  # padding is selected away, not multiplied
+    projected = mixer.project_context(ctx, mask)
+    if name == "abc":  # its own token mixing: no shortcut, the decoder calls it whole
+        assert projected is None
+        return
+    expected = mixer(x, ctx, context_mask=mask)
+    assert torch.allclose(mixer.mix_projected(x, projected), expected, atol=1e-6)
+    assert torch.isfinite(expected).all()

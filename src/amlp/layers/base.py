@@ -296,6 +296,28 @@ class ProjectedMixer(Mixer):
     def mix_tokens(self, x, context, x_mask, context_mask):
         return self._project_and_mix(self.mix_heads, x, context, x_mask, context_mask)
 
+    def project_context(self, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> dict | None:
+        """The projected keys and values of a context, to mix many query batches against it without
+        projecting it again (a decoder's cross site, one step at a time): pass the result to
+        :meth:`mix_projected`. None for a mixer that does not mix through these projections alone."""
+        if type(self).mix_tokens is not ProjectedMixer.mix_tokens:
+            return None
+        self._check_input(context, "context")
+        check_mask(context_mask, context.shape[0], context.shape[1], "context_mask")
+        context = _select_real(context, context_mask)
+        return {"k": self.split_heads(self.k_proj(context)), "v": self.split_heads(self.v_proj(context)),
+                "mask": context_mask}
+
+    def mix_projected(self, x: torch.Tensor, projected: dict, x_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mixer(x, context, x_mask=x_mask, context_mask=...)`` for the context that
+        :meth:`project_context` projected (same numbers, without projecting it again)."""
+        self._check_input(x, "x")
+        check_mask(x_mask, x.shape[0], x.shape[1], "x_mask")
+        x = _select_real(x, x_mask)
+        q = self.split_heads(self.q_proj(x))
+        out = self.head_output(self.mix_heads(q, projected["k"], projected["v"], x_mask, projected["mask"]))
+        return self.dropout(self.out_proj(out.reshape(x.shape[0], x.shape[1], self.dim)))
+
     def reference_tokens(self, x, context, x_mask, context_mask):
         return self._project_and_mix(self.mix_heads_reference, x, context, x_mask, context_mask)
 

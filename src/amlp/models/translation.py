@@ -104,21 +104,27 @@ class DecoderBlock(nn.Module):
         return y + self.dropout(self.ffn(self.norm3(y)))
 
     def init_state(self, batch_size: int, device) -> dict[str, Any]:
-        return {"self": self.self_mixer.init_state(batch_size, device=device), "queries": None}
+        return {"self": self.self_mixer.init_state(batch_size, device=device), "queries": None, "memory": None}
 
     def step(self, y_t, state, memory, memory_mask):
         h, self_state = self.self_mixer.step(self.norm1(y_t), state["self"])
         y_t = y_t + self.dropout(h)
         q = self.norm2(y_t)[:, None]
-        queries = state["queries"]
+        queries, projected = state["queries"], state["memory"]
         if self.cross_name in QUERY_LOCAL_CROSS:
-            c = self.cross_mixer(q, memory, context_mask=memory_mask)[:, -1]
+            # the memory's keys and values are projected once, at the first step
+            if projected is None and hasattr(self.cross_mixer, "project_context"):
+                projected = self.cross_mixer.project_context(memory, memory_mask)
+            if projected is not None:
+                c = self.cross_mixer.mix_projected(q, projected)[:, -1]
+            else:
+                c = self.cross_mixer(q, memory, context_mask=memory_mask)[:, -1]
         else:
             queries = q if queries is None else torch.cat([queries, q], dim=1)
             c = self.cross_mixer(queries, memory, context_mask=memory_mask)[:, -1]
         y_t = y_t + self.dropout(c)
         y_t = y_t + self.dropout(self.ffn(self.norm3(y_t)))
-        return y_t, {"self": self_state, "queries": queries}
+        return y_t, {"self": self_state, "queries": queries, "memory": projected}
 
 
 class EncoderDecoder(nn.Module):
