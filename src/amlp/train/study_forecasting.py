@@ -287,10 +287,15 @@ def run_study(study: StudyConfig, *, command: str, mechanisms: list[str] | None 
     return doc
 
 
-def _refusal(study: StudyConfig, missing: list[str]) -> str:
+def grid_refusal(doc: str, missing: list[str]) -> str:
+    """Why a study's tracked document is not written: the cells of its grid with no finished run."""
     shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-    return (f"not writing {study.doc}: {len(missing)} cell(s) of the study's grid have no finished run ({shown}); "
+    return (f"not writing {doc}: {len(missing)} cell(s) of the study's grid have no finished run ({shown}); "
             "run the whole grid first (drop --write-doc to get a report of what is there)")
+
+
+def _refusal(study: StudyConfig, missing: list[str]) -> str:
+    return grid_refusal(study.doc, missing)
 
 
 # -- the report ---------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import from_dict, load_config, read_yaml, to_plain
-from .study_forecasting import _fmt, _mean_std, _read_results, _record, _write_json_atomic, mechanism_dir, parse_mechanism
+from .study_forecasting import _fmt, grid_refusal, _mean_std, _read_results, _record, _write_json_atomic, mechanism_dir, parse_mechanism
 
 TASK_AXES = {"copying": ("data.string_len", "S"), "mqar": ("data.num_pairs", "pairs")}
 TASK_METRIC = {"copying": "hard_acc", "mqar": "acc"}
@@ -196,9 +196,7 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
 
 
 def _refusal(study: RecallStudyConfig, missing: list[str]) -> str:
-    shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-    return (f"not writing {study.doc}: {len(missing)} cell(s) of the study's grid have no finished run ({shown}); "
-            "run the whole grid first (drop --write-doc to get a report of what is there)")
+    return grid_refusal(study.doc, missing)
 
 
 # -- the report ---------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_yaml, to_plain
-from ...train.study_forecasting import (_mean_std, _read_results, _record, mechanism_dir, parse_mechanism)
+from ...train.study_forecasting import (_mean_std, _read_results, _record, grid_refusal, mechanism_dir,
+                                        parse_mechanism)
 
 ARCHS = ("transformer", "glat")
 #: the paper's WMT14 BLEU (AMLP paper Table 2 and Table 10: En-De, De-En), quoted beside our rows;
@@ -308,9 +309,7 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
 
 
 def _refusal(study: TranslationStudyConfig, missing: list[str]) -> str:
-    shown = ", ".join(missing[:12]) + (f" and {len(missing) - 12} more" if len(missing) > 12 else "")
-    return (f"not writing {study.doc}: {len(missing)} cell(s) of the study's grid have no finished run ({shown}); "
-            "run the whole grid first (drop --write-doc to get a report of what is there)")
+    return grid_refusal(study.doc, missing)
 
 
 # -- the report -----------------------------------------------------------------------------------------------
