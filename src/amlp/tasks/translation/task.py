@@ -293,8 +293,14 @@ def distilled_targets(teacher: str | os.PathLike, sources: list[str], config) ->
     if (tconfig.data.source, tconfig.data.target) != (d.source, d.target):
         raise ValueError(f"data.distill_from: the teacher translates {tconfig.data.source}->{tconfig.data.target}, "
                          f"this run {d.source}->{d.target}")
-    outputs = translate_lines(task, model, sources, batch_size=64, progress=True, search="beam",
-                              description="distilling")
+    threads = torch.get_num_threads()
+    if config.train.threads:  # the run's thread budget holds for its distillation too
+        torch.set_num_threads(config.train.threads)
+    try:
+        outputs = translate_lines(task, model, sources, batch_size=64, progress=True, search="beam",
+                                  description="distilling")
+    finally:
+        torch.set_num_threads(threads)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in outputs), encoding="utf-8")
