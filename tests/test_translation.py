@@ -335,3 +335,12 @@ def test_projected_context_mixes_as_the_full_call(name):
     expected = mixer(x, ctx, context_mask=mask)
     assert torch.allclose(mixer.mix_projected(x, projected), expected, atol=1e-6)
     assert torch.isfinite(expected).all()
+
+
+def test_study_command_names_unknown_rows_and_directions():
+    res = runner.invoke(app, ["study", "translation", "--rows", "glat/nonsense", "--report-only"])
+    assert res.exit_code == 1 and "--rows: 'glat/nonsense' not in this study" in res.output
+    res = runner.invoke(app, ["study", "translation", "--directions", "fr-en", "--report-only"])
+    assert res.exit_code == 1 and "--directions: 'fr-en'" in res.output
+    res = runner.invoke(app, ["study", "translation", "--seeds", "a", "--report-only"])
+    assert res.exit_code == 2 and "--seeds" in res.output
