@@ -414,3 +414,14 @@ def test_step_bench_measures_each_position_and_refuses_stepless_mixers():
     assert "command" in header
     with pytest.raises(ValueError, match="recurrent"):
         StepSettings(mixers=["amlp-pquery"]).validate()
+
+
+def test_op_level_skips_token_mixers_and_option_maxima_follow_the_length():
+    # abc is a ProjectedMixer without a per-head op: skipped with a message, not an error
+    op = run_ops(OpsSettings(mixers=["abc", "linformer", "gmlp"], lengths=[8, 600], memory=False, **TINY))
+    rows = {(r["mixer"], r["length"]): r for r in op.rows}
+    assert rows[("abc", 8)]["status"] == "skipped" and "per-head op" in rows[("abc", 8)]["message"]
+    # linformer's maximum is an option, built to each length: measured past its default of 512
+    assert rows[("linformer", 600)]["status"] == "ok" and rows[("linformer", 600)]["fwd_time_s"] > 0
+    layer = run_ops(OpsSettings(mixers=["gmlp", "abc"], lengths=[600], level="layer", memory=False, **TINY))
+    assert all(r["status"] == "ok" and r["fwd_time_s"] > 0 for r in layer.rows if r["mixer"] in ("gmlp", "abc"))

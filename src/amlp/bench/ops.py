@@ -14,13 +14,12 @@ from typing import Callable
 import torch
 
 from ..layers import get_mixer_info
-from ..layers.base import ProjectedMixer
 from ..layers.check import check_mixer
 from .analysis import crossover_length, floor_time
 from .environment import invocation, machine_header, measure_bandwidth, parse_dtype, resolve_device
 from .memory import PeakMeter
 from .timing import measure_time
-from .workloads import MODES, Workload, make_callable, options_for
+from .workloads import MODES, Workload, has_head_op, make_callable, options_for
 
 DEFAULT_MIXERS = ("softmax", "amlp-cov", "amlp-pquery")
 DEFAULT_LENGTHS = "256:8192"
@@ -139,7 +138,9 @@ def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = N
             for length in settings.lengths:
                 row = {**base, "length": length, "status": status, "message": message}
                 if status == "ok":
-                    if caps.max_length and length > caps.max_length:
+                    # a maximum set by an option is built to each length (build_for_length); only a
+                    # fixed maximum limits the lengths measured
+                    if caps.max_length and not caps.max_length_option and length > caps.max_length:
                         row.update(status="skipped", message=f"longer than max length {caps.max_length}")
                     else:
                         _measure_point(row, name, options, settings, device, causal, threads, bandwidth, meter,
@@ -174,8 +175,8 @@ def _gate(name: str, options: dict, settings: OpsSettings, causal: bool) -> tupl
     info = get_mixer_info(name)
     if causal and not info.capabilities.causal:
         return "skipped", "no causal form"
-    if settings.level == "op" and not issubclass(info.cls, ProjectedMixer):
-        return "skipped", "no per-head op (not a ProjectedMixer); use --level layer"
+    if settings.level == "op" and not has_head_op(info.cls):
+        return "skipped", "no per-head op (mixes whole tokens); use --level layer"
     result = check_mixer(name, **gate_kwargs(name), **options)
     if not result.passed:
         return "failed", f"correctness check against the reference failed: {result.message}"

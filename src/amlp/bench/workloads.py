@@ -64,6 +64,12 @@ def options_for(name: str, wanted: dict) -> dict:
     return {k: v for k, v in wanted.items() if k in known}
 
 
+def has_head_op(cls: type) -> bool:
+    """Whether a mixer class has its own per-head op (``mix_heads`` on ``[B, T, H, D]``): a
+    ProjectedMixer that implements it (ABC, for one, mixes whole tokens and has none)."""
+    return isinstance(cls, type) and issubclass(cls, ProjectedMixer) and cls.mix_heads is not ProjectedMixer.mix_heads
+
+
 def build_for_length(name: str, *, dim: int, heads: int, causal: bool, options: dict, length: int) -> nn.Module:
     """Build mixer ``name``; mixers whose maximum length is an option get ``length`` there."""
     caps = get_mixer_info(name).capabilities
@@ -146,8 +152,8 @@ def make_callable(w: Workload) -> tuple[Callable[[], Any], dict]:
         mixer = build_for_length(w.mixer, dim=E, heads=H, causal=w.causal, options=w.options, length=T)
         mixer = mixer.to(device=device, dtype=dtype).eval()
         if w.kind == "op":
-            if not isinstance(mixer, ProjectedMixer):
-                raise ValueError(f"mixer {w.mixer!r} has no per-head op (it is not a ProjectedMixer); use level 'layer'")
+            if not has_head_op(type(mixer)):
+                raise ValueError(f"mixer {w.mixer!r} has no per-head op (it mixes whole tokens); use level 'layer'")
             inputs = [randn(B, T, H, D, grad=True) for _ in range(3)]
 
             def forward():
