@@ -142,6 +142,24 @@ def test_step_decoding_equals_teacher_forced_argmax(self_mixer, self_options, cr
     assert beam_search(model, src, mask, beam=1) == hyps
 
 
+def test_sinusoidal_positions_decode_through_step_and_are_not_saved():
+    from amlp.models.translation import sinusoidal_positions
+
+    table = sinusoidal_positions(50, 8)
+    assert torch.allclose(table[0], torch.tensor([0.0] * 4 + [1.0] * 4))
+    assert table[7, 0] == pytest.approx(math.sin(7.0)) and table[7, 4] == pytest.approx(math.cos(7.0))
+    assert table[7, 3] == pytest.approx(math.sin(7.0 / 10000 ** (3 / 3)), abs=1e-6)
+    torch.manual_seed(0)
+    model = TransformerMT(40, 32, dim=32, heads=2, ffn_dim=64, encoder_layers=1, decoder_layers=2, dropout=0.0,
+                          positions="sinusoidal").eval()
+    assert not any("positions" in k for k in model.state_dict())
+    src, mask = _sources()
+    hyps = ar_greedy(model, src, mask)
+    assert ar_teacher_forced_argmax(model, src, mask, hyps) == hyps
+    with pytest.raises(ValueError, match="positions"):
+        TransformerMT(40, 32, dim=32, heads=2, positions="rotary")
+
+
 def test_beam_search_finds_no_worse_sequence_than_greedy():
     model = _ar()
     src, mask = _sources()

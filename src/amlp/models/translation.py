@@ -66,6 +66,30 @@ def check_site(name: str, site: str, *, causal: bool = False, cross: bool = Fals
         raise ValueError(f"the {site} site: {err}") from None
 
 
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """``[length, dim]``: sin of ``p / 10000^(2i/dim)`` in the first half of the channels and cos in the
+    second (fairseq's layout of Vaswani et al. 2017's encoding)."""
+    half = dim // 2
+    rate = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / max(half - 1, 1)))
+    angle = torch.arange(length, dtype=torch.float64)[:, None] * rate[None, :]
+    table = torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+    if dim % 2:
+        table = torch.cat([table, torch.zeros(length, 1, dtype=torch.float64)], dim=1)
+    return table.float()
+
+
+class _FixedPositions(nn.Module):
+    """A fixed position table with the call and ``weight`` of an ``nn.Embedding`` (not saved: it is
+    a function of the sizes)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", table, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        return self.weight[positions]
+
+
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, hidden: int, dropout: float):
         super().__init__(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim))
@@ -138,6 +162,8 @@ class EncoderDecoder(nn.Module):
         encoder_mixer, self_mixer, cross_mixer: registry names for the three sites, with their
             options in ``encoder_options``, ``self_options``, ``cross_options``.
         dropout: on embeddings and sub-layer outputs (and inside the FFN).
+        positions: ``learned`` (a table per stack, N(0, 1/E)) or ``sinusoidal`` (Vaswani et al. 2017,
+            fixed; fairseq's default for the Transformer and GLAT).
         causal: decoder self-mixing is causal (the AR model) or not (the NAR model).
     """
 
@@ -146,7 +172,8 @@ class EncoderDecoder(nn.Module):
     def __init__(self, vocab_size: int, max_length: int, *, dim: int = 256, heads: int = 4, ffn_dim: int = 1024,
                  encoder_layers: int = 3, decoder_layers: int = 3, encoder_mixer: str = "softmax",
                  self_mixer: str = "softmax", cross_mixer: str = "softmax", encoder_options: dict | None = None,
-                 self_options: dict | None = None, cross_options: dict | None = None, dropout: float = 0.1):
+                 self_options: dict | None = None, cross_options: dict | None = None, dropout: float = 0.1,
+                 positions: str = "learned"):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("max_length", max_length), ("dim", dim), ("heads", heads),
                             ("ffn_dim", ffn_dim), ("encoder_layers", encoder_layers),
@@ -165,10 +192,18 @@ class EncoderDecoder(nn.Module):
         with torch.no_grad():
             self.embedding.weight[0].zero_()
         self.embed_scale = math.sqrt(dim)
-        self.encoder_positions = nn.Embedding(max_length, dim)
-        self.decoder_positions = nn.Embedding(max_length, dim)
-        nn.init.normal_(self.encoder_positions.weight, std=dim ** -0.5)
-        nn.init.normal_(self.decoder_positions.weight, std=dim ** -0.5)
+        if positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"positions must be 'learned' or 'sinusoidal', got {positions!r}")
+        self.positions = positions
+        if positions == "learned":
+            self.encoder_positions = nn.Embedding(max_length, dim)
+            self.decoder_positions = nn.Embedding(max_length, dim)
+            nn.init.normal_(self.encoder_positions.weight, std=dim ** -0.5)
+            nn.init.normal_(self.decoder_positions.weight, std=dim ** -0.5)
+        else:
+            table = sinusoidal_positions(max_length, dim)
+            self.encoder_positions = _FixedPositions(table)
+            self.decoder_positions = _FixedPositions(table.clone())
         self.dropout = nn.Dropout(dropout)
         self.encoder = nn.ModuleList(EncoderBlock(dim, heads, ffn_dim, encoder_mixer, dict(encoder_options or {}),
                                                   dropout) for _ in range(encoder_layers))

@@ -77,8 +77,10 @@ class TranslationModelConfig:
     encoder_layers: int = 3
     decoder_layers: int = 3
     dropout: float = 0.1
-    #: learned positions per stack: the longest source or target accepted
+    #: positions per stack: the longest source or target accepted
     max_length: int = 128
+    #: ``learned`` or ``sinusoidal`` (fixed, fairseq's default for the Transformer and GLAT)
+    positions: Literal["learned", "sinusoidal"] = "learned"
     #: registry names of the mixers at the three sites, and their options
     encoder_mixer: str = "softmax"
     self_mixer: str = "softmax"

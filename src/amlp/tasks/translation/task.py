@@ -180,7 +180,7 @@ class TranslationTask:
                     encoder_layers=m.encoder_layers, decoder_layers=m.decoder_layers,
                     encoder_mixer=m.encoder_mixer, self_mixer=m.self_mixer, cross_mixer=m.cross_mixer,
                     encoder_options=m.encoder_options, self_options=m.self_options, cross_options=m.cross_options,
-                    dropout=m.dropout)
+                    dropout=m.dropout, positions=m.positions)
         print(f"translation {self.config.data.source}->{self.config.data.target}: {m.arch} "
               f"({m.encoder_mixer} / {m.self_mixer} / {m.cross_mixer}), {model.num_parameters():,} parameters",
               file=sys.stderr, flush=True)
