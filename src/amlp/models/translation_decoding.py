@@ -23,6 +23,15 @@ def _ban(logits: torch.Tensor, ids) -> torch.Tensor:
     return logits
 
 
+def _most_likely(logits: torch.Tensor, banned) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability, id) of the most likely allowed token at every position, without a second
+    vocabulary-sized copy of the logits (they are changed in place)."""
+    logits = logits.float()
+    logits[..., list(banned)] = float("-inf")
+    best, tokens = logits.max(-1)
+    return best - torch.logsumexp(logits, -1), tokens
+
+
 def _strip(row: list[int]) -> list[int]:
     out = []
     for t in row:
@@ -178,8 +187,8 @@ def nar_decode(model: GLAT, src: torch.Tensor, src_mask: torch.Tensor, *, length
     T = int(lengths.max())
     tgt_mask = torch.arange(T, device=device)[None, :] < lengths[:, None]
     logits, _ = model(src_k, mask_k, tgt_mask, memory=memory_k)
-    logp = torch.log_softmax(_ban(logits.float(), _NAR_BANNED), -1)
-    probs, tokens = logp.max(-1)
+    probs, tokens = _most_likely(logits, _NAR_BANNED)
+    del logits
     for i in range(1, iterations):
         n_mask = (lengths.double() * (iterations - i) / iterations).floor().long()
         confidence = torch.where(tgt_mask, probs, torch.full_like(probs, float("inf")))
@@ -190,8 +199,8 @@ def nar_decode(model: GLAT, src: torch.Tensor, src_mask: torch.Tensor, *, length
         if not bool(remask.any()):
             break
         logits, _ = model(src_k, mask_k, tgt_mask, revealed=~remask & tgt_mask, tgt=tokens, memory=memory_k)
-        logp = torch.log_softmax(_ban(logits.float(), _NAR_BANNED), -1)
-        new_probs, new_tokens = logp.max(-1)
+        new_probs, new_tokens = _most_likely(logits, _NAR_BANNED)
+        del logits
         tokens = torch.where(remask, new_tokens, tokens)
         probs = torch.where(remask, new_probs, probs)
     mean_logp = torch.where(tgt_mask, probs, torch.zeros_like(probs)).sum(1) / lengths.clamp_min(1)
