@@ -274,6 +274,8 @@ def _check_translate_cli(tmp_path: Path, ckpt: Path) -> None:
     assert res.exit_code == 1 and "line 2 is empty" in res.output
     res = runner.invoke(app, ["translate", "--checkpoint", str(ckpt)], input=" ".join(src[:30]) + "\n")
     assert res.exit_code == 1 and "line 1 has" in res.output and "model.max_length" in res.output
+    res = runner.invoke(app, ["translate", "--checkpoint", str(ckpt), "--threads", "0"], input="a\n")
+    assert res.exit_code == 2 and "--threads must be >= 1" in res.output
     res = runner.invoke(app, ["translate", "--checkpoint", str(tmp_path / "nowhere")], input="a\n")
     assert res.exit_code == 1 and "nowhere" in res.output
     res = runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--split", "test2016"])

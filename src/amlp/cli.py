@@ -98,6 +98,16 @@ def _make_out_dir(out: str, option: str = "--out") -> None:
         _fail(f"{option} {out!r} cannot be created ({_describe(err)})", 2)
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        _fail(f"--threads must be >= 1, got {threads}", 2)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _literal(message: str) -> None:
     """Print text the program did not write itself (names, paths, values) without markup."""
     console.print(message, markup=False, highlight=False, soft_wrap=True)
@@ -238,12 +248,14 @@ def eval_command(
     overrides: list[str] = typer.Option(None, "--set", help="override of the stored config, key.sub=value"),
     data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)"),
 ) -> None:
     """Evaluate a checkpoint on a split and print its metrics as JSON."""
     import json
 
     from .train import CheckpointError, evaluate_checkpoint
 
+    _set_threads(threads)
     overrides = list(overrides or [])
     if data_dir:
         overrides.append(f"data.data_dir={data_dir}")
@@ -269,11 +281,13 @@ def translate_command(
     batch_size: int = typer.Option(64, "--batch-size", help="sentences decoded together"),
     beam: int = typer.Option(None, "--beam", help="beam size of an AR model (1: greedy; default: the config's)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ) -> None:
     """Translate sentences with a trained model: one line in, one line out, in the same order."""
     import sys
 
+    _set_threads(threads)
     from .tasks.translation.task import translate_lines
     from .train import CheckpointError
     from .train.loop import load_trained_model
