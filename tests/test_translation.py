@@ -190,6 +190,18 @@ def test_source_padding_does_not_change_the_translation():
     assert nar_decode(glat, src, mask, iterations=3) == nar_decode(glat, wide, wide_mask, iterations=3)
 
 
+def test_a_translation_does_not_depend_on_its_batch():
+    # an untrained model runs to the length limit, which is per sentence (1.2 x its source + 10)
+    model = _ar()
+    src, mask = _sources()
+    for decode in (ar_greedy, lambda m, s, k: beam_search(m, s, k, beam=3)):
+        together = decode(model, src, mask)
+        alone = [decode(model, src[b:b + 1, :int(mask[b].sum())], mask[b:b + 1, :int(mask[b].sum())])[0]
+                 for b in range(3)]
+        assert together == alone
+    assert len(together[1]) == int(1.2 * 5 + 10) - 1 and len(together[0]) == int(1.2 * 7 + 10) - 1
+
+
 def test_sites_a_mixer_cannot_serve_are_refused():
     with pytest.raises(ValueError, match="decoder self site.*capability 'causal'"):
         _ar("amlp-pquery", {"form": "official"})

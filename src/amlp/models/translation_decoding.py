@@ -42,9 +42,11 @@ def _strip(row: list[int]) -> list[int]:
     return out
 
 
-def _max_new(src_mask: torch.Tensor, model, max_len_a: float, max_len_b: int) -> int:
-    longest = int(src_mask.sum(1).max()) if src_mask.numel() else 0
-    return max(1, min(model.max_length, int(max_len_a * longest + max_len_b)))
+def _limits(src_mask: torch.Tensor, model, max_len_a: float, max_len_b: int) -> torch.Tensor:
+    """Tokens (EOS included) each row may produce: ``max_len_a * its source length + max_len_b``, at most
+    the model's positions. Per row, so that a translation does not depend on its batch."""
+    lengths = src_mask.sum(1).to(torch.float64)
+    return (max_len_a * lengths + max_len_b).floor().long().clamp(1, model.max_length)
 
 
 @torch.no_grad()
@@ -58,12 +60,12 @@ def ar_greedy(model: TransformerMT, src: torch.Tensor, src_mask: torch.Tensor, *
     token = torch.full((B,), BOS, dtype=torch.long, device=src.device)
     done = torch.zeros(B, dtype=torch.bool, device=src.device)
     out = []
-    limit = _max_new(src_mask, model, max_len_a, max_len_b)
-    for t in range(limit):
+    limits = _limits(src_mask, model, max_len_a, max_len_b)
+    for t in range(int(limits.max())):
         logits, state = model.step(token, state, memory, src_mask)
         token = _ban(logits.float(), _AR_BANNED).argmax(-1)
-        if t == limit - 1:  # the last step ends every sentence, as in beam search
-            token = torch.full_like(token, EOS)
+        # a row's last step ends its sentence, as in beam search
+        token = torch.where(limits - 1 == t, torch.full_like(token, EOS), token)
         token = torch.where(done, torch.full_like(token, PAD), token)
         out.append(token)
         done |= token == EOS
@@ -113,15 +115,17 @@ def beam_search(model: TransformerMT, src: torch.Tensor, src_mask: torch.Tensor,
     tokens = torch.full((B * K, 1), BOS, dtype=torch.long, device=device)
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
     done = [False] * B
-    limit = _max_new(src_mask, model, max_len_a, max_len_b)
-    for t in range(limit):
+    limits = _limits(src_mask, model, max_len_a, max_len_b)
+    last = (limits - 1).repeat_interleave(K)                                   # per beam row
+    for t in range(int(limits.max())):
         logits, state = model.step(tokens[:, -1], state, memory, mask)
         logp = torch.log_softmax(_ban(logits.float(), _AR_BANNED), -1)
         V = logp.shape[-1]
-        if t == limit - 1:  # the last step: only EOS may follow
+        ending = last == t  # a sentence's last step: only EOS may follow
+        if bool(ending.any()):
             forced = torch.full_like(logp, float("-inf"))
             forced[:, EOS] = logp[:, EOS]
-            logp = forced
+            logp = torch.where(ending[:, None], forced, logp)
         total = (scores.reshape(-1, 1) + logp).reshape(B, K * V)
         top_scores, top_index = total.topk(min(2 * K, K * V), dim=1)
         next_scores = torch.full((B, K), _NEG, device=device)
