@@ -329,6 +329,39 @@ def translate_command(
             _fail(f"cannot write --output {output_path!r}: {_describe(err)}")
 
 
+def _split_list(text: str | None, sep: str = ",") -> list[str] | None:
+    return [t.strip() for t in text.split(sep) if t.strip()] if text else None
+
+
+def _int_list(text: str | None, option: str) -> list[int] | None:
+    try:
+        return [int(t) for t in _split_list(text)] if text else None
+    except ValueError:
+        _fail(f"{option} must be comma-separated integers, got {text!r}", 2)
+
+
+def _study_command(name: str, config: str) -> str:
+    """The command line a study's report names: the one typed, or its plain form from Python."""
+    import shlex
+
+    if sys.argv[1:2] == ["study"]:
+        return "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return f"amlp study {name} --config {config}"
+
+
+def _run_study(run) -> None:
+    """Run a study, turning an interrupt and the errors users hit into one-line messages."""
+    from .train import CheckpointError
+
+    try:
+        run()
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue")
+        raise typer.Exit(130)
+    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
+        _fail(_describe(err))
+
+
 @study_app.command("forecasting")
 def study_forecasting_command(
     config: str = typer.Option("configs/forecasting/study/cpu.yaml", "--config", "-c", help="study file"),
@@ -347,32 +380,16 @@ def study_forecasting_command(
     """Run the cross-attention study (mechanisms x datasets x settings x seeds), resuming where it
     stopped, and write its report next to the results (<run_root>/report.md), or with --write-doc
     the study's document (docs/results/...), which needs every cell of the grid."""
-    import shlex
-
-    from .train import CheckpointError
     from .train.study_forecasting import load_study, run_study
-
-    def split(text):
-        return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
     extra = list(overrides or [])
     if data_dir:
         extra.append(f"data.data_dir={data_dir}")
-    command = "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
-        f"amlp study forecasting --config {config}"
-    try:
-        seed_list = [int(s) for s in split(seeds)] if seeds else None
-    except ValueError:
-        _fail(f"--seeds must be comma-separated integers, got {seeds!r}", 2)
-    try:
-        run_study(load_study(config), command=command, mechanisms=split_mechanisms(mechanisms),
-                  datasets=split(datasets), settings=split(settings), seeds=seed_list, extra_overrides=extra,
-                  log=_literal, doc_only=doc_only, write_doc=write_doc)
-    except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to continue")
-        raise typer.Exit(130)
-    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
-        _fail(_describe(err))
+    command = _study_command("forecasting", config)
+    seed_list = _int_list(seeds, "--seeds")
+    _run_study(lambda: run_study(load_study(config), command=command, mechanisms=split_mechanisms(mechanisms),
+                                 datasets=_split_list(datasets), settings=_split_list(settings), seeds=seed_list,
+                                 extra_overrides=extra, log=_literal, doc_only=doc_only, write_doc=write_doc))
 
 
 @study_app.command("recall")
@@ -392,34 +409,16 @@ def study_recall_command(
     """Run the recall study (mixers x S or pairs x dims x seeds), resuming where it stopped, and write
     its report and plots next to the results, or with --write-doc docs/results/recall.md (complete
     grid only)."""
-    import shlex
-
-    from .train import CheckpointError
     from .train.study_recall import load_recall_study, run_recall_study
 
-    def split(text):
-        return [t.strip() for t in text.split(",") if t.strip()] if text else None
-
-    def ints(text, option):
-        try:
-            return [int(t) for t in split(text)] if text else None
-        except ValueError:
-            _fail(f"{option} must be comma-separated integers, got {text!r}", 2)
-
-    command = "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
-        f"amlp study recall --config {config}"
-    values = {k: v for k, v in (("copying", ints(string_lens, "--string-lens")), ("mqar", ints(pairs, "--pairs")))
-              if v}
-    dim_list, seed_list = ints(dims, "--dims"), ints(seeds, "--seeds")
-    try:
-        run_recall_study(load_recall_study(config), command=command, mechanisms=split(mechanisms), tasks=split(tasks),
-                         values=values, dims=dim_list, seeds=seed_list, extra_overrides=list(overrides or []),
-                         log=_literal, doc_only=doc_only, write_doc=write_doc)
-    except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to continue")
-        raise typer.Exit(130)
-    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
-        _fail(_describe(err))
+    command = _study_command("recall", config)
+    values = {k: v for k, v in (("copying", _int_list(string_lens, "--string-lens")),
+                                ("mqar", _int_list(pairs, "--pairs"))) if v}
+    dim_list, seed_list = _int_list(dims, "--dims"), _int_list(seeds, "--seeds")
+    _run_study(lambda: run_recall_study(
+        load_recall_study(config), command=command, mechanisms=_split_list(mechanisms), tasks=_split_list(tasks),
+        values=values, dims=dim_list, seeds=seed_list, extra_overrides=list(overrides or []), log=_literal,
+        doc_only=doc_only, write_doc=write_doc))
 
 
 @study_app.command("translation")
@@ -437,29 +436,14 @@ def study_translation_command(
     """Run the translation study (AR and GLAT rows x directions x seeds; the NAR rows distil from the AR
     softmax teacher, trained first), resuming where it stopped, and write its report next to the
     results, or with --write-doc docs/results/translation.md (complete grid only)."""
-    import shlex
-
     from .tasks.translation.study import load_translation_study, run_translation_study
-    from .train import CheckpointError
 
-    def split(text, sep=","):
-        return [t.strip() for t in text.split(sep) if t.strip()] if text else None
-
-    try:
-        seed_list = [int(t) for t in split(seeds)] if seeds else None
-    except ValueError:
-        _fail(f"--seeds must be comma-separated integers, got {seeds!r}", 2)
-    command = "amlp " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["study"] else \
-        f"amlp study translation --config {config}"
-    try:
-        run_translation_study(load_translation_study(config), command=command, rows=split(rows, ";"),
-                              directions=split(directions), seeds=seed_list, extra_overrides=list(overrides or []),
-                              log=_literal, doc_only=doc_only, write_doc=write_doc)
-    except KeyboardInterrupt:
-        console.print("interrupted; run the same command again to continue")
-        raise typer.Exit(130)
-    except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
-        _fail(_describe(err))
+    seed_list = _int_list(seeds, "--seeds")
+    command = _study_command("translation", config)
+    _run_study(lambda: run_translation_study(
+        load_translation_study(config), command=command, rows=_split_list(rows, ";"),
+        directions=_split_list(directions), seeds=seed_list, extra_overrides=list(overrides or []), log=_literal,
+        doc_only=doc_only, write_doc=write_doc))
 
 
 @data_app.command("download")
