@@ -348,6 +348,16 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     run_translation_study(study, command="amlp study translation", write_doc=True, log=logged.append)
     assert sum("done before, skipped" in line for line in logged) == 2
     assert (tmp_path / "doc.md").is_file()
+    # rescoring: the finished cells are scored again from their checkpoints, nothing is trained
+    before = json.loads((tmp_path / "runs" / "results.json").read_text())
+    logged.clear()
+    run_translation_study(study, command="amlp study translation", rows=["glat/abc", "transformer/local"],
+                          rescore=True, log=logged.append)
+    after = json.loads((tmp_path / "runs" / "results.json").read_text())
+    assert "rescored_at" in after["en-de/glat/abc/seed0"] and "rescored_at" not in after["en-de/transformer/softmax/seed0"]
+    assert after["en-de/glat/abc/seed0"]["tests"] == before["en-de/glat/abc/seed0"]["tests"]
+    assert "rescored_at" in after["en-de/transformer/local/seed0"]
+    assert not any("training" in line for line in logged)
 
 
 @pytest.mark.parametrize("name", ["softmax", "performer", "abc", "cosformer"])

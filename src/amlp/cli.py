@@ -432,6 +432,8 @@ def study_translation_command(
     doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
     write_doc: bool = typer.Option(False, "--write-doc",
                                    help="write the study's tracked document (only from a complete grid)"),
+    rescore: bool = typer.Option(False, "--rescore", help="score the finished cells again from their checkpoints "
+                                                          "with the current code, instead of training"),
 ) -> None:
     """Run the translation study (AR and GLAT rows x directions x seeds; the NAR rows distil from the AR
     softmax teacher, trained first), resuming where it stopped, and write its report next to the
@@ -443,7 +445,7 @@ def study_translation_command(
     _run_study(lambda: run_translation_study(
         load_translation_study(config), command=command, rows=_split_list(rows, ";"),
         directions=_split_list(directions), seeds=seed_list, extra_overrides=list(overrides or []), log=_literal,
-        doc_only=doc_only, write_doc=write_doc))
+        doc_only=doc_only, write_doc=write_doc, rescore=rescore))
 
 
 @data_app.command("download")

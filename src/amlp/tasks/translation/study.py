@@ -238,10 +238,13 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
                           directions: list[str] | None = None, seeds: list[int] | None = None,
                           extra_overrides: list[str] | None = None, root: Path | None = None,
                           log: Callable[[str], None] = print, doc_only: bool = False,
-                          write_doc: bool = False) -> Path:
+                          write_doc: bool = False, rescore: bool = False) -> Path:
     """Run every unfinished cell (restricted to ``rows`` / ``directions`` / ``seeds`` when given), then
     write the report to ``<run_root>/report.md``, or with ``write_doc`` to the study's ``doc``, only
-    from a complete grid (else ``ValueError`` listing the missing cells, before any work)."""
+    from a complete grid (else ``ValueError`` listing the missing cells, before any work).
+
+    ``rescore`` scores the finished cells of the selection again on every test set from their tested
+    checkpoints, with the code as it is now (after a change to decoding), instead of training."""
     from ...train.loop import evaluate_checkpoint, run_experiment
 
     study.validate()
@@ -260,7 +263,22 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
         outside = [k for k in missing_cells(study, _read_results(results_path)) if k not in {c.key for c in cells}]
         if outside:
             raise ValueError(_refusal(study, outside))
-    if not doc_only:
+    if rescore and not doc_only:
+        for i, cell in enumerate(cells, 1):
+            record = _read_results(results_path).get(cell.key, {})
+            if not record.get("finished"):
+                log(f"({i}/{len(cells)}) {cell.key}: not finished, nothing to rescore")
+                continue
+            ckpt = root / record["checkpoint"]
+            log(f"({i}/{len(cells)}) {cell.key}: scoring {ckpt} again")
+            tests = {name: evaluate_checkpoint(ckpt, name) for name in record["tests"]}
+            for name in study.test_sets:
+                if name not in tests:
+                    tests[name] = evaluate_checkpoint(ckpt, name)
+            record.update(tests=tests, rescored_at=_dt.datetime.now().isoformat(timespec="seconds"))
+            _record(results_path, cell.key, record)
+            log(f"    {cell.key}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in tests.items()))
+    elif not doc_only:
         for i, cell in enumerate(cells, 1):
             results = _read_results(results_path)
             if results.get(cell.key, {}).get("finished"):
