@@ -335,9 +335,9 @@ class GLAT(EncoderDecoder):
         self.length_head = nn.Linear(self.dim, max_length + 1)
 
     def length_logits(self, memory: torch.Tensor, src_mask: torch.Tensor) -> torch.Tensor:
-        weights = src_mask.to(memory.dtype)[..., None]
-        pooled = (torch.where(src_mask[..., None], memory, torch.zeros_like(memory)) * weights).sum(1)
-        pooled = pooled / weights.sum(1).clamp_min(1.0)
+        real = src_mask[..., None]
+        pooled = torch.where(real, memory, torch.zeros_like(memory)).sum(1)
+        pooled = pooled / real.sum(1).clamp_min(1).to(memory.dtype)
         return self.length_head(pooled)
 
     def decoder_inputs(self, src, src_mask, tgt_mask, revealed=None, tgt=None) -> torch.Tensor:

@@ -250,10 +250,10 @@ class TranslationTask:
                 _, nll, n = self._losses(model, part, glance=False)
                 nll_sum += float(nll) * n
                 count += n
-            keep = batch["index"] if limit is None else batch["index"][batch["index"] < limit]
-            if keep.numel() == 0:
+            rows = torch.ones_like(batch["index"], dtype=torch.bool) if limit is None else batch["index"] < limit
+            if not bool(rows.any()):
                 continue
-            rows = (batch["index"][:, None] == keep[None, :]).any(1)
+            keep = batch["index"][rows]
             src, src_mask = batch["src"][rows], batch["src_mask"][rows]
             width = int(src_mask.sum(1).max())
             for i, ids in zip(keep.tolist(), self.decode(net, src[:, :width], src_mask[:, :width], search=search)):
