@@ -60,6 +60,35 @@ def trim_heap() -> None:
         pass
 
 
+def timed_peak(fn, device) -> tuple[float, float | None]:
+    """(wall seconds, peak MiB that ``fn()`` added) in this process: ``max_memory_allocated`` on CUDA, the
+    resident-set high-water mark on Linux CPUs (None where it cannot be read)."""
+    import time
+
+    import torch
+
+    device = torch.device(device)
+    base = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    elif cpu_peak_supported():
+        trim_heap()
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    start = time.perf_counter()
+    fn()
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    elif base is not None:
+        peak = max(_status_kib("VmHWM") - base, 0) / 1024
+    return time.perf_counter() - start, peak
+
+
 def child_measure(w: Workload, threads: int) -> int:
     """Run in the child: peak resident bytes added by one call of ``w``."""
     torch.set_num_threads(threads)

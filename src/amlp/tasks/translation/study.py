@@ -41,7 +41,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -190,7 +189,7 @@ def _tested_checkpoint(run_dir: Path, cfg) -> Path:
 def measure_latency(checkpoint: Path, batch_sizes: list[int], sentences: int, threads: int | None) -> dict:
     """Sentences per second and peak added memory (MiB) of decoding the first ``sentences`` sentences of
     test2016 with the checkpoint's decoding settings, per batch size."""
-    from ...bench.memory import _status_kib, cpu_peak_supported, trim_heap
+    from ...bench.memory import timed_peak
     from ...train.loop import load_trained_model
     from .task import translate_lines
 
@@ -204,24 +203,7 @@ def measure_latency(checkpoint: Path, batch_sizes: list[int], sentences: int, th
         out = {}
         translate_lines(task, model, lines[:8], batch_size=8)  # warm-up
         for bs in batch_sizes:
-            peak = None
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                base = torch.cuda.memory_allocated()
-            elif cpu_peak_supported():
-                trim_heap()
-                base = _status_kib("VmRSS")
-                with open("/proc/self/clear_refs", "w") as fh:
-                    fh.write("5")
-            start = time.perf_counter()
-            translate_lines(task, model, lines, batch_size=bs)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-            elif cpu_peak_supported():
-                peak = max(_status_kib("VmHWM") - base, 0) / 1024
-            elapsed = time.perf_counter() - start
+            elapsed, peak = timed_peak(lambda: translate_lines(task, model, lines, batch_size=bs), device)
             out[str(bs)] = {"sentences_per_s": len(lines) / elapsed, "peak_mib": peak}
         return {"device": str(device), "threads": torch.get_num_threads(), "sentences": len(lines),
                 "batch_sizes": out, "cpus": os.cpu_count(),
