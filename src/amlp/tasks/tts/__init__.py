@@ -1,0 +1,1 @@
+"""Text-to-speech: audio features, a Festival-synthesised corpus, LJSpeech loading."""
