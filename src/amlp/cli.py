@@ -63,7 +63,7 @@ def check_command(names: list[str] = typer.Argument(None, help="mixers to check 
 # -- training, evaluation, studies, data ------------------------------------------------------------------
 train_app = typer.Typer(help="Train a task from a YAML config.", no_args_is_help=True)
 study_app = typer.Typer(help="Run a grid of experiments and write its report.", no_args_is_help=True)
-data_app = typer.Typer(help="Fetch data sets.", no_args_is_help=True)
+data_app = typer.Typer(help="Fetch or build data sets.", no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(study_app, name="study")
 app.add_typer(data_app, name="data")
@@ -180,6 +180,11 @@ def _resumed_config(run_dir: str, config: str | None, overrides: list[str]):
     return base
 
 
+def _data_key(task: str | None) -> str:
+    """The config key that ``--data-dir`` sets: the corpus folder for speech, the data folder elsewhere."""
+    return "data.corpus" if task == "tts" else "data.data_dir"
+
+
 def _train(task: str, config: str | None, overrides: list[str], run_dir: str | None, resume: bool,
            data_dir: str | None, seed: int | None) -> None:
     import json
@@ -188,7 +193,7 @@ def _train(task: str, config: str | None, overrides: list[str], run_dir: str | N
 
     overrides = list(overrides or [])
     if data_dir:
-        overrides.append(f"data.data_dir={data_dir}")
+        overrides.append(f"{_data_key(task)}={data_dir}")
     if seed is not None:
         overrides.append(f"seed={seed}")
     if config is None and not (resume and run_dir):
@@ -240,11 +245,23 @@ def _register_train_commands() -> None:
 _register_train_commands()
 
 
+def _checkpoint_task(checkpoint: str) -> str | None:
+    """The task a checkpoint folder was trained on (None when it cannot be told)."""
+    import json
+    from pathlib import Path
+
+    try:
+        record = json.loads((Path(checkpoint) / "state.json").read_text())
+        return record["config"].get("task")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 @app.command("eval")
 def eval_command(
     checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint folder (runs/.../checkpoints/step-N or best)"),
     split: str = typer.Option("test", "--split", help="val or test (translation also: test2016, test2017, "
-                                                     "mscoco2017)"),
+                                                     "mscoco2017); speech reports MCD and MSD"),
     overrides: list[str] = typer.Option(None, "--set", help="override of the stored config, key.sub=value"),
     data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -258,7 +275,7 @@ def eval_command(
     _set_threads(threads)
     overrides = list(overrides or [])
     if data_dir:
-        overrides.append(f"data.data_dir={data_dir}")
+        overrides.append(f"{_data_key(_checkpoint_task(checkpoint))}={data_dir}")
     try:
         metrics = evaluate_checkpoint(checkpoint, split, overrides, device)
     except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
@@ -327,6 +344,43 @@ def translate_command(
                 fh.write(result)
         except OSError as err:
             _fail(f"cannot write --output {output_path!r}: {_describe(err)}")
+
+
+@app.command("synthesize")
+def synthesize_command(
+    text: str = typer.Argument(..., help="English text to say (ASCII letters, digits and punctuation)"),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint folder of a tts run "
+                                                            "(runs/.../checkpoints/best, averaged or step-N)"),
+    output_path: str = typer.Option("speech.wav", "--output", "-o", help="wav file to write (22,050 Hz)"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)"),
+) -> None:
+    """Say a sentence with a trained speech model: phones from Festival's front end, mel spectrogram from
+    the model, audio by Griffin-Lim, written as a wav file."""
+    import time
+
+    _set_threads(threads)
+    from .tasks.tts.audio import SAMPLE_RATE, save_wav
+    from .tasks.tts.festival import check_text
+    from .tasks.tts.task import synthesize_text
+    from .train import CheckpointError
+    from .train.loop import load_trained_model
+
+    try:
+        check_text(text)
+    except ValueError as err:
+        _fail(str(err), 2)
+    try:
+        start = time.perf_counter()
+        config, task, model = load_trained_model(checkpoint, [], device)
+        if config.task != "tts":
+            _fail(f"{checkpoint!r} is a checkpoint of task {config.task!r}, not tts")
+        audio, phones = synthesize_text(task, model, text)
+        save_wav(output_path, audio)
+    except (ValueError, OSError, RuntimeError, CheckpointError) as err:
+        _fail(_describe(err))
+    _literal(f"{output_path}: {len(audio) / SAMPLE_RATE:.2f} s of audio, {len(phones)} phones "
+             f"({time.perf_counter() - start:.1f} s)")
 
 
 def _split_list(text: str | None, sep: str = ",") -> list[str] | None:
@@ -446,6 +500,65 @@ def study_translation_command(
         load_translation_study(config), command=command, rows=_split_list(rows, ";"),
         directions=_split_list(directions), seeds=seed_list, extra_overrides=list(overrides or []), log=_literal,
         doc_only=doc_only, write_doc=write_doc, rescore=rescore))
+
+
+@study_app.command("tts")
+def study_tts_command(
+    config: str = typer.Option("configs/tts/study/cpu.yaml", "--config", "-c", help="study file"),
+    rows: str = typer.Option(None, "--rows", help="semicolon-separated rows, e.g. 'fastspeech2/softmax;"
+                                                  "transformer-tts/abc' (default: the study's)"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
+    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
+    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+    write_doc: bool = typer.Option(False, "--write-doc",
+                                   help="write the study's tracked document and figures (only from a complete grid)"),
+) -> None:
+    """Run the speech study (FastSpeech 2 and Transformer-TTS rows x seeds, and the rank ablation),
+    resuming where it stopped, and write its report next to the results, or with --write-doc
+    docs/results/tts.md and its figures (complete grid only)."""
+    from .tasks.tts.study import load_tts_study, run_tts_study
+
+    seed_list = _int_list(seeds, "--seeds")
+    command = _study_command("tts", config)
+    _run_study(lambda: run_tts_study(
+        load_tts_study(config), command=command, rows=_split_list(rows, ";"), seeds=seed_list,
+        extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
+
+
+@data_app.command("synth-tts")
+def data_synth_tts_command(
+    out: str = typer.Option("data/tts-slt", "--out", help="corpus folder (resumable: run again to continue)"),
+    data_dir: str = typer.Option(None, "--data-dir", help="folder holding multi30k/ (default $AMLP_DATA_DIR, "
+                                                         "else ../shared/data beside the repository)"),
+    train: int = typer.Option(6000, "--train", help="training sentences"),
+    val: int = typer.Option(250, "--val", help="validation sentences"),
+    test: int = typer.Option(250, "--test", help="test sentences"),
+    seed: int = typer.Option(0, "--seed", help="seed of the sentence selection"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+) -> None:
+    """Build a single-speaker English speech corpus with Festival (CMU ARCTIC slt voice) from Multi30k
+    captions: 22,050 Hz audio, 80-band log-mel, phones with exact durations, pitch and energy."""
+    from .tasks.tts.corpus import build_synth_corpus
+    from .tasks.tts.festival import check_festival
+
+    for name, value in (("--train", train), ("--val", val), ("--test", test)):
+        if value < 1:
+            _fail(f"{name} must be >= 1, got {value}", 2)
+    try:
+        check_festival()
+    except RuntimeError as err:
+        _fail(str(err))
+    _make_out_dir(out)
+    try:
+        summary = build_synth_corpus(out, data_dir=data_dir, train=train, val=val, test=test, seed=seed,
+                                     progress=progress)
+    except KeyboardInterrupt:
+        console.print("interrupted; run the same command again to continue")
+        raise typer.Exit(130)
+    except (ValueError, OSError, RuntimeError) as err:
+        _fail(_describe(err))
+    _literal(f"{summary['root']}: {summary['utterances']} utterances ({summary['synthesised']} synthesised now, "
+             f"{summary['seconds']:.0f} s)")
 
 
 @data_app.command("download")

@@ -41,6 +41,7 @@ TASKS: dict[str, str] = {
     "copying": "amlp.tasks.recall.task:CopyingTask",
     "mqar": "amlp.tasks.recall.task:MQARTask",
     "translation": "amlp.tasks.translation.task:TranslationTask",
+    "tts": "amlp.tasks.tts.task:TTSTask",
 }
 
 
