@@ -383,6 +383,39 @@ def synthesize_command(
              f"({time.perf_counter() - start:.1f} s)")
 
 
+@app.command("upscale")
+def upscale_command(
+    input_path: str = typer.Argument(..., help="a 16x16 grey face image (PNG, PGM, ...)"),
+    output_path: str = typer.Argument(..., help="where the 64x64 result goes (PNG)"),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint folder of an sr run "
+                                                            "(runs/.../checkpoints/averaged, best or step-N)"),
+    resize: bool = typer.Option(False, "--resize", help="accept an image of another size or in colour: turn it "
+                                                        "into 16x16 grey first (bicubic), saying so"),
+    seed: int = typer.Option(0, "--seed", help="seed of the sampler's noise"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)"),
+) -> None:
+    """Super-resolve a 16x16 grey face to 64x64 with a trained SR3 model (4x)."""
+    import time
+
+    _set_threads(threads)
+    from .tasks.super_resolution.task import upscale_file
+    from .train import CheckpointError
+    from .train.loop import load_trained_model
+
+    try:
+        start = time.perf_counter()
+        config, task, model = load_trained_model(checkpoint, [], device)
+        if config.task != "sr":
+            _fail(f"{checkpoint!r} is a checkpoint of task {config.task!r}, not sr")
+        note = upscale_file(task, model, input_path, output_path, resize=resize, seed=seed)
+    except (ValueError, OSError, CheckpointError) as err:
+        _fail(_describe(err))
+    if note:
+        _literal(note)
+    _literal(f"{output_path}: 64x64 ({time.perf_counter() - start:.1f} s)")
+
+
 def _split_list(text: str | None, sep: str = ",") -> list[str] | None:
     return [t.strip() for t in text.split(sep) if t.strip()] if text else None
 
@@ -522,6 +555,29 @@ def study_tts_command(
     command = _study_command("tts", config)
     _run_study(lambda: run_tts_study(
         load_tts_study(config), command=command, rows=_split_list(rows, ";"), seeds=seed_list,
+        extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
+
+
+@study_app.command("sr")
+def study_sr_command(
+    config: str = typer.Option("configs/sr/study/cpu.yaml", "--config", "-c", help="study file"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms (default: the "
+                                                              "study's)"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
+    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
+    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+    write_doc: bool = typer.Option(False, "--write-doc",
+                                   help="write the study's tracked document and figure (only from a complete grid)"),
+) -> None:
+    """Run the super-resolution study (SR3 with each attention mechanism x seeds on ORL faces), resuming
+    where it stopped, and write its report next to the results, or with --write-doc
+    docs/results/super_resolution.md and its figure (complete grid only)."""
+    from .tasks.super_resolution.study import load_sr_study, run_sr_study
+
+    seed_list = _int_list(seeds, "--seeds")
+    command = _study_command("sr", config)
+    _run_study(lambda: run_sr_study(
+        load_sr_study(config), command=command, mechanisms=_split_list(mechanisms, ";"), seeds=seed_list,
         extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
 
 

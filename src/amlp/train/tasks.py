@@ -42,6 +42,7 @@ TASKS: dict[str, str] = {
     "mqar": "amlp.tasks.recall.task:MQARTask",
     "translation": "amlp.tasks.translation.task:TranslationTask",
     "tts": "amlp.tasks.tts.task:TTSTask",
+    "sr": "amlp.tasks.super_resolution.task:SuperResolutionTask",
 }
 
 

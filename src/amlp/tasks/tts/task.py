@@ -323,7 +323,10 @@ class TTSTask:
         dist = {"mcd": [], "msd": [], "baseline_mcd": [], "baseline_msd": []}
         synth_seconds = 0.0
         mean_frame = np.asarray(self.vocab.mel_mean, dtype=np.float32)
-        for batch in batches:
+        from tqdm.auto import tqdm
+
+        for batch in tqdm(batches, desc=f"synthesising {split}", unit="batch", leave=False, file=sys.stderr,
+                          disable=not sys.stderr.isatty()):
             B = batch["phones"].shape[0]
             losses = self._losses(model, batch)
             for k in sums:
