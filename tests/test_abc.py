@@ -37,9 +37,24 @@ def _close_with_grads(fast, ref, inputs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture(params=["prefix-sums", "pairwise"])
+def causal_form(request, monkeypatch):
+    """Both causal forms, whichever the length would pick."""
+    import amlp.ops.abc as ops_abc
+
+    monkeypatch.setattr(ops_abc, "use_pairwise", lambda *args: request.param == "pairwise")
+    return request.param
+
+
+def test_causal_form_choice():
+    from amlp.ops.abc import use_pairwise
+
+    assert use_pairwise(30, 48, 16) and not use_pairwise(200, 48, 16)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Tq,Tk,chunk", [(13, 13, 4), (13, 13, 16), (13, 13, 1), (5, 13, 3), (1, 1, 16)])
-def test_fast_equals_reference(causal, Tq, Tk, chunk):
+def test_fast_equals_reference(causal, Tq, Tk, chunk, causal_form):
     q, k, v, c = _inputs(2, Tq, Tk)
     qm, km = _masks(2, Tq, Tk) if Tk > 1 else (None, None)
     fast = abc_attention(q, k, v, c, q_mask=qm, kv_mask=km, causal=causal, chunk_size=chunk)
@@ -53,7 +68,7 @@ def test_noncausal_cross_with_longer_queries():
     _close_with_grads(fast, abc_attention_reference(q, k, v, c), (q, k, v, c))
 
 
-def test_causal_memory_is_normalised_by_the_running_total():
+def test_causal_memory_is_normalised_by_the_running_total(causal_form):
     """With one slot, the memory at t is the phi-weighted mean of k_0..k_t; with a single query
     dimension of zero the read-out is exactly that mean of the values."""
     T = 7
@@ -68,7 +83,7 @@ def test_causal_memory_is_normalised_by_the_running_total():
         torch.testing.assert_close(out[0, t, 0], expected, rtol=1e-12, atol=1e-12)
 
 
-def test_huge_control_logits_stay_finite():
+def test_huge_control_logits_stay_finite(causal_form):
     q, k, v, _ = _inputs(1, 20, 20)
     c = (1e4 * torch.randn(1, 20, H, N, dtype=torch.float64)).requires_grad_()
     for causal in (False, True):
@@ -82,7 +97,7 @@ def test_huge_control_logits_stay_finite():
     assert torch.isfinite(out32).all()
 
 
-def test_fully_padded_rows_are_zero():
+def test_fully_padded_rows_are_zero(causal_form):
     q, k, v, c = _inputs(2, 6, 6)
     km = torch.zeros(2, 6, dtype=torch.bool)
     km[0] = True
@@ -94,7 +109,7 @@ def test_fully_padded_rows_are_zero():
         c.grad = None
 
 
-def test_step_equals_causal_op():
+def test_step_equals_causal_op(causal_form):
     q, k, v, c = (t.detach() for t in _inputs(2, 11, 11, control_scale=30.0))
     full = abc_attention(q, k, v, c, causal=True, chunk_size=4)
     state = {"lse": torch.full((2, H, N), SENTINEL, dtype=torch.float64),

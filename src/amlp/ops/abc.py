@@ -22,7 +22,10 @@ This is evaluated with prefix sums in log space: with ``l_t = logcumsumexp_{j<=t
 every exponent is ``<= 0``, so nothing overflows whatever the scale of the logits. The parallel
 form splits time into chunks: inside a chunk the weights ``exp(c_j - l_t)`` (``j <= t``) form a small
 triangular matrix, across chunks the normalised memory at the end of the previous chunk is carried
-with weight ``exp(l_end - l_t)``. The recurrent form is the recurrence above, with a state of
+with weight ``exp(l_end - l_t)``. Short sequences (keys up to ``2D + chunk``) skip the per-step
+memories: query t reads ``sum_j w[t, j, s] (q_t . k_j)`` through the pairwise weights
+``w[t, j, s] = exp(c_j - l_t)`` and mixes the values with ``sum_s p[t, s] w[t, j, s]`` (less memory
+and time there; the same function). The recurrent form is the recurrence above, with a state of
 ``n (2D + 1)`` numbers per head.
 
 Padding: padded keys get no weight (their logits are pushed to a sentinel far below any real
@@ -99,6 +102,30 @@ def _causal_memory(control: torch.Tensor, kv: torch.Tensor, chunk: int) -> torch
     return memory.reshape(B, nc * chunk, H, n, E)[:, :T]
 
 
+def _causal_pairwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, control: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """Causal ABC read through the pairwise weights ``w[t, j, s] = exp(c_j - l_t)`` (``j <= t``) without
+    materialising a memory per step: ``q_t . K~_t[s] = sum_j w[t, j, s] (q_t . k_j)`` and
+    ``out_t = sum_j (sum_s p[t, s] w[t, j, s]) v_j``. ``O(Tq Tk n)`` time and memory, which for short
+    sequences is far below the ``O(T n D)`` memories (times the chunk) of the prefix-sum form."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    lse = torch.logcumsumexp(control, dim=1)[:, Tk - Tq:]  # [B, Tq, H, n]
+    later = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)  # j > t (end-aligned)
+    expo = control.unsqueeze(1) - lse.unsqueeze(2)  # [B, Tq, Tk, H, n]
+    w = torch.exp(expo.masked_fill(later[:, :, None, None], float("-inf")))
+    scores = torch.einsum("bthd,bjhd->btjh", q, k)
+    weights = torch.softmax(torch.einsum("btjhs,btjh->bths", w, scores) * scale, dim=-1)
+    return torch.einsum("btjh,bjhd->bthd", torch.einsum("bths,btjhs->btjh", weights, w), v)
+
+
+def use_pairwise(tk: int, head_dim: int, chunk: int) -> bool:
+    """Whether the causal form reads through pairwise weights (:func:`_causal_pairwise`) rather than
+    per-step memories: when its ``Tk x n`` weights per query take no more memory than the prefix-sum
+    form's ``n x 2D`` memory plus ``chunk x n`` in-chunk weights (keys up to ``2D + chunk``), where it is
+    also faster."""
+    return tk <= 2 * head_dim + chunk
+
+
 def abc_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -152,10 +179,13 @@ def abc_attention(
     else:
         if kv_mask is not None:
             c = c.masked_fill(~kv_mask[:, :, None, None], SENTINEL)
-        memory = _causal_memory(c, torch.cat([k, v], dim=-1), min(chunk_size, Tk))[:, Tk - Tq:]
-        mem_k, mem_v = memory[..., :D], memory[..., D:]
-        weights = torch.softmax(torch.einsum("bthd,bthsd->bths", q, mem_k) * scale, dim=-1)
-        out = torch.einsum("bths,bthsd->bthd", weights, mem_v)
+        if use_pairwise(Tk, D, min(chunk_size, Tk)):
+            out = _causal_pairwise(q, k, v, c, scale)
+        else:
+            memory = _causal_memory(c, torch.cat([k, v], dim=-1), min(chunk_size, Tk))[:, Tk - Tq:]
+            mem_k, mem_v = memory[..., :D], memory[..., D:]
+            weights = torch.softmax(torch.einsum("bthd,bthsd->bths", q, mem_k) * scale, dim=-1)
+            out = torch.einsum("bths,bthsd->bthd", weights, mem_v)
         if kv_mask is not None:
             # a query before the first real key reads nothing
             seen = (kv_mask.cumsum(1) > 0)[:, Tk - Tq:]
