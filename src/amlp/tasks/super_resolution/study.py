@@ -24,7 +24,6 @@ A study file::
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from dataclasses import dataclass, field
@@ -34,8 +33,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ...train.config import from_dict, load_config, read_yaml, to_plain
-from ...train.study_forecasting import _mean_std, _read_results, _record, grid_refusal, mechanism_dir, parse_mechanism
+from ...train.config import from_dict, load_config, read_yaml
+from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, report_path,
+                                   torch_threads)
+from ...train.study_forecasting import _read_results, _record, mechanism_dir, parse_mechanism
 
 #: the paper's CelebA-HQ (PSNR, SSIM) (AMLP paper Table 3; "vanilla" is softmax), quoted beside our rows
 PAPER = {"softmax": (23.18, 0.675), "local": (23.33, 0.682), "gmlp": (23.24, 0.679), "xca": (23.08, 0.670),
@@ -107,10 +108,7 @@ def measure_sampling(checkpoint: Path, batch_size: int, images: int, threads: in
     from ...bench.memory import timed_peak
     from ...train.loop import load_trained_model
 
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         config, task, model = load_trained_model(checkpoint, device="auto")
         device = next(model.parameters()).device
         data = task.dataset("test")
@@ -128,10 +126,7 @@ def measure_sampling(checkpoint: Path, batch_size: int, images: int, threads: in
             out.parent.mkdir(parents=True, exist_ok=True)
             np.save(out, samples.float().cpu().numpy())
         return {"device": str(device), "threads": torch.get_num_threads(), "images": n, "batch_size": batch_size,
-                "seconds_per_image": elapsed / n, "peak_mib": peak, "cpus": os.cpu_count(),
-                "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    finally:
-        torch.set_num_threads(old)
+                "seconds_per_image": elapsed / n, "peak_mib": peak, **machine()}
 
 
 def missing_cells(study: SRStudyConfig, results: dict) -> list[str]:
@@ -158,10 +153,8 @@ def run_sr_study(study: SRStudyConfig, *, command: str, mechanisms: list[str] | 
                          f"(it has {'; '.join(study.mechanisms)})")
     cells = [(m, s) for m, s in study_cells(study) if (not mechanisms or m in mechanisms) and (not seeds or s in seeds)]
     if write_doc:
-        outside = [k for k in missing_cells(study, _read_results(results_path))
-                   if k not in {cell_key(m, s) for m, s in cells}]
-        if outside:
-            raise ValueError(grid_refusal(study.doc, outside))
+        check_doc_selection(study.doc, missing_cells(study, _read_results(results_path)),
+                            (cell_key(m, s) for m, s in cells))
     if not doc_only:
         for i, (mech, seed) in enumerate(cells, 1):
             key = cell_key(mech, seed)
@@ -178,38 +171,22 @@ def run_sr_study(study: SRStudyConfig, *, command: str, mechanisms: list[str] | 
             log(f"    timing sampling at batch {study.timing.batch_size}")
             timing = measure_sampling(ckpt, study.timing.batch_size, study.timing.images, cfg.train.threads,
                                       study.figure_faces, run_dir / "figure_samples.npy")
-            rel = lambda p: str(Path(p).relative_to(root) if Path(p).is_relative_to(root) else p)  # noqa: E731
-            record = {"finished": True, "mechanism": mech, "seed": seed, "config": study.config,
-                      "overrides": overrides + cell_overrides, "steps": result.step, "tested_step": result.tested_step,
-                      "test": result.test_metrics, "val": result.val_metrics, "timing": timing,
-                      "samples": rel(run_dir / "figure_samples.npy") if study.figure_faces else None,
-                      "run_dir": rel(run_dir), "checkpoint": rel(ckpt),
-                      "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
-                      "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
+            samples = run_dir / "figure_samples.npy"
+            record = cell_record(cfg, result, root=root, config=study.config, overrides=overrides + cell_overrides,
+                                 run_dir=run_dir, checkpoint=ckpt, mechanism=mech, seed=seed,
+                                 test=result.test_metrics, timing=timing,
+                                 samples=str(samples.relative_to(root)) if study.figure_faces else None)
             _record(results_path, key, record)
             t = result.test_metrics or {}
             log(f"    {key}: PSNR {t.get('psnr', float('nan')):.2f}, SSIM {t.get('ssim', float('nan')):.3f}")
     results = _read_results(results_path)
-    if write_doc:
-        missing = missing_cells(study, results)
-        if missing:
-            raise ValueError(grid_refusal(study.doc, missing))
-        doc = root / study.doc
-    else:
-        doc = run_root / "report.md"
+    doc = report_path(root, run_root, study.doc, missing_cells(study, results), write_doc)
     write_sr_report(doc, results, study=study, command=command, figure=write_doc, root=root)
     log(f"report written to {doc}")
     return doc
 
 
 # -- the report ---------------------------------------------------------------------------------------------
-def _fmt(values: list[float], digits: int) -> str:
-    if not values:
-        return "—"
-    mean, std = _mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}¹"
-
-
 def _recs(results: dict, mech: str) -> list[dict]:
     return [r for r in results.values() if r.get("finished") and r.get("mechanism") == mech]
 
@@ -236,10 +213,10 @@ def write_sr_report(path: Path, results: dict, *, study: SRStudyConfig, command:
     for mech in study.mechanisms:
         recs = _recs(results, mech)
         paper = PAPER.get(mech.split(":")[0])
-        cells = [_label(mech), _fmt([r["test"]["psnr"] for r in recs], 2), _fmt([r["test"]["ssim"] for r in recs], 3),
+        cells = [_label(mech), fmt_seeds([r["test"]["psnr"] for r in recs], 2), fmt_seeds([r["test"]["ssim"] for r in recs], 3),
                  str(len(recs)) if recs else "—",
-                 _fmt([r["timing"]["seconds_per_image"] for r in recs], 2),
-                 _fmt([r["timing"]["peak_mib"] for r in recs if r["timing"]["peak_mib"] is not None], 0)]
+                 fmt_seeds([r["timing"]["seconds_per_image"] for r in recs], 2),
+                 fmt_seeds([r["timing"]["peak_mib"] for r in recs if r["timing"]["peak_mib"] is not None], 0)]
         cells += [f"{paper[0]:.2f}", f"{paper[1]:.3f}"] if paper else ["—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -298,9 +275,7 @@ def _protocol(recs: list[dict], study: SRStudyConfig) -> list[str]:
         return ["No finished cells yet."]
     r = recs[0]
     m, t, tm = r["model"], r["train"], r["timing"]
-    loads = [x["timing"].get("load_average_1min") for x in recs if x["timing"].get("load_average_1min") is not None]
-    load = (f" The machine has {tm.get('cpus')} CPUs; the 1-minute load average at the measurements was "
-            f"{min(loads):.1f} to {max(loads):.1f} (other processes ran beside them).") if loads else ""
+    load = load_note(x["timing"] for x in recs)
     return ["## Protocol", "",
             f"- Config `{r['config']}`: SR3 U-Net with base width {m['base_channels']}, channel multipliers "
             f"{m['channel_mults']}, {m['res_blocks']} residual block(s) per level, attention after the residual "

@@ -48,8 +48,8 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_yaml, to_plain
-from ...train.study_forecasting import (_mean_std, _read_results, _record, grid_refusal, mechanism_dir,
-                                        parse_mechanism)
+from ...train.study_common import fmt_seeds, load_note, machine, torch_threads
+from ...train.study_forecasting import _read_results, _record, grid_refusal, mechanism_dir, parse_mechanism
 
 ARCHS = ("transformer", "glat")
 #: the paper's WMT14 BLEU (AMLP paper Table 2 and Table 10: En-De, De-En), quoted beside our rows;
@@ -193,10 +193,7 @@ def measure_latency(checkpoint: Path, batch_sizes: list[int], sentences: int, th
     from ...train.loop import load_trained_model
     from .task import translate_lines
 
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         config, task, model = load_trained_model(checkpoint, device="auto")
         device = next(model.parameters()).device
         lines = task.dataset("test").sources[:sentences]
@@ -206,10 +203,7 @@ def measure_latency(checkpoint: Path, batch_sizes: list[int], sentences: int, th
             elapsed, peak = timed_peak(lambda: translate_lines(task, model, lines, batch_size=bs), device)
             out[str(bs)] = {"sentences_per_s": len(lines) / elapsed, "peak_mib": peak}
         return {"device": str(device), "threads": torch.get_num_threads(), "sentences": len(lines),
-                "batch_sizes": out, "cpus": os.cpu_count(),
-                "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    finally:
-        torch.set_num_threads(old)
+                "batch_sizes": out, **machine()}
 
 
 def missing_cells(study: TranslationStudyConfig, results: dict) -> list[str]:
@@ -330,13 +324,6 @@ def _cell_values(results: dict, direction: str, row: str, get) -> list[float]:
     return out
 
 
-def _fmt(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "—"
-    mean, std = _mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}¹"
-
-
 def write_translation_report(path: Path, results: dict, *, study: TranslationStudyConfig, command: str) -> None:
     from .task import bleu_signature, chrf_signature
 
@@ -361,15 +348,16 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
                     and r.get("row") == key]
             cells = ["AR" if row.arch == "transformer" else "NAR", _label(row)]
             for t in test_names:
-                cells.append(_fmt(_cell_values(results, direction, key, lambda r, t=t: (r["tests"].get(t) or {}).get("bleu"))))
-            cells.append(_fmt(_cell_values(results, direction, key,
-                                           lambda r: (r["tests"].get(test_names[0]) or {}).get("chrf"))))
+                cells.append(fmt_seeds(_cell_values(results, direction, key,
+                                                    lambda r, t=t: (r["tests"].get(t) or {}).get("bleu")), 2))
+            cells.append(fmt_seeds(_cell_values(results, direction, key,
+                                                lambda r: (r["tests"].get(test_names[0]) or {}).get("chrf")), 2))
             cells.append(str(len(recs)) if recs else "—")
             for b in study.latency.batch_sizes:
-                cells.append(_fmt(_cell_values(results, direction, key,
+                cells.append(fmt_seeds(_cell_values(results, direction, key,
                                                lambda r, b=b: r["latency"]["batch_sizes"].get(str(b), {}).get("sentences_per_s")), 1))
             last = str(study.latency.batch_sizes[-1])
-            cells.append(_fmt(_cell_values(results, direction, key,
+            cells.append(fmt_seeds(_cell_values(results, direction, key,
                                            lambda r: r["latency"]["batch_sizes"].get(last, {}).get("peak_mib")), 0))
             paper = PAPER_BLEU.get(f"{row.arch}/{row.mechanism.split(':')[0]}")
             value = paper[column] if paper else None
@@ -405,9 +393,7 @@ def _protocol(results: dict) -> list[str]:
                     f"length beam {m['length_beam']}, {m['iterations']} iteration(s), glancing ratio "
                     f"{m['glance_start']} → {m['glance_end']}, distilled from the teacher row"))
     lat = recs[0]["latency"]
-    loads = [r["latency"].get("load_average_1min") for r in recs if r["latency"].get("load_average_1min") is not None]
-    load = (f" The machine has {lat.get('cpus')} CPUs; the 1-minute load average at the measurements was "
-            f"{min(loads):.1f} to {max(loads):.1f} (other study processes ran beside them).") if loads else ""
+    load = load_note(r["latency"] for r in recs)
     out += [f"- Decoding speed: the first {lat['sentences']} sentences of the test split on {lat['device']} with "
             f"{lat['threads']} thread(s), wall clock including subword encoding and decoding; peak memory is "
             f"what decoding added (resident-set high-water mark on CPU, max_memory_allocated on CUDA).{load}", ""]

@@ -8,17 +8,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ...train.study_forecasting import _mean_std
+from ...train.study_common import fmt_seeds, load_note
 from .study import LABELS, PAPER, TTSStudyConfig, with_option
 
 SPEED_BATCH = "1"
-
-
-def _fmt(values: list[float], digits: int = 3) -> str:
-    if not values:
-        return "—"
-    mean, std = _mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}¹"
 
 
 def _records(results: dict, row_key: str) -> list[dict]:
@@ -68,19 +61,20 @@ def write_tts_report(path: Path, results: dict, *, study: TTSStudyConfig, comman
     for row in study.rows:
         recs = _records(results, row.key)
         cells = ["AR" if row.arch == "transformer-tts" else "NAR", _label(row.arch, row.mechanism),
-                 _fmt(_values(recs, lambda r: r["test"]["mcd"])), _fmt(_values(recs, lambda r: r["test"]["msd"])),
+                 fmt_seeds(_values(recs, lambda r: r["test"]["mcd"]), 3),
+                 fmt_seeds(_values(recs, lambda r: r["test"]["msd"]), 3),
                  str(len(recs)) if recs else "—"]
         for b in batches:
             t = _speed(recs, b)
             cells.append(f"{base_time[b] / t:.2f}×" if t and base_time[b] else "—")
-        cells.append(_fmt(_values(recs, lambda r: r["latency"]["batch_sizes"][batches[-1]]["peak_mib"]), 0))
+        cells.append(fmt_seeds(_values(recs, lambda r: r["latency"]["batch_sizes"][batches[-1]]["peak_mib"]), 0))
         paper = PAPER.get(f"{row.arch}/{row.mechanism.split(':')[0]}")
         cells += [f"{paper[0]:.4f}", f"{paper[1]:.4f}"] if paper else ["—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     if softmax:
         lines.append("| — | trivial: the average training frame for FS2 (softmax)'s predicted frames | "
-                     f"{_fmt(_values(softmax, lambda r: r['test']['baseline_mcd']))} | "
-                     f"{_fmt(_values(softmax, lambda r: r['test']['baseline_msd']))} | {len(softmax)} | "
+                     f"{fmt_seeds(_values(softmax, lambda r: r['test']['baseline_mcd']), 3)} | "
+                     f"{fmt_seeds(_values(softmax, lambda r: r['test']['baseline_msd']), 3)} | {len(softmax)} | "
                      + " | ".join("—" for _ in batches) + " | — | — | — |")
     lines.append("")
     fig_dir = (root / "docs" / "figures") if figures else path.parent
@@ -113,8 +107,8 @@ def _rank_section(results, study, base_time) -> list[str]:
              f"| c | MCD | MSD | speed-up @ {b} |", "|---|---|---|---|"]
     for value, recs in _rank_rows(results, study):
         t = _speed(recs, b)
-        lines.append(f"| {value} | {_fmt(_values(recs, lambda r: r['test']['mcd']))} | "
-                     f"{_fmt(_values(recs, lambda r: r['test']['msd']))} | "
+        lines.append(f"| {value} | {fmt_seeds(_values(recs, lambda r: r['test']['mcd']), 3)} | "
+                     f"{fmt_seeds(_values(recs, lambda r: r['test']['msd']), 3)} | "
                      + (f"{base_time[b] / t:.2f}× |" if t and base_time[b] else "— |"))
     lines.append("")
     return lines
@@ -220,9 +214,7 @@ def _protocol(results: dict) -> list[str]:
                    + (f" of the last {t['average_last']}" if t["test_checkpoint"] == "average" else "")
                    + f"; Griffin-Lim with {d['griffin_lim_iters']} iterations; corpus `{d['corpus']}`.")
     lat = recs[0]["latency"]
-    loads = [r["latency"].get("load_average_1min") for r in recs if r["latency"].get("load_average_1min") is not None]
-    load = (f" The machine has {lat.get('cpus')} CPUs; the 1-minute load average at the measurements was "
-            f"{min(loads):.1f} to {max(loads):.1f} (other processes ran beside them).") if loads else ""
+    load = load_note(r["latency"] for r in recs)
     out += [f"- Synthesis speed: the first {lat['utterances']} test utterances on {lat['device']} with "
             f"{lat['threads']} thread(s), wall clock of the model alone; peak memory is what synthesis added "
             f"(resident-set high-water mark on CPU, max_memory_allocated on CUDA).{load}", ""]

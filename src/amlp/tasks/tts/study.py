@@ -35,9 +35,7 @@ A study file::
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -45,8 +43,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...train.config import from_dict, load_config, read_yaml, to_plain
-from ...train.study_forecasting import _read_results, _record, grid_refusal, mechanism_dir, parse_mechanism
+from ...train.config import from_dict, load_config, read_yaml
+from ...train.study_common import cell_record, check_doc_selection, machine, report_path, torch_threads
+from ...train.study_forecasting import _read_results, _record, mechanism_dir, parse_mechanism
 
 ARCHS = ("fastspeech2", "transformer-tts")
 #: the paper's LJSpeech (MCD, MSD) (AMLP paper Table 1 and Table 9), quoted beside our rows
@@ -204,10 +203,7 @@ def measure_synthesis(checkpoint: Path, batch_sizes: list[int], utterances: int,
     from ...train.loop import load_trained_model
     from .task import collate_utterances
 
-    old = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         config, task, model = load_trained_model(checkpoint, device="auto")
         device = next(model.parameters()).device
         data = task.dataset("test")
@@ -227,9 +223,7 @@ def measure_synthesis(checkpoint: Path, batch_sizes: list[int], utterances: int,
             elapsed, peak = timed_peak(lambda: run(bs), device)
             out[str(bs)] = {"utterances_per_s": n / elapsed, "seconds": elapsed, "peak_mib": peak}
         return {"device": str(device), "threads": torch.get_num_threads(), "utterances": n, "batch_sizes": out,
-                "cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
-    finally:
-        torch.set_num_threads(old)
+                **machine()}
 
 
 def write_wavs(checkpoint: Path, out_dir: Path, count: int) -> list[str]:
@@ -280,9 +274,7 @@ def run_tts_study(study: TTSStudyConfig, *, command: str, rows: list[str] | None
         raise ValueError(f"--rows: {', '.join(map(repr, unknown))} not in this study (it has {'; '.join(known)})")
     cells = [c for c in all_cells if (not rows or c.row.key in rows) and (not seeds or c.seed in seeds)]
     if write_doc:
-        outside = [k for k in missing_cells(study, _read_results(results_path)) if k not in {c.key for c in cells}]
-        if outside:
-            raise ValueError(grid_refusal(study.doc, outside))
+        check_doc_selection(study.doc, missing_cells(study, _read_results(results_path)), (c.key for c in cells))
     if not doc_only:
         for i, cell in enumerate(cells, 1):
             if _read_results(results_path).get(cell.key, {}).get("finished"):
@@ -297,25 +289,17 @@ def run_tts_study(study: TTSStudyConfig, *, command: str, rows: list[str] | None
             log(f"    timing synthesis at batch sizes {study.latency.batch_sizes}")
             latency = measure_synthesis(ckpt, study.latency.batch_sizes, study.latency.utterances, cfg.train.threads)
             wavs = write_wavs(ckpt, run_dir / "wavs", study.wavs)
-            rel = lambda p: str(Path(p).relative_to(root) if Path(p).is_relative_to(root) else p)  # noqa: E731
-            record = {"finished": True, "row": cell.row.key, "arch": cell.row.arch, "mechanism": cell.row.mechanism,
-                      "seed": cell.seed, "config": study.configs[cell.row.arch], "overrides": overrides + cell_overrides,
-                      "steps": result.step, "tested_step": result.tested_step, "test": result.test_metrics,
-                      "val": result.val_metrics, "latency": latency, "wavs": [rel(w) for w in wavs],
-                      "run_dir": rel(run_dir), "checkpoint": rel(ckpt),
-                      "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
-                      "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
+            record = cell_record(cfg, result, root=root, config=study.configs[cell.row.arch],
+                                 overrides=overrides + cell_overrides, run_dir=run_dir, checkpoint=ckpt,
+                                 row=cell.row.key, arch=cell.row.arch, mechanism=cell.row.mechanism, seed=cell.seed,
+                                 test=result.test_metrics, latency=latency,
+                                 wavs=[str(Path(w).relative_to(root)) if Path(w).is_relative_to(root) else w
+                                       for w in wavs])
             _record(results_path, cell.key, record)
             t = result.test_metrics or {}
             log(f"    {cell.key}: MCD {t.get('mcd', float('nan')):.3f}, MSD {t.get('msd', float('nan')):.3f}")
     results = _read_results(results_path)
-    if write_doc:
-        missing = missing_cells(study, results)
-        if missing:
-            raise ValueError(grid_refusal(study.doc, missing))
-        doc = root / study.doc
-    else:
-        doc = run_root / "report.md"
+    doc = report_path(root, run_root, study.doc, missing_cells(study, results), write_doc)
     from .report import write_tts_report
 
     write_tts_report(doc, results, study=study, command=command, figures=write_doc, root=root)
