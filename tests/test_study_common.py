@@ -1,6 +1,5 @@
 """Helpers shared by the grid studies: formatting over seeds, the load sentence, the report target."""
 
-from pathlib import Path
 
 import pytest
 import torch
