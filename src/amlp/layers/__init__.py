@@ -11,6 +11,7 @@ from .local import LocalAttention  # noqa: E402  isort: skip
 from .abc import ABCAttention  # noqa: E402  isort: skip
 from .xca import CrossCovarianceAttention  # noqa: E402  isort: skip
 from .gmlp import SpatialGatingMixer  # noqa: E402  isort: skip
+from .linear_attention import LinearAttention  # noqa: E402  isort: skip
 from .performer import Performer  # noqa: E402  isort: skip
 from .cosformer import CosFormer  # noqa: E402  isort: skip
 from .linformer import LinformerAttention  # noqa: E402  isort: skip
@@ -21,7 +22,7 @@ from .hypermlp import HyperGLU, HyperHead, HyperMLP  # noqa: E402  isort: skip
 
 __all__ = [
     "AMLP", "AMLPCov", "AMLPPQuery", "ABCAttention", "Capabilities", "CausalRN", "CausalRNQuadratic", "CosFormer", "CrossCovarianceAttention",
-    "HyperGLU", "HyperHead", "HyperMLP", "LARA", "LinformerAttention", "LocalAttention", "Mixer", "MixerInfo",
-    "Nystromformer", "Performer", "ProjectedMixer", "SoftmaxAttention", "SpatialGatingMixer",
+    "HyperGLU", "HyperHead", "HyperMLP", "LARA", "LinearAttention", "LinformerAttention", "LocalAttention", "Mixer",
+    "MixerInfo", "Nystromformer", "Performer", "ProjectedMixer", "SoftmaxAttention", "SpatialGatingMixer",
     "build_mixer", "get_mixer_info", "list_mixers", "mixer_names", "register_mixer",
 ]

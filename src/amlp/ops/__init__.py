@@ -15,6 +15,7 @@ from .cosformer import cosformer_attention, cosformer_attention_reference
 from .gmlp import spatial_gating_unit, spatial_gating_unit_reference
 from .hypermlp import hyper_attention, hyper_attention_reference
 from .lara import lara_attention, lara_attention_reference
+from .linear_attention import elu_feature_map, linear_attention, linear_attention_reference
 from .linformer import linformer_attention, linformer_attention_reference
 from .local import local_attention, local_attention_reference
 from .nystrom import nystrom_attention, nystrom_attention_reference
@@ -32,6 +33,7 @@ __all__ = [
     "cross_covariance_attention", "cross_covariance_attention_reference",
     "hyper_attention", "hyper_attention_reference",
     "lara_attention", "lara_attention_reference",
+    "elu_feature_map", "linear_attention", "linear_attention_reference",
     "linformer_attention", "linformer_attention_reference",
     "local_attention", "local_attention_reference",
     "nystrom_attention", "nystrom_attention_reference",
