@@ -114,7 +114,7 @@ def test_length_prediction_and_length_beam_shapes():
 # -- AR decoding through step ------------------------------------------------------------------------------
 AR_SITES = [("softmax", {}, "softmax", {}), ("performer", {}, "performer", {}), ("abc", {}, "abc", {}),
             ("cosformer", {"max_length": 32}, "cosformer", {"max_length": 32}), ("local", {}, "softmax", {}),
-            ("amlp-cov", {"form": "stable"}, "softmax", {})]
+            ("amlp-cov", {"form": "stable"}, "softmax", {}), ("linear", {}, "linear", {})]
 
 
 def _ar(self_mixer="softmax", self_options=None, cross_mixer="softmax", cross_options=None):
@@ -361,7 +361,7 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     assert not any("training" in line for line in logged)
 
 
-@pytest.mark.parametrize("name", ["softmax", "performer", "abc", "cosformer"])
+@pytest.mark.parametrize("name", ["softmax", "performer", "abc", "cosformer", "linear"])
 def test_projected_context_mixes_as_the_full_call(name):
     import amlp
 

@@ -38,7 +38,7 @@ PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 #: cross mixers whose output for a query depends on that query alone (and the context), so that one
 #: decoding step may mix the newest query by itself
-QUERY_LOCAL_CROSS = ("softmax", "abc", "performer")
+QUERY_LOCAL_CROSS = ("softmax", "abc", "performer", "linear")
 #: cross mixers that an AR decoder may use: the output for a query must not depend on later queries.
 #: cosFormer qualifies with a fixed ``max_length`` (its query re-weighting then depends on the
 #: query's own position only; a decoding step re-mixes the prefix of queries). Every other cross

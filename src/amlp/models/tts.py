@@ -497,7 +497,7 @@ class TransformerTTS(nn.Module):
         encoder_layers, decoder_layers: blocks per stack (6 and 6).
         encoder_mixer, self_mixer, cross_mixer: registry names of the encoder self site, the decoder's
             causal self site (a ``recurrent`` mixer for :meth:`step` / :meth:`infer`) and its cross site
-            (a mixer whose output for a frame does not depend on later frames: softmax, abc, performer,
+            (a mixer whose output for a frame does not depend on later frames: softmax, abc, performer, linear,
             cosformer), with their options in ``encoder_options``, ``self_options``, ``cross_options``.
         dropout: on sub-layer outputs, in the FFN and the encoder pre-net.
         encoder_prenet_layers, encoder_prenet_kernel: conv layers (with batch-norm and ReLU) of the
