@@ -43,6 +43,7 @@ TASKS: dict[str, str] = {
     "translation": "amlp.tasks.translation.task:TranslationTask",
     "tts": "amlp.tasks.tts.task:TTSTask",
     "sr": "amlp.tasks.super_resolution.task:SuperResolutionTask",
+    "lm": "amlp.tasks.lm.task:LMTask",
 }
 
 
