@@ -416,6 +416,71 @@ def upscale_command(
     _literal(f"{output_path}: 64x64 ({time.perf_counter() - start:.1f} s)")
 
 
+@app.command("generate")
+def generate_command(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint folder of an lm run "
+                                                            "(runs/.../checkpoints/best or step-N)"),
+    prompt: str = typer.Option("\n", "--prompt", "-p", show_default=False,
+                               help="text to continue; every character must be in the model's vocabulary "
+                                    "(default: a newline)"),
+    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", help="characters to generate"),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="softmax temperature; 0 = greedy "
+                                                                       "(deterministic)"),
+    top_k: int = typer.Option(None, "--top-k", help="sample among the k most likely characters only"),
+    top_p: float = typer.Option(None, "--top-p", help="nucleus sampling: among the most likely characters whose "
+                                                      "probability reaches p (0 < p <= 1)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the sampling"),
+    echo: bool = typer.Option(True, "--echo/--no-echo", help="print the prompt before its continuation"),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)"),
+) -> None:
+    """Continue a prompt with a trained character model, printing each character as it comes (stdout)
+    and the speed at the end (stderr)."""
+    import sys
+
+    _set_threads(threads)
+    from .tasks.lm.data import UnknownCharactersError
+    from .tasks.lm.text import generate_text
+    from .train import CheckpointError
+
+    if max_new_tokens < 0:
+        _fail(f"--max-new-tokens must be >= 0, got {max_new_tokens}", 2)
+    if temperature < 0:
+        _fail(f"--temperature must be >= 0 (0 = greedy), got {temperature}", 2)
+    if top_k is not None and top_k < 1:
+        _fail(f"--top-k must be >= 1, got {top_k}", 2)
+    if top_p is not None and not 0 < top_p <= 1:
+        _fail(f"--top-p must be in (0, 1], got {top_p}", 2)
+    if not prompt:
+        _fail("--prompt is empty; give at least one character", 2)
+
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    state = {"started": False, "last": prompt[-1]}
+
+    def stream(ch: str) -> None:
+        if echo and not state["started"]:
+            show(prompt)
+        state["started"], state["last"] = True, ch
+        show(ch)
+
+    try:
+        result = generate_text(checkpoint, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                               seed=seed, stream=stream, device=device)
+    except UnknownCharactersError as err:
+        _fail(str(err), 2)
+    except (ValueError, OSError, CheckpointError) as err:
+        _fail(_describe(err))
+    if echo and not state["started"]:
+        show(prompt)
+    if (state["started"] or echo) and state["last"] != "\n":
+        show("\n")
+    print(f"{max_new_tokens} characters in {result.seconds:.2f} s: {result.tokens_per_second:.1f} tokens/s "
+          f"(prompt of {len(prompt)} characters: {result.prompt_seconds:.2f} s)", file=sys.stderr, flush=True)
+
+
 def _split_list(text: str | None, sep: str = ",") -> list[str] | None:
     return [t.strip() for t in text.split(sep) if t.strip()] if text else None
 
