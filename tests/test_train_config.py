@@ -85,6 +85,19 @@ def test_every_repository_config_validates():
             study = load_translation_study(path)
             for arch, cfg in study.configs.items():
                 assert load_config(ROOT / cfg).model.arch == arch
+        elif path.parent.name == "study" and path.parent.parent.name == "tts":
+            from amlp.tasks.tts.study import load_tts_study
+
+            study = load_tts_study(path)
+            study.validate()
+            for arch, cfg in study.configs.items():
+                assert load_config(ROOT / cfg).model.arch == arch
+        elif path.parent.name == "study" and path.parent.parent.name == "sr":
+            from amlp.tasks.super_resolution.study import load_sr_study
+
+            study = load_sr_study(path)
+            study.validate()
+            assert load_config(ROOT / study.config).task == "sr"
         elif path.parent.name == "study" and path.parent.parent.name == "recall":
             study = load_recall_study(path)
             for task, section in (("copying", study.copying), ("mqar", study.mqar)):
