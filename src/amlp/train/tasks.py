@@ -44,6 +44,7 @@ TASKS: dict[str, str] = {
     "tts": "amlp.tasks.tts.task:TTSTask",
     "sr": "amlp.tasks.super_resolution.task:SuperResolutionTask",
     "lm": "amlp.tasks.lm.task:LMTask",
+    "mad": "amlp.tasks.mad.task:MADTask",
 }
 
 
