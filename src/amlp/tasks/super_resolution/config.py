@@ -60,7 +60,7 @@ class SRModelConfig:
     #: evaluation and upscaling: ``ddim`` with ``sample_steps`` steps (eta ``eta``) or ``ddpm`` (every step)
     sampler: Literal["ddim", "ddpm"] = "ddim"
     sample_steps: int = 50
-    eta: float = 0.0
+    eta: float = 1.0
 
     def validate(self) -> None:
         for name in ("base_channels", "res_blocks", "heads", "timesteps", "sample_steps"):
