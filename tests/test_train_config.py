@@ -98,6 +98,18 @@ def test_every_repository_config_validates():
             study = load_sr_study(path)
             study.validate()
             assert load_config(ROOT / study.config).task == "sr"
+        elif path.parent.name == "study" and path.parent.parent.name == "lm":
+            from amlp.tasks.lm.study import load_lm_study
+
+            study = load_lm_study(path)
+            study.validate()
+            assert load_config(ROOT / study.config).task == "lm"
+        elif path.parent.name == "study" and path.parent.parent.name == "mad":
+            from amlp.tasks.mad.study import load_mad_study, study_tasks
+
+            study = load_mad_study(path)
+            study.validate()
+            assert study_tasks(study, ROOT)  # every config a MAD one, each task once
         elif path.parent.name == "study" and path.parent.parent.name == "recall":
             study = load_recall_study(path)
             for task, section in (("copying", study.copying), ("mqar", study.mqar)):

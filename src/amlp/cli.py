@@ -646,6 +646,54 @@ def study_sr_command(
         extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
 
 
+@study_app.command("lm")
+def study_lm_command(
+    config: str = typer.Option("configs/lm/study/cpu.yaml", "--config", "-c", help="study file"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms (default: the "
+                                                              "study's)"),
+    sizes: str = typer.Option(None, "--sizes", help="comma-separated parameter budgets (default: the study's)"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
+    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
+    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+    write_doc: bool = typer.Option(False, "--write-doc",
+                                   help="write the study's tracked document and figure (only from a complete grid)"),
+) -> None:
+    """Run the language-modelling study (causal mixers x matched sizes x seeds on tiny Shakespeare),
+    resuming where it stopped, and write its report next to the results, or with --write-doc
+    docs/results/lm.md and its learning-curve figure (complete grid only)."""
+    from .tasks.lm.study import load_lm_study, run_lm_study
+
+    seed_list, size_list = _int_list(seeds, "--seeds"), _int_list(sizes, "--sizes")
+    command = _study_command("lm", config)
+    _run_study(lambda: run_lm_study(
+        load_lm_study(config), command=command, mechanisms=_split_list(mechanisms, ";"), sizes=size_list,
+        seeds=seed_list, extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
+
+
+@study_app.command("mad")
+def study_mad_command(
+    config: str = typer.Option("configs/mad/study/cpu.yaml", "--config", "-c", help="study file"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms, ablation rows "
+                                                              "included (default: the study's)"),
+    tasks: str = typer.Option(None, "--tasks", help="comma-separated MAD tasks (default: the study's)"),
+    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
+    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
+    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
+    write_doc: bool = typer.Option(False, "--write-doc",
+                                   help="write the study's tracked document (only from a complete grid)"),
+) -> None:
+    """Run the MAD study (causal mixers and HyperMLP ablations x the six MAD tasks x seeds), resuming
+    where it stopped, and write its report next to the results, or with --write-doc
+    docs/results/mad.md (complete grid only)."""
+    from .tasks.mad.study import load_mad_study, run_mad_study
+
+    seed_list = _int_list(seeds, "--seeds")
+    command = _study_command("mad", config)
+    _run_study(lambda: run_mad_study(
+        load_mad_study(config), command=command, mechanisms=_split_list(mechanisms, ";"), tasks=_split_list(tasks),
+        seeds=seed_list, extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
+
+
 @data_app.command("synth-tts")
 def data_synth_tts_command(
     out: str = typer.Option("data/tts-slt", "--out", help="corpus folder (resumable: run again to continue)"),

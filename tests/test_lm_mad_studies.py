@@ -1,0 +1,235 @@
+"""The language-modelling and MAD studies: their grids, one tiny cell of each run end to end, the
+reports, skipping finished cells, the refusal to write the tracked document from an incomplete grid,
+and the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from amlp.cli import app
+from amlp.tasks.lm.matching import match_params, model_options
+from amlp.tasks.lm.study import (LMStudyConfig, check_causal_mechanism, load_lm_study, mechanism_overrides,
+                                 run_lm_study, study_cells, training_throughput)
+from amlp.tasks.mad import MAD_TASK_NAMES
+from amlp.tasks.mad.study import (PAPER_ROWS, PAPER_TABLE1_MAD, MADStudyConfig, load_mad_study, mad_row_score,
+                                  run_mad_study, study_tasks)
+from amlp.tasks.mad.study import study_cells as mad_cells
+from amlp.train.config import from_dict, load_config, read_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LM_STUDY = ROOT / "configs" / "lm" / "study" / "cpu.yaml"
+MAD_STUDY = ROOT / "configs" / "mad" / "study" / "cpu.yaml"
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# -- the grids ---------------------------------------------------------------------------------------------
+def test_lm_study_grid():
+    study = load_lm_study(LM_STUDY)
+    study.validate()
+    assert study.sizes == [400000, 830000]
+    assert load_config(ROOT / study.config).model.match_params == 830000
+    cells = study_cells(study)
+    assert len(study.mechanisms) == 11
+    assert len(cells) == 2 * (4 * 3 + 7 * 1) == 38
+    assert len({(n, m, s) for n, m, s in cells}) == len(cells)
+    for mech in study.mechanisms:
+        for size in study.sizes:
+            seeds = sorted(s for n, m, s in cells if m == mech and n == size)
+            assert seeds == ([0, 1, 2] if mech in ("softmax", "linear", "causal-rn", "hyper-glu") else [0])
+    assert (400000, "amlp-cov:form=stable,landmarks=16", 0) in cells
+    assert mechanism_overrides("amlp-cov:form=stable,landmarks=16") == [
+        "model.mixer=amlp-cov", 'model.mixer_options.amlp-cov.form="stable"',
+        "model.mixer_options.amlp-cov.landmarks=16"]
+
+
+def test_every_lm_row_is_matched_at_each_size():
+    study = load_lm_study(LM_STUDY)
+    base = load_config(ROOT / study.config)
+    m = base.model
+    for mech in study.mechanisms:
+        cfg = load_config(ROOT / study.config, mechanism_overrides(mech))
+        for size in study.sizes:
+            # tiny Shakespeare's training text has 65 characters
+            r = match_params(size, vocab_size=65, max_length=base.data.seq_len, dim=m.dim, heads=m.heads,
+                             n_layers=m.n_layers, mixer=cfg.model.mixer, block=m.block, mlp_ratio=m.mlp_ratio,
+                             mixer_options=model_options(cfg.model.mixer, cfg.model.options, base.data.seq_len),
+                             by=m.match_by, tolerance=m.match_tolerance)
+            assert r.within(m.match_tolerance), (mech, size, r.describe())
+
+
+def test_mad_study_grid():
+    study = load_mad_study(MAD_STUDY)
+    study.validate()
+    tasks = study_tasks(study, ROOT)
+    assert list(tasks) == list(MAD_TASK_NAMES)
+    cells = mad_cells(study, list(tasks))
+    assert len(study.mechanisms) == 12 and len(study.ablations) == 5
+    assert len(cells) == 17 * 6 * 1 == 102
+    assert {s for _, _, s in cells} == {0}
+    assert "hyper-mlp:sequence_mixing=none" in study.ablations and "hyper-glu:sequence_mixing=qk" in study.ablations
+    assert all(m.split(":")[0] in ("hyper-mlp", "hyper-glu") for m in study.ablations)
+    assert PAPER_TABLE1_MAD == {"R-cg-q": 66.78, "R-cg-q-12o": 81.01}
+    assert set(PAPER_ROWS) <= set(study.rows)
+
+
+def test_mechanisms_must_build_causally():
+    with pytest.raises(ValueError, match="no causal form"):
+        check_causal_mechanism("amlp-cov:form=official,landmarks=16")
+    with pytest.raises(ValueError, match="sequence_mixing"):
+        check_causal_mechanism("hyper-glu:sequence_mixing=sometimes")
+    with pytest.raises(ValueError, match="more_seeds"):
+        from_dict(LMStudyConfig, {"config": "x.yaml", "mechanisms": ["softmax"], "sizes": [1000],
+                                  "more_seeds": {"mechanisms": ["abc"]}}).validate()
+    with pytest.raises(ValueError, match="distinct"):
+        from_dict(MADStudyConfig, {"configs": ["x.yaml"], "mechanisms": ["hyper-glu"],
+                                   "ablations": ["hyper-glu"]}).validate()
+
+
+def test_mad_row_score_needs_all_six_tasks():
+    results = {f"{t}/softmax/seed0": {"finished": True, "task": t, "mechanism": "softmax", "seed": 0,
+                                      "test": {"acc": 0.1 * (i + 1)}} for i, t in enumerate(MAD_TASK_NAMES)}
+    assert mad_row_score(results, "softmax", list(MAD_TASK_NAMES)) == pytest.approx(35.0)
+    del results["memorization/softmax/seed0"]
+    assert mad_row_score(results, "softmax", list(MAD_TASK_NAMES)) is None
+
+
+def test_training_throughput_reads_the_logged_windows(tmp_path):
+    rows = ["step,epoch,loss,lr,grad_norm,samples_per_s,elapsed_s"]
+    rows += [f"{s},0,1,0.001,1,{'nan' if s < 2 else (10 if s < 4 else 20)},0" for s in range(1, 7)]
+    (tmp_path / "train_log.csv").write_text("\n".join(rows) + "\n")
+    # windows at steps 2, 4, 6 (log_every 2): 10, 20, 20 samples/s -> median 20, times 8 characters
+    assert training_throughput(tmp_path, 8, 2) == 160
+
+
+# -- one tiny cell of each, end to end ------------------------------------------------------------------------
+def _text(n_lines=150, seed=0) -> str:
+    rng = random.Random(seed)
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler", "in", "mind"]
+    return "\n".join(f"{rng.choice(['HAMLET', 'OPHELIA'])}:\n" + " ".join(rng.choice(words) for _ in range(6)) + ".\n"
+                     for _ in range(n_lines))
+
+
+LM_TINY = ["data.seq_len=16", "model.dim=16", "model.heads=2", "model.n_layers=1", "model.match_tolerance=0.05",
+           "model.mixer_options.hyper-glu={max_lag: 16, rank: 4}", "train.batch_size=4", "train.max_steps=4",
+           "train.eval_every=2", "train.checkpoint_every=0", "train.warmup_steps=0", "train.log_every=2", "train.progress=false", "train.threads=1"]
+
+
+def _lm_study(tmp_path, **extra) -> LMStudyConfig:
+    data = tmp_path / "data"
+    (data / "tinyshakespeare").mkdir(parents=True, exist_ok=True)
+    (data / "tinyshakespeare" / "input.txt").write_text(_text())
+    (tmp_path / "lm.yaml").write_text(json.dumps(read_yaml(ROOT / "configs" / "lm" / "cpu" / "softmax.yaml")))
+    raw = {"config": "lm.yaml", "mechanisms": ["softmax", "hyper-glu"], "sizes": [6000],
+           "more_seeds": {"seeds": [0, 1], "mechanisms": ["softmax"]}, "run_root": "runs/lm", "doc": "docs/lm.md",
+           "generation": {"prompt": "HAMLET:", "new_tokens": 12, "threads": 1, "warmup_tokens": 2},
+           "overrides": [f"data.data_dir={data}", *LM_TINY], **extra}
+    return from_dict(LMStudyConfig, raw)
+
+
+def test_lm_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
+    study = _lm_study(tmp_path)
+    logs: list[str] = []
+    report = run_lm_study(study, command="amlp study lm", mechanisms=["softmax"], seeds=[0], root=tmp_path,
+                          log=logs.append)
+    assert report == tmp_path / "runs/lm/report.md"
+    results = json.loads((tmp_path / "runs/lm/results.json").read_text())
+    assert list(results) == ["6000/softmax/seed0"]
+    rec = results["6000/softmax/seed0"]
+    assert rec["finished"] and rec["steps"] == 4 and rec["bpc"] > 0
+    assert abs(rec["params"] / 6000 - 1) <= 0.05 and rec["matched"]
+    assert rec["train_chars_per_s"] > 0 and rec["generation"]["tokens_per_second"] > 0
+    assert len(rec["generation"]["text"]) == 12 and rec["generation"]["threads"] == 1
+    assert [c[0] for c in rec["curve"]] == [2, 4]
+    text = report.read_text()
+    assert "## 6,000 parameters" in text and "| softmax |" in text and "| HyperGLU ¹ | — |" in text
+    assert "1 of 2" in text and "tokens / s" in text
+    # the second run skips the finished cell
+    logs.clear()
+    run_lm_study(study, command="amlp study lm", mechanisms=["softmax"], seeds=[0], root=tmp_path, log=logs.append)
+    assert any("6000/softmax/seed0: done before, skipped" in line for line in logs)
+    # the tracked document needs the whole grid: refused before any work, nothing written
+    with pytest.raises(ValueError, match="hyper-glu/seed0"):
+        run_lm_study(study, command="amlp study lm", write_doc=True, doc_only=True, root=tmp_path)
+    with pytest.raises(ValueError, match="6000/softmax/seed1"):
+        run_lm_study(study, command="amlp study lm", mechanisms=["hyper-glu"], write_doc=True, root=tmp_path)
+    assert not (tmp_path / "docs").exists()
+    with pytest.raises(ValueError, match="--sizes"):
+        run_lm_study(study, command="amlp study lm", sizes=[5], root=tmp_path)
+    # a study whose grid is that one cell writes its document and the learning-curve figure
+    whole = _lm_study(tmp_path, mechanisms=["softmax"], more_seeds=None)
+    doc = run_lm_study(whole, command="amlp study lm --write-doc", write_doc=True, doc_only=True, root=tmp_path)
+    assert doc == tmp_path / "docs/lm.md"
+    assert (tmp_path / "docs/figures/lm_learning_curves.png").stat().st_size > 0
+    assert "figures/lm_learning_curves.png" in doc.read_text()
+
+
+MAD_TINY = ["data.seq_len=16", "data.train_examples=64", "data.val_examples=16", "data.test_examples=32",
+            "model.dim=16", "train.batch_size=16", "train.max_steps=3", "train.eval_every=0",
+            "train.checkpoint_every=0", "train.warmup_steps=0", "train.progress=false", "train.threads=1"]
+
+
+def _mad_study(tmp_path, **extra) -> MADStudyConfig:
+    (tmp_path / "icr.yaml").write_text(json.dumps(read_yaml(ROOT / "configs/mad/cpu/in-context-recall.yaml")))
+    raw = {"configs": ["icr.yaml"], "mechanisms": ["softmax"], "ablations": ["hyper-glu:sequence_mixing=none"],
+           "run_root": "runs/mad", "doc": "docs/mad.md", "overrides": MAD_TINY, **extra}
+    return from_dict(MADStudyConfig, raw)
+
+
+def test_mad_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
+    study = _mad_study(tmp_path)
+    logs: list[str] = []
+    report = run_mad_study(study, command="amlp study mad", mechanisms=["softmax"], root=tmp_path, log=logs.append)
+    results = json.loads((tmp_path / "runs/mad/results.json").read_text())
+    rec = results["in-context-recall/softmax/seed0"]
+    assert rec["finished"] and rec["steps"] == 3 and 0 <= rec["test"]["acc"] <= 1
+    text = report.read_text()
+    assert "| softmax |" in text and "in-context recall" in text
+    assert "| HyperGLU `sequence_mixing=none` | — |" in text
+    assert "66.78" in text and "81.01" in text and "Table 1" in text and "no switch for the lag" in text
+    logs.clear()
+    run_mad_study(study, command="amlp study mad", mechanisms=["softmax"], root=tmp_path, log=logs.append)
+    assert any("in-context-recall/softmax/seed0: done before, skipped" in line for line in logs)
+    with pytest.raises(ValueError, match="in-context-recall/hyper-glu:sequence_mixing=none/seed0"):
+        run_mad_study(study, command="amlp study mad", write_doc=True, doc_only=True, root=tmp_path)
+    assert not (tmp_path / "docs").exists()
+    with pytest.raises(ValueError, match="--tasks"):
+        run_mad_study(study, command="amlp study mad", tasks=["copying"], root=tmp_path)
+    whole = _mad_study(tmp_path, ablations=[])
+    doc = run_mad_study(whole, command="amlp study mad --write-doc", write_doc=True, doc_only=True, root=tmp_path)
+    assert doc == tmp_path / "docs/mad.md" and "| softmax |" in doc.read_text()
+
+
+def test_cli_study_commands(tmp_path):
+    lm = _lm_study(tmp_path)
+    lm_file = tmp_path / "lm_study.yaml"
+    lm_file.write_text(json.dumps({"config": str(tmp_path / "lm.yaml"), "mechanisms": lm.mechanisms,
+                                   "sizes": lm.sizes, "run_root": str(tmp_path / "runs/lm"),
+                                   "doc": str(tmp_path / "docs/lm.md")}))
+    res = runner.invoke(app, ["study", "lm", "--config", str(lm_file), "--report-only"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "runs/lm/report.md").is_file()
+    res = runner.invoke(app, ["study", "lm", "--config", str(lm_file), "--write-doc", "--report-only"])
+    assert res.exit_code == 1 and "not writing" in res.output
+    mad = _mad_study(tmp_path)
+    mad_file = tmp_path / "mad_study.yaml"
+    mad_file.write_text(json.dumps({"configs": [str(tmp_path / "icr.yaml")], "mechanisms": mad.mechanisms,
+                                    "run_root": str(tmp_path / "runs/mad"), "doc": str(tmp_path / "docs/mad.md")}))
+    res = runner.invoke(app, ["study", "mad", "--config", str(mad_file), "--report-only"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "runs/mad/report.md").is_file()
+    res = runner.invoke(app, ["study", "mad", "--config", str(mad_file), "--tasks", "nope", "--report-only"])
+    assert res.exit_code == 1 and "--tasks" in res.output
