@@ -28,6 +28,7 @@ from ..ops.causal_rn import (
     causal_rn_quadratic,
     causal_rn_quadratic_reference,
     causal_rn_quadratic_step,
+    check_ablation,
     layer_norm0,
 )
 from .base import Capabilities, Mixer
@@ -141,26 +142,46 @@ class CausalRNQuadratic(_RelationNetwork):
     O(T^2 h) time; queries run in blocks of ``chunk_size`` so no ``[B, T, T, h]`` tensor is ever
     built. The recurrent state is the cache of every past ``b_j`` (``t h`` numbers per batch row).
 
+    The ablation grid of the paper (spec 3.10) is available through two options, every cell computed
+    quadratically, ``y_i = W_3 LN0( (1/n_i) sum_{j <= i} act(N_pre(a_i, b_j)) ) + b_3``:
+
+    * ``prenorm``: ``"exact"`` ``N_pre = LN0(a_i + b_j)`` (default); ``"approx"``
+      ``LN0(a_i) + LN0(b_j)``, the separable pre-norm of the linear ``causal-rn`` (with exp it gives
+      the same function as ``causal-rn``, computed pair by pair); ``"none"`` ``a_i + b_j``.
+    * ``activation``: ``"exp"`` (default), ``"relu"``, ``"gelu"`` (exact, erf) or ``"elu"`` (alpha 1).
+
+    The defaults are the form above, computed exactly as before the options existed. Future and
+    padded pairs are selected out after the activation (and their pre-activation is replaced by 0
+    before it), never filled with -inf, which GELU and ELU do not map to 0. The parameters are the
+    same for every cell.
+
     Args:
-        chunk_size: queries per block (default 32); other options as in :class:`_RelationNetwork`.
+        chunk_size: queries per block (default 32).
+        prenorm: ``"exact"``, ``"approx"`` or ``"none"``.
+        activation: ``"exp"``, ``"relu"``, ``"gelu"`` or ``"elu"``.
+        Other options as in :class:`_RelationNetwork`.
     """
 
     capabilities = Capabilities(causal=True, noncausal=True, cross=False, padding=True, recurrent=True)
 
     def __init__(self, dim: int, heads: int = 1, *, causal: bool = False, cross: bool = False,
                  hidden: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, init_std: float = 0.02,
-                 out_init_std: float | None = None):
+                 out_init_std: float | None = None, prenorm: str = "exact", activation: str = "exp"):
         super().__init__(dim, heads, causal=causal, cross=cross, hidden=hidden, init_std=init_std,
                          out_init_std=out_init_std)
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        check_ablation(prenorm, activation)
         self.chunk_size = chunk_size
+        self.prenorm, self.activation = prenorm, activation
 
     def _pool(self, a, b, mask):
-        return causal_rn_quadratic(a, b, mask=mask, causal=self.causal, chunk_size=self.chunk_size)
+        return causal_rn_quadratic(a, b, mask=mask, causal=self.causal, chunk_size=self.chunk_size,
+                                   prenorm=self.prenorm, activation=self.activation)
 
     def _pool_reference(self, a, b, mask):
-        return causal_rn_quadratic_reference(a, b, mask=mask, causal=self.causal)
+        return causal_rn_quadratic_reference(a, b, mask=mask, causal=self.causal, prenorm=self.prenorm,
+                                             activation=self.activation)
 
     def init_state(self, batch_size: int, *, device=None, dtype=None):
         if not self.causal:
@@ -172,10 +193,13 @@ class CausalRNQuadratic(_RelationNetwork):
         self._check_step(x_t)
         a, b = self._pair_features(x_t)
         cache = torch.cat([state, b.to(state.dtype).unsqueeze(1)], dim=1)
-        return self.out_proj(causal_rn_quadratic_step(a, cache)), cache
+        pooled = causal_rn_quadratic_step(a, cache, prenorm=self.prenorm, activation=self.activation)
+        return self.out_proj(pooled), cache
 
     def state_size(self, length: int) -> int:
         return length * self.hidden
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunk_size={self.chunk_size}"
+        ablation = "" if (self.prenorm, self.activation) == ("exact", "exp") else \
+            f", prenorm={self.prenorm}, activation={self.activation}"
+        return f"{super().extra_repr()}, chunk_size={self.chunk_size}{ablation}"

@@ -20,6 +20,16 @@ Two pre-activation normalisations (spec section 3.3):
   not factorise: O(T^2 h) time; the memory is kept at O(chunk_size * T * h) by running over blocks
   of queries (recomputed in backward).
 
+Ablations (spec 3.10): :func:`causal_rn_quadratic` also computes the other cells of the authors'
+grid, ``prenorm`` in {exact, approx, none} x ``activation`` in {exp, relu, gelu, elu}, quadratically
+(the default, exact + exp, is the path described above). The pooled vector is the mean of the
+activated pairs over the keys a query may see, then LN0. Future and padded pairs are removed by
+selection on both sides of the activation (their pre-activation is replaced by 0, their activated
+value by 0 before the sum), never by a fill of -inf before it: ``GELU(-inf)`` is NaN and
+``ELU(-inf) = -1`` would add the number of masked keys to the pool. With exp and a pre-norm other
+than exact, each query's terms are divided by ``exp(M_i)``, ``M_i`` its largest allowed
+pre-activation (detached), which the post-normalisation cancels; the other activations need no shift.
+
 Numerical stability (spec 3.4): both forms work in the log domain. The post-normalisation is
 invariant to a positive factor per position (exactly, since eps = 0), so each position's pooled
 vector is divided by ``exp(m_i)`` with ``m_i`` its largest log-entry (detached) before the
@@ -27,14 +37,19 @@ exponential; the division by ``n_i`` is cancelled by the same argument and is no
 outputs are then finite whatever the length and the scale of the inputs.
 
 Padding: ``mask`` (``[B, T]``, True = real token) removes padded keys from every pool (their log
-weight is far below any reachable value, so their ``exp`` is exactly zero); in the bidirectional
+weight is far below any reachable value, so their ``exp`` is exactly zero; in the quadratic form
+padded tokens are also replaced by zeros, by selection, before anything is computed from them, so
+whatever they hold reaches no real output or gradient); in the bidirectional
 form each pool is the mean over the real tokens of its row. Outputs at padded positions are zero.
 Half-precision inputs are computed in float32 and returned in their own dtype.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_mask, compute_dtype, padded_rows_to_zero
@@ -44,6 +59,12 @@ from ._checks import check_mask, compute_dtype, padded_rows_to_zero
 MASKED_LOG_WEIGHT = -1.0e4
 
 DEFAULT_CHUNK_SIZE = 32
+
+#: pre-activation normalisations of the quadratic form (spec 3.3): per pair, per side, none
+PRENORMS = ("exact", "approx", "none")
+#: activations of the quadratic form (spec 3.10; elu is in the authors' ablation code)
+ACTIVATIONS = ("exp", "relu", "gelu", "elu")
+_ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "elu": F.elu}
 
 
 def layer_norm0(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
@@ -153,6 +174,47 @@ def _pair_pool_block(a_block: torch.Tensor, b_all: torch.Tensor, allowed: torch.
     return _normalised_exp(torch.logsumexp(pair, dim=2))
 
 
+def check_ablation(prenorm: str, activation: str) -> None:
+    """Raise ``ValueError`` unless ``prenorm`` is one of :data:`PRENORMS` and ``activation`` one of
+    :data:`ACTIVATIONS`."""
+    if not isinstance(prenorm, str) or prenorm not in PRENORMS:
+        raise ValueError(f"prenorm must be one of {', '.join(map(repr, PRENORMS))}, got {prenorm!r}")
+    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+
+
+def _is_default(prenorm: str, activation: str) -> bool:
+    return prenorm == "exact" and activation == "exp"
+
+
+def _ablation_pool_block(a_block: torch.Tensor, b_all: torch.Tensor, allowed: torch.Tensor, prenorm: str,
+                         activation: str) -> torch.Tensor:
+    """``LN0`` of ``(1/n_i) sum_j act(N_pre(a_i, b_j))`` over the allowed keys, for one block of
+    queries (any cell of the ablation grid; with ``approx`` the inputs are already ``LN0(a)``, ``LN0(b)``).
+
+    ``a_block`` ``[B, C, h]``, ``b_all`` ``[B, S, h]``, ``allowed`` bool ``[B, C, S]``. Pairs that are
+    not allowed are selected out before the activation (their pre-activation becomes 0, so nothing
+    non-finite is computed from them, in forward or backward) and after it (their value becomes 0).
+    With exp, each query's terms are divided by ``exp(M_i)``, ``M_i`` the largest allowed
+    pre-activation of the query (detached): the post-LN0 cancels this positive factor exactly.
+    """
+    keep = allowed.unsqueeze(-1)
+    zero = torch.zeros((), dtype=a_block.dtype, device=a_block.device)
+    pair = torch.where(keep, a_block.unsqueeze(2) + b_all.unsqueeze(1), zero)
+    if prenorm == "exact":
+        pair = layer_norm0(pair)
+    if activation == "exp":
+        lowest = torch.full((), float("-inf"), dtype=pair.dtype, device=pair.device)
+        shift = torch.where(keep, pair.detach(), lowest).amax(dim=(2, 3), keepdim=True)
+        shift = torch.where(torch.isfinite(shift), shift, zero)  # a query with no key at all
+        act = torch.exp(pair - shift)
+    else:
+        act = _ACTIVATION_FNS[activation](pair)
+    act = torch.where(keep, act, zero)
+    n_keys = allowed.sum(-1, keepdim=True).clamp_min(1).to(act.dtype)  # [B, C, 1]
+    return layer_norm0(act.sum(dim=2) / n_keys)
+
+
 def causal_rn_quadratic(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -161,6 +223,8 @@ def causal_rn_quadratic(
     causal: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     recompute: bool | None = None,
+    prenorm: str = "exact",
+    activation: str = "exp",
 ) -> torch.Tensor:
     """Relation pool with the exact per-pair pre-normalisation, post-normalised (spec 3.3, 3.5).
 
@@ -172,20 +236,38 @@ def causal_rn_quadratic(
     default whenever a gradient is needed) each block is recomputed in backward instead of being
     kept, so training memory stays at one block as well.
 
+    The ablation grid of spec 3.10 (``u_i = (1/n_i) sum_{j <= i} act(N_pre(a_i, b_j))``, every cell
+    quadratic, see the module docstring):
+
+    * ``prenorm``: ``"exact"`` ``LN0(a_i + b_j)`` (default), ``"approx"`` ``LN0(a_i) + LN0(b_j)`` (the
+      pre-norm of :func:`causal_rn_linear`, here computed pair by pair) or ``"none"`` ``a_i + b_j``;
+    * ``activation``: ``"exp"`` (default), ``"relu"``, ``"gelu"`` (exact, erf) or ``"elu"`` (alpha 1).
+
     Args:
         a, b, mask, causal: as in :func:`causal_rn_linear`.
         chunk_size: queries per block (>= 1).
         recompute: checkpoint each block (None: when autograd records a graph).
+        prenorm, activation: the ablation cell (default ``exact`` + ``exp``, the form above).
 
     Returns ``[B, T, h]`` in the dtype of ``a``; zero at padded positions.
     """
     _check_pair_features(a, b, mask)
     if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    check_ablation(prenorm, activation)
     B, T, h = a.shape
     out_dtype = a.dtype
     cdt = compute_dtype(a.dtype)
     a, b = a.to(cdt), b.to(cdt)
+    if mask is not None:  # padded tokens enter nothing, whatever they hold (NaN included)
+        zero = torch.zeros((), dtype=cdt, device=a.device)
+        a = torch.where(mask.unsqueeze(-1), a, zero)
+        b = torch.where(mask.unsqueeze(-1), b, zero)
+    block_fn = _pair_pool_block
+    if not _is_default(prenorm, activation):
+        if prenorm == "approx":
+            a, b = layer_norm0(a), layer_norm0(b)
+        block_fn = partial(_ablation_pool_block, prenorm=prenorm, activation=activation)
     if recompute is None:
         recompute = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     key_ok = torch.ones(B, T, dtype=torch.bool, device=a.device) if mask is None else mask
@@ -199,23 +281,34 @@ def causal_rn_quadratic(
             allowed = allowed & (positions[None, :n_keys] <= positions[start:stop, None]).unsqueeze(0)
         args = (a[:, start:stop], b[:, :n_keys], allowed)
         if recompute:
-            blocks.append(checkpoint(_pair_pool_block, *args, use_reentrant=False))
+            blocks.append(checkpoint(block_fn, *args, use_reentrant=False))
         else:
-            blocks.append(_pair_pool_block(*args))
+            blocks.append(block_fn(*args))
     out = torch.cat(blocks, dim=1)
     return padded_rows_to_zero(out, mask).to(out_dtype)
 
 
-def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor) -> torch.Tensor:
+def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor, *, prenorm: str = "exact",
+                             activation: str = "exp") -> torch.Tensor:
     """One token of the causal quadratic form (spec 3.6): ``a_t`` ``[B, h]`` against the cache of
-    every ``b_j`` so far including the current one, ``[B, t, h]``. Returns ``LN0(u_t)`` ``[B, h]``."""
+    every ``b_j`` so far including the current one, ``[B, t, h]`` (the raw ``b_j``, whatever the
+    ``prenorm``). Returns ``LN0(u_t)`` ``[B, h]``; ``prenorm`` and ``activation`` as in
+    :func:`causal_rn_quadratic`."""
     if a_t.dim() != 2 or b_cache.dim() != 3 or b_cache.shape[0] != a_t.shape[0] or b_cache.shape[2] != a_t.shape[1]:
         raise ValueError(f"a_t must be [B, h] and b_cache [B, t, h], got {tuple(a_t.shape)} and {tuple(b_cache.shape)}")
+    check_ablation(prenorm, activation)
+    out_dtype = a_t.dtype
     cdt = compute_dtype(a_t.dtype)
     B, t, _ = b_cache.shape
     allowed = torch.ones(B, 1, t, dtype=torch.bool, device=a_t.device)
-    out = _pair_pool_block(a_t.to(cdt).unsqueeze(1), b_cache.to(cdt), allowed)
-    return out[:, 0].to(a_t.dtype)
+    if _is_default(prenorm, activation):
+        out = _pair_pool_block(a_t.to(cdt).unsqueeze(1), b_cache.to(cdt), allowed)
+    else:
+        a_t, b_all = a_t.to(cdt), b_cache.to(cdt)
+        if prenorm == "approx":
+            a_t, b_all = layer_norm0(a_t), layer_norm0(b_all)
+        out = _ablation_pool_block(a_t.unsqueeze(1), b_all, allowed, prenorm, activation)
+    return out[:, 0].to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,10 +325,10 @@ def _pair_weights(mask: torch.Tensor | None, B: int, T: int, causal: bool, dtype
     return keep / keep.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def _post_normalise(pairs: torch.Tensor, mask, causal) -> torch.Tensor:
+def _post_normalise(pairs: torch.Tensor, mask, causal, activation=torch.exp) -> torch.Tensor:
     B, T = pairs.shape[:2]
     w = _pair_weights(mask, B, T, causal, pairs.dtype, pairs.device)
-    u = torch.einsum("bij,bijh->bih", w, torch.exp(pairs))  # the masked pairs get weight 0 after exp
+    u = torch.einsum("bij,bijh->bih", w, activation(pairs))  # the masked pairs get weight 0 after the activation
     out = layer_norm0(u)
     if mask is not None:
         out = out * mask[:, :, None].to(out.dtype)
@@ -250,8 +343,15 @@ def causal_rn_linear_reference(a, b, *, mask=None, causal=True):
     return _post_normalise(pairs, mask, causal)
 
 
-def causal_rn_quadratic_reference(a, b, *, mask=None, causal=True):
+def causal_rn_quadratic_reference(a, b, *, mask=None, causal=True, prenorm="exact", activation="exp"):
     """Reference: ``LN0((1/n_i) sum_j exp(LN0(a_i + b_j)))`` over an explicit ``[B, T, T, h]`` tensor
-    of pairs, without any stabilisation."""
-    pairs = layer_norm0(a[:, :, None, :] + b[:, None, :, :])
-    return _post_normalise(pairs, mask, causal)
+    of pairs, without any stabilisation; ``prenorm`` and ``activation`` select the other cells of the
+    ablation grid (``act(LN0(a_i) + LN0(b_j))``, ``act(a_i + b_j)``; see :func:`causal_rn_quadratic`)."""
+    check_ablation(prenorm, activation)
+    if prenorm == "exact":
+        pairs = layer_norm0(a[:, :, None, :] + b[:, None, :, :])
+    elif prenorm == "approx":
+        pairs = layer_norm0(a)[:, :, None, :] + layer_norm0(b)[:, None, :, :]
+    else:
+        pairs = a[:, :, None, :] + b[:, None, :, :]
+    return _post_normalise(pairs, mask, causal, torch.exp if activation == "exp" else _ACTIVATION_FNS[activation])
