@@ -280,3 +280,80 @@ def test_recall_study_runs_resumes_and_writes_the_report(tmp_path):
     run_recall_study(study, command="amlp study recall", root=tmp_path, log=logs.append)
     assert sum("done before, skipped" in line for line in logs) == 6
     assert not any(": training" in line for line in logs)
+
+
+# -- copying at a fixed parameter budget, and the long copying study --------------------------------------
+LONG_STUDY = ROOT / "configs" / "recall" / "study" / "copying_long_cpu.yaml"
+
+
+def test_copying_matched_parameter_rule_sizes_the_model_and_reports_it(tmp_path):
+    base = ["data.string_len=3", "model.dim=8", "train.max_steps=2", "train.progress=false", "train.batch_size=8",
+            "data.val_examples=8", "data.test_examples=8", "model.match_params=9000"]
+    widths = {}
+    for mixer in ("softmax", "causal-rn-quadratic"):
+        cfg = load_config(CPU_CONFIG, base + [f"model.mixer={mixer}"])
+        test = run_experiment(cfg, tmp_path / mixer).test_metrics
+        assert abs(test["params"] / 9000 - 1) <= 0.02
+        widths[mixer] = test["matched_dim"]
+    assert widths["causal-rn-quadratic"] > widths["softmax"]  # 3Eh + h + E per CausalRN block vs ~12E^2
+    with pytest.raises(ValueError, match="model.match_params"):
+        load_config(CPU_CONFIG, ["model.match_params=0"])
+    # without the rule nothing changes: the config's width, no matched_* metric
+    cfg = load_config(CPU_CONFIG, [b for b in base if "match_params" not in b])
+    test = run_experiment(cfg, tmp_path / "plain").test_metrics
+    assert not any(k.startswith("matched_") for k in test)
+
+
+def test_long_copying_study_sizes_every_mechanism_to_one_budget():
+    from amlp.tasks.recall.task import CopyingTask
+    from amlp.train.study_recall import load_recall_study, recall_cell_config
+
+    study = load_recall_study(LONG_STUDY)
+    study.validate()
+    assert study.copying.string_lens[-1] >= 64 and len(study.seeds) == 3 and study.mqar is None
+    assert study.doc == "docs/results/copying_long.md" and study.figures != "docs/figures"
+    cells = {m for m in study.mechanisms if m.startswith("causal-rn-quadratic:")}
+    assert len(cells) == 8  # the 3 x 3 grid without exact + exp, which is the plain causal-rn-quadratic row
+    for S in (study.copying.string_lens[0], study.copying.string_lens[-1]):
+        counts = {}
+        for mech in study.mechanisms:
+            cfg = recall_cell_config(ROOT, study.copying.config, "copying", mech, S, 64, 0, study.overrides)
+            if mech in cells:  # the ablation options change no parameter: check that the mixer takes them
+                with torch.device("meta"):
+                    model = DecoderLM(COPY_VOCAB_SIZE, 2 * S + 2, dim=8, mixer=cfg.model.mixer,
+                                      mixer_options=cfg.model.options)
+                assert model.blocks[0].mixer.prenorm == cfg.model.options["prenorm"]
+                continue
+            match = CopyingTask(cfg).matched_size()
+            assert match.within(0.02), match.describe()
+            counts[mech] = match.params
+        assert max(counts.values()) / min(counts.values()) - 1 <= 0.04
+
+
+def test_study_with_ablation_rows_and_a_budget_writes_widths_and_the_grid(tmp_path):
+    from amlp.train.study_recall import load_recall_study, run_recall_study
+
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(
+        "mechanisms: [softmax, causal-rn-quadratic, 'causal-rn-quadratic:prenorm=none,activation=relu']\n"
+        f"seeds: [0]\ncopying: {{config: {CPU_CONFIG}, string_lens: [2]}}\nmqar: null\n"
+        "run_root: runs/s\ndoc: docs/long.md\nfigures: docs/figures/long\n"
+        "overrides: [train.max_steps=2, train.progress=false, train.batch_size=8, model.dim=8, "
+        "data.val_examples=8, data.test_examples=8, model.match_params=6200]\n")
+    study = load_recall_study(study_file)
+    with pytest.raises(ValueError, match="takes no option.*'prenrom'"):
+        run_recall_study(study, command="x", mechanisms=["causal-rn-quadratic:prenrom=none"], root=tmp_path,
+                         log=lambda _: None)
+    doc = run_recall_study(study, command="amlp study recall --write-doc", root=tmp_path, log=lambda _: None,
+                           write_doc=True)
+    results = json.loads((tmp_path / "runs" / "s" / "results.json").read_text())
+    rec = results["copying/causal-rn-quadratic:prenorm=none,activation=relu/S2/dim8/seed0"]
+    assert rec["model"]["mixer_options"]["causal-rn-quadratic"] == {"prenorm": "none", "activation": "relu"}
+    assert abs(rec["params"] / 6200 - 1) <= 0.02
+    text = doc.read_text()
+    assert "| Mixer | width | params |" in text and "sized to 6,200 parameters" in text
+    width = int(rec["test"]["matched_dim"])
+    assert f"| causal-rn-quadratic:prenorm=none,activation=relu | {width} |" in text
+    assert "CausalRN ablation" in text and "| pre-norm | exp | relu |" in text
+    assert "| none | — | " in text and "| exact | " in text
+    assert (tmp_path / "docs" / "figures" / "long" / "recall_copying_vs_S.png").is_file()

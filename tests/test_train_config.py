@@ -111,10 +111,19 @@ def test_every_repository_config_validates():
             study.validate()
             assert study_tasks(study, ROOT)  # every config a MAD one, each task once
         elif path.parent.name == "study" and path.parent.parent.name == "recall":
+            from amlp.train.study_recall import recall_cell_config
+
             study = load_recall_study(path)
+            study.validate()
             for task, section in (("copying", study.copying), ("mqar", study.mqar)):
                 if section is not None:
-                    assert load_config(ROOT / section.config).task == task
+                    base = load_config(ROOT / section.config)
+                    assert base.task == task
+                    value = (section.string_lens if task == "copying" else section.num_pairs)[-1]
+                    for mech in study.mechanisms:  # every mechanism names a causal mixer and options it takes
+                        cfg = recall_cell_config(ROOT, section.config, task, mech, value, base.model.dim,
+                                                 study.seeds[0], study.overrides)
+                        assert cfg.model.mixer == mech.partition(":")[0]
         elif path.parent.name == "study":
             study = load_study(path)
             for cfg in study.configs:

@@ -547,7 +547,8 @@ def study_forecasting_command(
 @study_app.command("recall")
 def study_recall_command(
     config: str = typer.Option("configs/recall/study/cpu.yaml", "--config", "-c", help="study file"),
-    mechanisms: str = typer.Option(None, "--mechanisms", help="comma-separated mixer names (default: the study's)"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help="comma-separated mixer names, each optionally with "
+                                   ":key=value,... options (default: the study's)"),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated: copying,mqar (default: both)"),
     string_lens: str = typer.Option(None, "--string-lens", help="comma-separated S for copying"),
     pairs: str = typer.Option(None, "--pairs", help="comma-separated key-value pair counts for MQAR"),
@@ -568,7 +569,7 @@ def study_recall_command(
                                 ("mqar", _int_list(pairs, "--pairs"))) if v}
     dim_list, seed_list = _int_list(dims, "--dims"), _int_list(seeds, "--seeds")
     _run_study(lambda: run_recall_study(
-        load_recall_study(config), command=command, mechanisms=_split_list(mechanisms), tasks=_split_list(tasks),
+        load_recall_study(config), command=command, mechanisms=split_mechanisms(mechanisms), tasks=_split_list(tasks),
         values=values, dims=dim_list, seeds=seed_list, extra_overrides=list(overrides or []), log=_literal,
         doc_only=doc_only, write_doc=write_doc))
 

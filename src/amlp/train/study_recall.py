@@ -12,6 +12,13 @@ plots accuracy vs S, accuracy vs number of pairs, and accuracy vs recurrent stat
 mixer state per sequence, summed over blocks, from each mixer's ``state_size(length)`` at the
 task's longest input; the layout of zoology's state-size plots).
 
+When the copying config sizes its models to a parameter budget (``model.match_params``, the
+language model's matched-parameter rule), the copying table gives each row's width (and QK rank
+where the rule chose one) and parameter count at the longest S. When the mechanisms include several
+cells of the CausalRN ablation (``causal-rn-quadratic:prenorm=...,activation=...``; the plain
+``causal-rn-quadratic`` is the exact + exp cell), the report adds one pre-norm x activation table
+per S.
+
 A study file::
 
     title: "..."
@@ -114,8 +121,31 @@ def _cells(study: RecallStudyConfig, root: Path, overrides, mechs, tasks, values
 
 
 def _check_mechanisms(mechs: list[str]) -> dict[str, tuple[str, dict]]:
-    """{label: (mixer, options)}; a label is a causal mixer's name, optionally ``name:key=value,...``."""
-    return {m: parse_mechanism(m, need="causal") for m in mechs}
+    """{label: (mixer, options)}; a label is a causal mixer's name, optionally ``name:key=value,...``
+    with options the mixer takes."""
+    from ..layers.registry import accepted_options
+
+    parsed = {m: parse_mechanism(m, need="causal") for m in mechs}
+    for label, (mixer, options) in parsed.items():
+        accepted = accepted_options(mixer)
+        unknown = sorted(set(options) - accepted) if accepted is not None else []
+        if unknown:
+            own = sorted(accepted - {"dim", "heads", "causal", "cross"})
+            raise ValueError(f"mechanism {label!r}: mixer {mixer!r} takes no option(s) "
+                             f"{', '.join(map(repr, unknown))}; its options: {', '.join(own) or 'none'}")
+    return parsed
+
+
+def recall_cell_config(root: Path, cfg_path: str, task: str, mechanism: str, value: int, dim: int, seed: int,
+                       overrides: list[str]):
+    """The experiment config of one cell: the task's config with the study's ``overrides``, then the
+    cell's mixer (and the mechanism's options), S or number of pairs, width and seed."""
+    mixer, options = _check_mechanisms([mechanism])[mechanism]
+    cell_overrides = [f"model.mixer={mixer}", f"{TASK_AXES[task][0]}={value}", f"model.dim={dim}", f"seed={seed}"]
+    cell_overrides += [f"model.mixer_options.{mixer}.{k}={json.dumps(v)}" for k, v in options.items()]
+    if task == "mqar":
+        cell_overrides.append(f"data.test_pairs=[{value}]")
+    return load_config(root / cfg_path, list(overrides) + cell_overrides)
 
 
 def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list[str] | None = None,
@@ -138,7 +168,7 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
     results_path = run_root / "results.json"
     overrides = list(study.overrides) + list(extra_overrides or [])
     mechs = list(mechanisms or study.mechanisms)
-    parsed = _check_mechanisms(mechs)
+    _check_mechanisms(mechs)
     known_tasks = [t for t, sec in (("copying", study.copying), ("mqar", study.mqar)) if sec is not None]
     bad_tasks = [t for t in tasks or [] if t not in known_tasks]
     if bad_tasks:
@@ -164,13 +194,7 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
                 log(f"({i}/{len(cells)}) {key}: done before, skipped")
                 continue
             log(f"({i}/{len(cells)}) {key}: training")
-            axis = TASK_AXES[task][0]
-            mixer, options = parsed[mech]
-            cell_overrides = [f"model.mixer={mixer}", f"{axis}={value}", f"model.dim={dim}", f"seed={seed}"]
-            cell_overrides += [f"model.mixer_options.{mixer}.{k}={json.dumps(v)}" for k, v in options.items()]
-            if task == "mqar":
-                cell_overrides.append(f"data.test_pairs=[{value}]")
-            cfg = load_config(root / cfg_path, overrides + cell_overrides)
+            cfg = recall_cell_config(root, cfg_path, task, mech, value, dim, seed, overrides)
             run_dir = run_root / task / mechanism_dir(mech) / f"{TASK_AXES[task][1]}{value}-dim{dim}" / f"seed{seed}"
             result = run_experiment(cfg, run_dir, resume="auto")
             test = result.test_metrics or {}
@@ -209,6 +233,10 @@ def summarise_recall(results: dict) -> dict:
         task = rec["task"]
         entry = table.setdefault((task, rec["mechanism"], rec["value"], rec["dim"]),
                                  {"acc": [], "soft": [], "params": rec.get("params"), "state": rec.get("state_size")})
+        test = rec["test"]
+        if "matched_dim" in test or "matched_qk_rank" in test:  # sized by the matched-parameter rule
+            entry["width"] = int(test.get("matched_dim", rec["dim"]))
+            entry["qk_rank"] = int(test["matched_qk_rank"]) if "matched_qk_rank" in test else None
         entry["acc"].append(rec["test"][TASK_METRIC[task]])
         if task == "copying":
             entry["soft"].append(rec["test"]["soft_acc"])
@@ -229,6 +257,8 @@ def _plots(table: dict, mechanisms: list[str], figures_dir: Path, doc: Path) -> 
     figures_dir.mkdir(parents=True, exist_ok=True)
     lines = []
     colour = {m: f"C{i % 10}" for i, m in enumerate(mechanisms)}
+    # past ten mechanisms the colours repeat: the line style tells them apart
+    style = {m: ("-", "--", ":", "-.")[(i // 10) % 4] for i, m in enumerate(mechanisms)}
     for task, title, fname in (("copying", "Copying: hard accuracy vs string length S", "recall_copying_vs_S.png"),
                                ("mqar", "MQAR: accuracy vs number of key-value pairs", "recall_mqar_vs_pairs.png")):
         keys = [k for k in table if k[0] == task]
@@ -240,7 +270,8 @@ def _plots(table: dict, mechanisms: list[str], figures_dir: Path, doc: Path) -> 
             for mech in mechanisms:
                 pts = sorted((k[2], _mean_std(table[k]["acc"])[0]) for k in keys if k[1] == mech and k[3] == dim)
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mech, color=colour[mech])
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=mech, color=colour[mech],
+                            linestyle=style[mech])
             ax.set_xlabel("string length S" if task == "copying" else "key-value pairs")
             ax.set_ylabel("hard accuracy" if task == "copying" else "query accuracy")
             ax.set_ylim(-0.03, 1.03)
@@ -305,10 +336,61 @@ def _protocol(results: dict, task: str) -> str | None:
         d = rec["data"]
         data = (f"vocabulary {d['vocab_size']}, sequences of {d['seq_len']} tokens, power_a {d['power_a']}, "
                 f"{d['test_examples']} test sequences")
+    sized = ""
+    if m.get("match_params"):
+        sized = (f"; every model sized to {m['match_params']:,} parameters (within "
+                 f"{100 * m.get('match_tolerance', 0.02):g} %) by the matched-parameter rule (`model.match_params`, "
+                 f"by {m.get('match_by', 'auto')}: the width, or the QK rank for HyperMLP/HyperGLU), cell by cell")
     return (f"config `{rec['config']}`: {m['n_layers']} blocks, {m['heads']} head(s), MLP ratio {m['mlp_ratio']} "
-            f"(Transformer blocks; the CausalRN mixers use the CausalRN block); {data}; batch {t['batch_size']}, "
-            f"{steps}, {t['optimizer']} at {t['lr']:g} ({t['warmup_steps']} warm-up steps, clip {t['clip_norm']:g}); "
-            f"mixer options {json.dumps(m['mixer_options'], sort_keys=True)} (each used only by the mixer it names).")
+            f"(Transformer blocks; the CausalRN mixers use the CausalRN block){sized}; {data}; batch "
+            f"{t['batch_size']}, {steps}, {t['optimizer']} at {t['lr']:g} ({t['warmup_steps']} warm-up steps, clip "
+            f"{t['clip_norm']:g}); mixer options {json.dumps(m['mixer_options'], sort_keys=True)} (each used only by "
+            f"the mixer it names).")
+
+
+def _ablation_cell(mechanism: str) -> tuple[str, str] | None:
+    """(prenorm, activation) of a quadratic CausalRN mechanism label, None for any other label."""
+    name, _, rest = mechanism.partition(":")
+    if name != "causal-rn-quadratic":
+        return None
+    options = parse_mechanism(mechanism, need="causal")[1] if rest else {}
+    if set(options) - {"prenorm", "activation"}:
+        return None
+    return str(options.get("prenorm", "exact")), str(options.get("activation", "exp"))
+
+
+def _ablation_lines(table: dict, task: str) -> list[str]:
+    """Pre-norm x activation tables of the CausalRN ablation, one per S (or pairs) and width, when the
+    study has at least two of its cells."""
+    from ..ops.causal_rn import ACTIVATIONS, PRENORMS
+
+    cells = {}
+    for key in table:
+        if key[0] == task:
+            cell = _ablation_cell(key[1])
+            if cell is not None:
+                cells[(cell, key[2], key[3])] = table[key]
+    present = {c for c, _, _ in cells}
+    if len(present) < 2:
+        return []
+    prenorms = [p for p in PRENORMS if any(c[0] == p for c in present)]
+    activations = [a for a in ACTIVATIONS if any(c[1] == a for c in present)]
+    axis = TASK_AXES[task][1]
+    lines = ["CausalRN ablation (quadratic mixer, `causal-rn-quadratic:prenorm=...,activation=...`; the plain "
+             "`causal-rn-quadratic` row is the exact + exp cell): test "
+             f"{'hard accuracy' if task == 'copying' else 'accuracy'} by pre-activation normalisation and activation.",
+             ""]
+    several_dims = len({d for _, _, d in cells}) > 1
+    for value, dim in sorted({(v, d) for _, v, d in cells}):
+        lines += [f"{axis} = {value}" + (f", dim {dim}" if several_dims else "") + ":", "",
+                  "| pre-norm | " + " | ".join(activations) + " |",
+                  "|" + "---|" * (len(activations) + 1)]
+        for prenorm in prenorms:
+            row = [_fmt(cells[((prenorm, act), value, dim)]["acc"]) if ((prenorm, act), value, dim) in cells else "—"
+                   for act in activations]
+            lines.append(f"| {prenorm} | " + " | ".join(row) + " |")
+        lines += [""]
+    return lines
 
 
 def write_recall_report(path: Path, results: dict, *, study: RecallStudyConfig, command: str, requested: list[str],
@@ -340,8 +422,13 @@ def write_recall_report(path: Path, results: dict, *, study: RecallStudyConfig, 
         else:
             lines += ["Accuracy: argmax at every query position of the test split.", ""]
         metric = "hard accuracy (soft accuracy)" if task == "copying" else "accuracy"
-        header = "| Mixer | dim | params | " + " | ".join(f"{axis} = {v}" for v in values) + \
-            f" | state size at {axis} = {values[-1]} | seeds |"
+        matched = any("width" in table[k] for k in keys)
+        if matched:
+            lines += [f"Width and parameters are those of the row's model at its longest {axis} (the rule sizes every "
+                      f"cell on its own: the learned positions grow with {axis}); `dim` in the cell names is the "
+                      "config's width, where the rule starts.", ""]
+        header = f"| Mixer | {'width' if matched else 'dim'} | params | " + \
+            " | ".join(f"{axis} = {v}" for v in values) + f" | state size at {axis} = {values[-1]} | seeds |"
         lines += [f"Test {metric}:", "", header, "|" + "---|" * (len(values) + 5)]
         for mech in mechanisms:
             for dim in dims:
@@ -359,11 +446,16 @@ def write_recall_report(path: Path, results: dict, *, study: RecallStudyConfig, 
                     cells.append(text)
                 present = [k for k in row_keys if k in table]
                 params = table[present[-1]]["params"]
+                width = str(dim)
+                if "width" in table[present[-1]]:
+                    qk = table[present[-1]].get("qk_rank")
+                    width = f"{table[present[-1]]['width']}" + (f" (QK rank {qk})" if qk is not None else "")
                 state = table[row_keys[-1]]["state"] if row_keys[-1] in table else None
                 seeds = "/".join(str(len(table[k]["acc"])) if k in table else "0" for k in row_keys)
-                lines.append(f"| {mech} | {dim} | {int(params):,} | " + " | ".join(cells) +
+                lines.append(f"| {mech} | {width} | {int(params):,} | " + " | ".join(cells) +
                              f" | {'—' if state is None or not math.isfinite(state) else f'{int(state):,}'} | {seeds} |")
         lines += [""]
+        lines += _ablation_lines(table, task)
     if table:
         lines += ["## Plots", "", "State size is the number of floats a mixer keeps per sequence to decode the next "
                   "token (its `state_size(length)` at the task's longest input, summed over blocks): it grows with the "

@@ -13,17 +13,26 @@ the test split holds several.
 Both also report ``params`` (the model's parameter count) and ``state_size`` (floats of recurrent
 mixer state per sequence at the split's longest input, summed over blocks; see
 :meth:`amlp.models.decoder.DecoderLM.state_size`).
+
+Copying can size its model to a parameter budget with the language model's matched-parameter rule
+(``model.match_params``, ``model.match_by``, ``model.match_tolerance``; see
+:class:`CopyingModelConfig` and :func:`amlp.tasks.lm.matching.match_params`); the evaluation then
+also reports ``matched_dim`` or ``matched_qk_rank`` (and ``matched_mlp_hidden`` when the rule set
+the MLP's width).
 """
 
 from __future__ import annotations
 
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ...models.decoder import DecoderLM, greedy_decode, greedy_decode_full
+from ..lm.config import LMModelConfig
+from ..lm.matching import MatchResult, match_params
 from .config import CopyingDataConfig, DecoderModelConfig, MQARDataConfig
 from .data import (COPY_VOCAB_SIZE, IGNORE_INDEX, CopyingDataset, MQARDataset, copy_hard_accuracy, copy_length)
 
@@ -39,17 +48,36 @@ def _train_size(config, given: int | None) -> int:
     return config.train.batch_size * steps
 
 
-def _build_decoder(config, vocab_size: int, max_length: int) -> DecoderLM:
+@dataclass
+class CopyingModelConfig(LMModelConfig):
+    """The decoder of the copying task, with the language model's matched-parameter rule: with
+    ``match_params: N`` the width (or, for HyperMLP/HyperGLU, the QK rank; see ``match_by``) is chosen
+    so that the parameter count is within ``match_tolerance`` of N, for the longest input of the
+    config's splits (:class:`amlp.tasks.lm.config.LMModelConfig` documents the three keys). The
+    mixer options are used as given. Without ``match_params`` the model is the config's."""
+
+
+def _build_decoder(config, vocab_size: int, max_length: int, match: MatchResult | None = None) -> DecoderLM:
     m: DecoderModelConfig = config.model
     length = m.max_length or max_length
     if length < max_length:
         raise ValueError(f"config key 'model.max_length' ({length}) is shorter than the longest input "
                          f"({max_length})")
-    model = DecoderLM(vocab_size, length, dim=m.dim, heads=m.heads, n_layers=m.n_layers, mixer=m.mixer,
-                      block=m.block, mlp_ratio=m.mlp_ratio, dropout=m.dropout, mixer_options=m.options,
+    dim, options, mlp_ratio, rule = m.dim, m.options, m.mlp_ratio, ""
+    if match is not None:
+        dim = match.dim
+        if match.by == "qk_rank":
+            options = {**options, "qk_rank": match.value}
+        if match.mlp_hidden is not None:
+            mlp_ratio = match.mlp_hidden / match.dim
+        mlp = f" (MLP {match.mlp_hidden} wide)" if match.mlp_hidden is not None else ""
+        rule = (f"; matched to {match.target:,} parameters by {match.by} = {match.value}{mlp} "
+                f"({100 * match.deviation:+.2f} %)")
+    model = DecoderLM(vocab_size, length, dim=dim, heads=m.heads, n_layers=m.n_layers, mixer=m.mixer,
+                      block=m.block, mlp_ratio=mlp_ratio, dropout=m.dropout, mixer_options=options,
                       embed_init_std=m.embed_init_std)
     print(f"{config.task}: decoder with {m.n_layers} x {model.block_type} block(s), mixer {m.mixer}, "
-          f"dim {m.dim}: {model.num_parameters():,} parameters", file=sys.stderr, flush=True)
+          f"dim {dim}: {model.num_parameters():,} parameters{rule}", file=sys.stderr, flush=True)
     return model
 
 
@@ -75,12 +103,13 @@ class _TokenPredictionTask:
 
 class CopyingTask(_TokenPredictionTask):
     data_config = CopyingDataConfig
-    model_config = DecoderModelConfig
+    model_config = CopyingModelConfig
 
     def __init__(self, config):
         self.config = config
         d: CopyingDataConfig = config.data
         self.max_input = copy_length(max(d.train_lengths + d.eval_lengths))
+        self.match: MatchResult | None = None
         self._splits = {
             "train": CopyingDataset(_train_size(config, d.train_examples), d.train_lengths, d.data_seed,
                                     pad_to=self.max_input),
@@ -89,8 +118,19 @@ class CopyingTask(_TokenPredictionTask):
                                      for n in d.eval_lengths]),
         }
 
+    def matched_size(self) -> MatchResult | None:
+        """The outcome of the matched-parameter rule (None without ``model.match_params``)."""
+        m: CopyingModelConfig = self.config.model
+        if m.match_params is None:
+            return None
+        return match_params(m.match_params, vocab_size=COPY_VOCAB_SIZE, max_length=m.max_length or self.max_input,
+                            dim=m.dim, heads=m.heads, n_layers=m.n_layers, mixer=m.mixer, block=m.block,
+                            mlp_ratio=m.mlp_ratio, mixer_options=m.options, by=m.match_by,
+                            tolerance=m.match_tolerance)
+
     def build_model(self) -> DecoderLM:
-        return _build_decoder(self.config, COPY_VOCAB_SIZE, self.max_input)
+        self.match = self.matched_size()
+        return _build_decoder(self.config, COPY_VOCAB_SIZE, self.max_input, self.match)
 
     def evaluate(self, model, batches) -> dict[str, float]:
         net = _unwrap(model)
@@ -125,6 +165,11 @@ class CopyingTask(_TokenPredictionTask):
         out["params"] = float(net.num_parameters())
         size = net.state_size(copy_length(longest))
         out["state_size"] = float("nan") if size is None else float(size)
+        match = self.match if self.match is not None else self.matched_size()
+        if match is not None:
+            out[f"matched_{match.by}"] = float(match.value)
+            if match.mlp_hidden is not None:
+                out["matched_mlp_hidden"] = float(match.mlp_hidden)
         return out
 
 
