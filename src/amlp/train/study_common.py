@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +22,20 @@ def fmt_seeds(values: list[float], digits: int) -> str:
         return "—"
     mean, std = _mean_std(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}¹"
+
+
+def record_values(records: Iterable[dict], get) -> list[float]:
+    """``get(record)`` for each record, as floats, leaving out the records where it is missing (a
+    ``KeyError`` / ``TypeError`` or None) or not finite."""
+    out = []
+    for r in records:
+        try:
+            v = get(r)
+        except (KeyError, TypeError):
+            v = None
+        if v is not None and math.isfinite(float(v)):
+            out.append(float(v))
+    return out
 
 
 def load_note(measurements: Iterable[dict]) -> str:

@@ -47,8 +47,8 @@ from typing import Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_yaml
-from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, report_path,
-                                   torch_threads)
+from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, record_values,
+                                   report_path, torch_threads)
 from ...train.study_forecasting import _read_results, _record, mechanism_dir, parse_mechanism
 
 LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Performer", "cosformer": "cosFormer",
@@ -280,18 +280,6 @@ def _recs(results: dict, size: int, mech: str) -> list[dict]:
                    and r.get("mechanism") == mech), key=lambda r: r["seed"])
 
 
-def _values(recs: list[dict], get) -> list[float]:
-    out = []
-    for r in recs:
-        try:
-            v = get(r)
-        except (KeyError, TypeError):
-            v = None
-        if v is not None and math.isfinite(float(v)):
-            out.append(float(v))
-    return out
-
-
 def _params(recs: list[dict]) -> str:
     if not recs or recs[0].get("params") is None:
         return "—"
@@ -323,10 +311,10 @@ def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command:
             recs = _recs(results, size, mech)
             mark = "" if mech in more else " ¹"
             lines.append("| " + " | ".join([
-                mechanism_label(mech) + mark, fmt_seeds(_values(recs, lambda r: r["bpc"]), 3),
+                mechanism_label(mech) + mark, fmt_seeds(record_values(recs, lambda r: r["bpc"]), 3),
                 f"{len(recs)} of {len(mechanism_seeds(study, mech))}", _params(recs),
-                fmt_seeds(_values(recs, lambda r: r["train_chars_per_s"]), 0),
-                fmt_seeds(_values(recs, lambda r: r["generation"]["tokens_per_second"]), 1)]) + " |")
+                fmt_seeds(record_values(recs, lambda r: r["train_chars_per_s"]), 0),
+                fmt_seeds(record_values(recs, lambda r: r["generation"]["tokens_per_second"]), 1)]) + " |")
         lines.append("")
     extra = f"seeds {', '.join(map(str, study.more_seeds.seeds))}" if more else ""
     lines += [f"A mixer marked ¹ runs one seed ({', '.join(map(str, study.seeds))})"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...train.study_common import fmt_seeds, load_note
+from ...train.study_common import fmt_seeds, load_note, record_values
 from .study import LABELS, PAPER, TTSStudyConfig, with_option
 
 SPEED_BATCH = "1"
@@ -16,18 +16,6 @@ SPEED_BATCH = "1"
 
 def _records(results: dict, row_key: str) -> list[dict]:
     return [r for r in results.values() if r.get("finished") and r.get("row") == row_key]
-
-
-def _values(recs: list[dict], get) -> list[float]:
-    out = []
-    for r in recs:
-        try:
-            v = get(r)
-        except (KeyError, TypeError):
-            v = None
-        if v is not None:
-            out.append(float(v))
-    return out
 
 
 def _label(arch: str, mechanism: str) -> str:
@@ -38,7 +26,7 @@ def _label(arch: str, mechanism: str) -> str:
 
 
 def _speed(recs: list[dict], batch: str) -> float | None:
-    v = _values(recs, lambda r: r["latency"]["batch_sizes"][batch]["seconds"])
+    v = record_values(recs, lambda r: r["latency"]["batch_sizes"][batch]["seconds"])
     return float(np.mean(v)) if v else None
 
 
@@ -61,20 +49,20 @@ def write_tts_report(path: Path, results: dict, *, study: TTSStudyConfig, comman
     for row in study.rows:
         recs = _records(results, row.key)
         cells = ["AR" if row.arch == "transformer-tts" else "NAR", _label(row.arch, row.mechanism),
-                 fmt_seeds(_values(recs, lambda r: r["test"]["mcd"]), 3),
-                 fmt_seeds(_values(recs, lambda r: r["test"]["msd"]), 3),
+                 fmt_seeds(record_values(recs, lambda r: r["test"]["mcd"]), 3),
+                 fmt_seeds(record_values(recs, lambda r: r["test"]["msd"]), 3),
                  str(len(recs)) if recs else "—"]
         for b in batches:
             t = _speed(recs, b)
             cells.append(f"{base_time[b] / t:.2f}×" if t and base_time[b] else "—")
-        cells.append(fmt_seeds(_values(recs, lambda r: r["latency"]["batch_sizes"][batches[-1]]["peak_mib"]), 0))
+        cells.append(fmt_seeds(record_values(recs, lambda r: r["latency"]["batch_sizes"][batches[-1]]["peak_mib"]), 0))
         paper = PAPER.get(f"{row.arch}/{row.mechanism.split(':')[0]}")
         cells += [f"{paper[0]:.4f}", f"{paper[1]:.4f}"] if paper else ["—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     if softmax:
         lines.append("| — | trivial: the average training frame for FS2 (softmax)'s predicted frames | "
-                     f"{fmt_seeds(_values(softmax, lambda r: r['test']['baseline_mcd']), 3)} | "
-                     f"{fmt_seeds(_values(softmax, lambda r: r['test']['baseline_msd']), 3)} | {len(softmax)} | "
+                     f"{fmt_seeds(record_values(softmax, lambda r: r['test']['baseline_mcd']), 3)} | "
+                     f"{fmt_seeds(record_values(softmax, lambda r: r['test']['baseline_msd']), 3)} | {len(softmax)} | "
                      + " | ".join("—" for _ in batches) + " | — | — | — |")
     lines.append("")
     fig_dir = (root / "docs" / "figures") if figures else path.parent
@@ -107,8 +95,8 @@ def _rank_section(results, study, base_time) -> list[str]:
              f"| c | MCD | MSD | speed-up @ {b} |", "|---|---|---|---|"]
     for value, recs in _rank_rows(results, study):
         t = _speed(recs, b)
-        lines.append(f"| {value} | {fmt_seeds(_values(recs, lambda r: r['test']['mcd']), 3)} | "
-                     f"{fmt_seeds(_values(recs, lambda r: r['test']['msd']), 3)} | "
+        lines.append(f"| {value} | {fmt_seeds(record_values(recs, lambda r: r['test']['mcd']), 3)} | "
+                     f"{fmt_seeds(record_values(recs, lambda r: r['test']['msd']), 3)} | "
                      + (f"{base_time[b] / t:.2f}× |" if t and base_time[b] else "— |"))
     lines.append("")
     return lines
@@ -128,7 +116,7 @@ def _figures(results, study, base_time, fig_dir: Path, path: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in study.rows:
         recs = _records(results, row.key)
-        t, mcd = _speed(recs, b), _values(recs, lambda r: r["test"]["mcd"])
+        t, mcd = _speed(recs, b), record_values(recs, lambda r: r["test"]["mcd"])
         if t and mcd and base_time[b]:
             ax.scatter(base_time[b] / t, np.mean(mcd))
             ax.annotate(_label(row.arch, row.mechanism).split(" `")[0], (base_time[b] / t, np.mean(mcd)), fontsize=7)
@@ -140,7 +128,7 @@ def _figures(results, study, base_time, fig_dir: Path, path: Path) -> list[str]:
     plt.close(fig)
     lines += [f"![MCD against speed-up]({rel(fig_dir / 'tts_mcd_speedup.png')})", ""]
     if study.rank_ablation:
-        pts = [(v, np.mean(_values(recs, lambda r: r["test"]["mcd"])), _speed(recs, b))
+        pts = [(v, np.mean(record_values(recs, lambda r: r["test"]["mcd"])), _speed(recs, b))
                for v, recs in _rank_rows(results, study) if recs]
         if pts:
             fig, ax = plt.subplots(figsize=(6, 4))
