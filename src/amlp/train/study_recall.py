@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import from_dict, load_config, read_yaml, to_plain
-from .study_forecasting import _fmt, grid_refusal, _mean_std, _read_results, _record, _write_json_atomic, mechanism_dir, parse_mechanism
+from .study_forecasting import _fmt, grid_refusal, _mean_std, _read_results, _record, mechanism_dir, parse_mechanism
 
 TASK_AXES = {"copying": ("data.string_len", "S"), "mqar": ("data.num_pairs", "pairs")}
 TASK_METRIC = {"copying": "hard_acc", "mqar": "acc"}
