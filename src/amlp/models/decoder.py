@@ -139,6 +139,10 @@ class DecoderLM(nn.Module):
             raise ValueError(f"{name} must be an integer tensor shaped {shape}, got {got}")
 
     def forward(self, tokens: torch.Tensor, *, x_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.hidden_states(tokens, x_mask=x_mask))
+
+    def hidden_states(self, tokens: torch.Tensor, *, x_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B, T, E]``: the final-norm states the head reads (``model(tokens) == model.head(...)``)."""
         self._check_tokens(tokens, 2, "tokens")
         T = tokens.shape[1]
         if T > self.max_length:
@@ -148,7 +152,7 @@ class DecoderLM(nn.Module):
         x = self.embed_dropout(self.token_embedding(tokens) + self.position_embedding(positions))
         for block in self.blocks:
             x = block(x, x_mask=x_mask)
-        return self.head(self.norm(x))
+        return self.norm(x)
 
     # -- token by token ----------------------------------------------------------------------------
     def init_state(self, batch_size: int, *, device=None, dtype=None) -> dict[str, Any]:

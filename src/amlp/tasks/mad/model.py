@@ -19,17 +19,7 @@ from ...models.decoder import DecoderLM
 
 def decoder_states(lm: DecoderLM, tokens: torch.Tensor, *, x_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``[B, T, E]``: the states that ``lm`` feeds its head (``lm(tokens) == lm.head(decoder_states(...))``)."""
-    if tokens.dim() != 2 or tokens.is_floating_point():
-        raise ValueError(f"tokens must be an integer tensor shaped [B, T], got {tuple(tokens.shape)}")
-    T = tokens.shape[1]
-    if T > lm.max_length:
-        raise ValueError(f"the model has {lm.max_length} learned positions (model.max_length); got a sequence "
-                         f"of length {T}")
-    positions = torch.arange(T, device=tokens.device)
-    x = lm.embed_dropout(lm.token_embedding(tokens) + lm.position_embedding(positions))
-    for block in lm.blocks:
-        x = block(x, x_mask=x_mask)
-    return lm.norm(x)
+    return lm.hidden_states(tokens, x_mask=x_mask)
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
