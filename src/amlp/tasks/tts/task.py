@@ -168,12 +168,9 @@ class TTSTask:
     model_config = TTSModelConfig
 
     def __init__(self, config):
-        from .corpus import load_corpus
-
         self.config = config
         d: TTSDataConfig = config.data
         self._corpus = None
-        self._load_corpus = load_corpus
         if d.vocab is not None:
             self.vocab = TTSVocab.load(d.vocab)
         else:
@@ -186,7 +183,9 @@ class TTSTask:
     @property
     def corpus(self) -> dict:
         if self._corpus is None:
-            self._corpus = self._load_corpus(self.config.data.corpus)
+            from .corpus import load_corpus
+
+            self._corpus = load_corpus(self.config.data.corpus)
         return self._corpus
 
     # -- data -----------------------------------------------------------------------------------------
