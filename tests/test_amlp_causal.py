@@ -12,6 +12,7 @@ from amlp.ops.amlp_causal import (
     amlp_cov_causal,
     amlp_cov_causal_init_state,
     amlp_cov_causal_reference,
+    amlp_cov_causal_step,
 )
 
 F64 = torch.float64
@@ -123,6 +124,63 @@ def test_state_carries_across_calls_and_step_by_step():
     # the statistics are the plain sums of eqs. 13-14
     torch.testing.assert_close(final.s_q, torch.einsum("bthd,bthe->bhde", q, q))
     torch.testing.assert_close(final.z, torch.einsum("bthd,bthe->bhde", k, v))
+
+
+@pytest.mark.parametrize("form, activation", [("stable", "softmax"), ("paper", "relu"), ("stable", "sigmoid")])
+def test_step_op_equals_the_parallel_form(form, activation):
+    q, k, v, cq, ck, tau = inputs(seed=11)
+    opts = dict(temperature=tau, form=form, activation=activation)
+    whole, final = amlp_cov_causal(q, k, v, cq, ck, return_state=True, **opts)
+    state = amlp_cov_causal_init_state(B, H, D, dtype=F64)
+    outs = []
+    for t in range(T):
+        before = [x.clone() for x in state]
+        y, new_state = amlp_cov_causal_step(q[:, t], k[:, t], v[:, t], cq, ck, state, **opts)
+        for a, b in zip(before, state):
+            assert torch.equal(a, b)  # the state passed in is left as it was
+        outs.append(y)
+        state = new_state
+    torch.testing.assert_close(torch.stack(outs, 1), whole, rtol=1e-10, atol=1e-12)
+    for a, b in zip(final, state):
+        torch.testing.assert_close(a, b)
+    # gradients flow through the step to the inputs and the landmarks
+    g = torch.autograd.grad(outs[-1].sum(), (q, cq, tau))
+    assert all(x.abs().sum() > 0 for x in g)
+
+
+def test_step_op_errors():
+    q, k, v, cq, ck, tau = inputs()
+    state = amlp_cov_causal_init_state(B, H, D, dtype=F64)
+    with pytest.raises(ValueError, match=r"\[B, H, D\]"):
+        amlp_cov_causal_step(q[:, :2], k[:, 0], v[:, 0], cq, ck, state)
+    with pytest.raises(ValueError, match="initial_state.s_q"):
+        amlp_cov_causal_step(q[:, 0], k[:, 0], v[:, 0], cq, ck, amlp_cov_causal_init_state(B, H, D + 1, dtype=F64))
+    with pytest.raises(ValueError, match="official"):
+        amlp_cov_causal_step(q[:, 0], k[:, 0], v[:, 0], cq, ck, state, form="official")
+
+
+@pytest.mark.parametrize("form", ["paper", "stable"])
+def test_gradients_cross_the_carried_state(form):
+    """Two calls joined by the state give the gradients of one call: the backward of a chunk
+    passes the gradient of its final state (all four statistics) back to the tokens before it."""
+    q, k, v, cq, ck, tau = inputs(seed=12, T=11)
+    mask = torch.ones(B, 11, dtype=torch.bool)
+    mask[0, 2] = False  # a padded token in the first half
+    opts = dict(temperature=tau, form=form, chunk_size=4)
+    whole = amlp_cov_causal(q, k, v, cq, ck, q_mask=mask, kv_mask=mask, **opts)
+    first, mid = amlp_cov_causal(q[:, :5], k[:, :5], v[:, :5], cq, ck, q_mask=mask[:, :5], kv_mask=mask[:, :5],
+                                 return_state=True, **opts)
+    second = amlp_cov_causal(q[:, 5:], k[:, 5:], v[:, 5:], cq, ck, q_mask=mask[:, 5:], kv_mask=mask[:, 5:],
+                             initial_state=mid, **opts)
+    joined = torch.cat([first, second], 1)
+    torch.testing.assert_close(joined, whole, rtol=1e-11, atol=1e-12)
+    w = torch.randn_like(whole)
+    # the second call's outputs alone reach the first half of the tokens through the state
+    g_q = torch.autograd.grad((second * w[:, 5:]).sum(), q, retain_graph=True)[0]
+    assert g_q[:, :5].abs().sum() > 0
+    every = (q, k, v, cq, ck, tau)
+    for a, b in zip(grads(joined, every, w), grads(whole, every, w)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-11)
 
 
 def test_outputs_ignore_the_future_jacobian():

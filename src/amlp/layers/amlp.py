@@ -16,6 +16,7 @@ from ..ops.amlp_causal import (
     DEFAULT_CHUNK_SIZE,
     amlp_cov_causal,
     amlp_cov_causal_init_state,
+    amlp_cov_causal_step,
     amlp_cov_causal_reference,
 )
 from .base import Capabilities, ProjectedMixer
@@ -57,7 +58,7 @@ class AMLP(ProjectedMixer):
             authors' code) or one per head.
         causal: Cov only: the prefix-statistics form of Appendix A (eqs. 13-14), self-mixing, with a
             recurrent :meth:`step` (state ``3 D^2 + D`` per head). PQuery has no cheap causal form.
-        chunk_size: tokens per chunk of the parallel causal computation.
+        chunk_size: tokens per chunk of the parallel causal computation (None: from a memory budget).
     """
 
     capabilities = Capabilities(causal=True, noncausal=True, cross=True, padding=True, recurrent=True,
@@ -66,7 +67,7 @@ class AMLP(ProjectedMixer):
     def __init__(self, dim: int, heads: int, *, variant: str = "pquery", landmarks: int = 16,
                  activation: str = "softmax", form: str | None = None, causal: bool = False,
                  cross: bool = False, dropout: float = 0.0, out_norm: bool | None = None,
-                 shared_w: bool = True, bias: bool = True, chunk_size: int = DEFAULT_CHUNK_SIZE,
+                 shared_w: bool = True, bias: bool = True, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
                  scale: float | None = None, add_norm: bool = False, ema: float | None = None,
                  conv_kernel_size: int | None = None, conv_dropout: float = 0.0):
         if form is None:
@@ -89,8 +90,9 @@ class AMLP(ProjectedMixer):
         super().__init__(dim, heads, causal=causal, cross=cross, dropout=dropout, bias=bias)
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                       or chunk_size < 1):
+            raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
         self.chunk_size = chunk_size
         if isinstance(landmarks, bool) or not isinstance(landmarks, int) or landmarks < 1:
             raise ValueError(f"landmarks must be an int >= 1, got {landmarks!r}")
@@ -217,11 +219,10 @@ class AMLP(ProjectedMixer):
             raise ValueError(f"x_t must be shaped [B, E] with E = {self.dim}, got {shape}")
         x = x_t.unsqueeze(1)
         q, k, v = (self.split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        cdt = compute_dtype(q.dtype)
-        out, state = amlp_cov_causal(q.to(cdt), k.to(cdt), v.to(cdt), self.cq, self.ck, activation=self.activation, form=self.form,
-                                     temperature=self.temperature, scale=self.scale, initial_state=state,
-                                     return_state=True)
-        out = self.head_output(out)
+        out, state = amlp_cov_causal_step(q[:, 0], k[:, 0], v[:, 0], self.cq, self.ck, state,
+                                          activation=self.activation, form=self.form,
+                                          temperature=self.temperature, scale=self.scale)
+        out = self.head_output(out.unsqueeze(1))
         return self.dropout(self.out_proj(out.reshape(x.shape[0], 1, self.dim)))[:, 0], state
 
     def state_size(self, length: int) -> int | None:

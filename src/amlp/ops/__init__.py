@@ -3,7 +3,7 @@ reference beside its fast form."""
 
 from .abc import abc_attention, abc_attention_reference, abc_step
 from .amlp import amlp_cov, amlp_cov_reference, amlp_pquery, amlp_pquery_reference
-from .amlp_causal import amlp_cov_causal, amlp_cov_causal_reference
+from .amlp_causal import amlp_cov_causal, amlp_cov_causal_reference, amlp_cov_causal_step
 from .causal_rn import (
     causal_rn_linear,
     causal_rn_linear_reference,
@@ -26,7 +26,7 @@ from .xca import cross_covariance_attention, cross_covariance_attention_referenc
 __all__ = [
     "abc_attention", "abc_attention_reference", "abc_step",
     "amlp_cov", "amlp_cov_reference", "amlp_pquery", "amlp_pquery_reference",
-    "amlp_cov_causal", "amlp_cov_causal_reference",
+    "amlp_cov_causal", "amlp_cov_causal_reference", "amlp_cov_causal_step",
     "causal_rn_linear", "causal_rn_linear_reference", "causal_rn_quadratic", "causal_rn_quadratic_reference",
     "layer_norm0",
     "cosformer_attention", "cosformer_attention_reference",

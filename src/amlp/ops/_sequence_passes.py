@@ -192,7 +192,8 @@ def pool_vjp(grad_out, out, lse, query, keys, values, mask, scale, grad_keys, gr
 # Readout: sigma_1(q keys^T) values, the second layer of the dynamic MLP
 
 
-def _activation_vjp(logits, hidden, grad_hidden, activation):
+def activation_vjp(logits, hidden, grad_hidden, activation):
+    """VJP of ``hidden = sigma_1(logits)`` (the activations of :func:`amlp.ops._common.activate`)."""
     if activation == "softmax":
         return hidden * (grad_hidden - (grad_hidden * hidden).sum(-1, keepdim=True))
     if activation == "relu":
@@ -223,7 +224,7 @@ def readout_vjp(grad_out, q, keys, values, activation, scale, grad_q, *, first=F
         logits = torch.matmul(q_c, keys_t).mul_(scale)  # [B, H, t, c]
         hidden = activate(logits, activation)
         grad_values += torch.matmul(hidden.transpose(-1, -2), g_c)
-        dlogits = _activation_vjp(logits, hidden, torch.matmul(g_c, values_t), activation).mul_(scale)
+        dlogits = activation_vjp(logits, hidden, torch.matmul(g_c, values_t), activation).mul_(scale)
         write(grad_q, rows, torch.matmul(dlogits, keys).transpose(1, 2), first)
         grad_keys += torch.matmul(dlogits.transpose(-1, -2), q_c)
     return grad_keys, grad_values
