@@ -14,14 +14,15 @@ from amlp.bench import (CROSSOVER_COLUMNS, GEN_COLUMNS, OPS_COLUMNS, GenerationS
                         save_generation, save_ops)
 from amlp.bench.generation import _step_matches_forward
 from amlp.bench.memory import PeakMeter, cpu_peak_supported
-from amlp.bench.workloads import Workload, make_callable, options_for
+from amlp.bench.report import fmt_count, fmt_share
+from amlp.bench.workloads import Workload, count_aten_calls, count_flops, make_callable, options_for
 from amlp.layers.registry import accepted_options
 from amlp.cli import app
 from amlp.layers import Capabilities, Mixer, ProjectedMixer, register_mixer
 from amlp.layers.registry import _REGISTRY
 from amlp.ops.softmax import softmax_attention, softmax_attention_reference
 
-TINY = dict(batch=1, heads=2, head_dim=4, landmarks=2, min_run_time=0.001, bandwidth_mb=1, threads=1)
+TINY = dict(batch=1, heads=2, head_dim=4, landmarks=2, min_run_time=0.001, bandwidth_mb=1, threads=1, matmul_size=64)
 
 
 # -- sweep parsing --------------------------------------------------------------------------------
@@ -170,6 +171,7 @@ def test_gate_refuses_broken_mixer(broken_mixer):
     for r in broken:
         assert r["status"] == "failed" and "correctness" in r["message"]
         assert r["fwd_time_s"] is None and r["fwdbwd_time_s"] is None and r["fwd_speedup_vs_baseline"] is None
+        assert all(r[f"{m}_{c}"] is None for m in ("fwd", "fwdbwd") for c in ("aten_calls", "flops", "peak_fraction"))
     assert all(r["status"] == "ok" and r["fwd_time_s"] > 0 for r in result.rows if r["mixer"] == "softmax")
     assert not [c for c in result.crossovers if c["mixer"] == broken_mixer]
 
@@ -198,6 +200,7 @@ def test_capabilities_decide_what_is_measured(token_mixer):
     op = run_ops(OpsSettings(mixers=[token_mixer], lengths=[8], memory=False, **TINY))
     row = [r for r in op.rows if r["mixer"] == token_mixer][0]
     assert row["status"] == "skipped" and "per-head op" in row["message"] and row["fwd_time_s"] is None
+    assert row["fwd_aten_calls"] is None and row["fwdbwd_flops"] is None and row["fwdbwd_peak_fraction"] is None
     layer = run_ops(OpsSettings(mixers=[token_mixer], lengths=[8, 16], level="layer", memory=False, **TINY))
     rows = {r["length"]: r for r in layer.rows if r["mixer"] == token_mixer}
     assert rows[8]["status"] == "ok" and rows[8]["fwd_time_s"] > 0
@@ -231,7 +234,8 @@ def test_ops_csv_and_json_schema(tmp_path):
     assert list(frame.columns) == OPS_COLUMNS
     assert len(frame) == 4
     for key in ("cpu_model", "cpu_count", "torch", "cuda", "gpu_model", "timestamp_utc", "settings.dtype",
-                "settings.lengths", "settings.level", "settings.landmarks", "bandwidth_bytes_per_s", "memory_method"):
+                "settings.lengths", "settings.level", "settings.landmarks", "bandwidth_bytes_per_s",
+                "matmul_flops_per_s", "memory_method"):
         assert key in header, key
     assert json.loads(header["settings.lengths"]) == [8, 16]
     assert (frame["fwd_time_s"] > 0).all() and frame["fwd_peak_bytes"].isna().all()
@@ -272,6 +276,117 @@ def test_cli_reports_bad_options(tmp_path):
     assert res.exit_code == 2 and "error" in res.output
     res = CliRunner().invoke(app, ["bench", "ops", "--mixers", "no-such-mixer", "--out", str(tmp_path)])
     assert res.exit_code == 2 and "unknown mixer" in res.output
+
+
+# -- operator calls and FLOPs ----------------------------------------------------------------------
+
+COUNT_COLUMNS = [f"{m}_{c}" for m in ("fwd", "fwdbwd") for c in ("aten_calls", "flops", "peak_fraction")]
+
+
+@pytest.fixture
+def per_query_mixer():
+    """Softmax attention computed one query at a time in a Python loop: correct, but its number of
+    operator calls grows with the length (the regression the aten_calls columns are there to show)."""
+    name = "per-query-for-bench-test"
+
+    @register_mixer(name, description="softmax attention, one query per call (test only)")
+    class PerQuery(ProjectedMixer):
+        def mix_heads(self, q, k, v, q_mask, kv_mask):
+            rows = [softmax_attention(q[:, i:i + 1], k, v, kv_mask=kv_mask,
+                                      q_mask=None if q_mask is None else q_mask[:, i:i + 1])
+                    for i in range(q.shape[1])]
+            return torch.cat(rows, dim=1)
+
+        def mix_heads_reference(self, q, k, v, q_mask, kv_mask):
+            return softmax_attention_reference(q, k, v, q_mask=q_mask, kv_mask=kv_mask)
+
+    yield name
+    _REGISTRY.pop(name, None)
+
+
+def test_counts_are_positive_and_peak_fraction_is_flops_over_time_over_matmul_rate():
+    result = run_ops(OpsSettings(mixers=["softmax", "amlp-cov"], lengths=[8, 16], memory=False, **TINY))
+    rate = result.header["matmul_flops_per_s"]
+    assert rate > 0 and "64x64" in result.header["matmul_method"]
+    assert len(result.rows) == 4
+    for r in result.rows:
+        assert r["status"] == "ok"
+        assert all(r[c] > 0 for c in COUNT_COLUMNS), r
+        assert isinstance(r["fwd_aten_calls"], int) and isinstance(r["fwdbwd_flops"], int)
+        assert r["fwdbwd_aten_calls"] > r["fwd_aten_calls"] and r["fwdbwd_flops"] > r["fwd_flops"]
+        for mode in ("fwd", "fwdbwd"):
+            assert r[f"{mode}_peak_fraction"] == pytest.approx(r[f"{mode}_flops"] / r[f"{mode}_time_s"] / rate)
+
+
+def test_softmax_flops_grow_with_the_square_of_the_length():
+    # fused attention is two [T, D] x [D, T]-sized products per head: 4 B H T^2 D FLOPs forward; the
+    # backward recomputes the logits and adds four more products (7 in all)
+    result = run_ops(OpsSettings(mixers=["softmax"], lengths=[16, 32], memory=False, **TINY))
+    by_length = {r["length"]: r for r in result.rows}
+    for t, r in by_length.items():
+        assert r["fwd_flops"] == 4 * 1 * 2 * t * t * 4
+        assert r["fwdbwd_flops"] == 7 * 2 * 1 * 2 * t * t * 4
+    assert by_length[32]["fwd_flops"] / by_length[16]["fwd_flops"] == pytest.approx(4.0)
+    assert by_length[32]["fwdbwd_flops"] / by_length[16]["fwdbwd_flops"] == pytest.approx(4.0)
+
+
+def test_count_flops_counts_products_and_not_elementwise_work():
+    a, b = torch.randn(3, 5), torch.randn(5, 7)
+    assert count_flops(lambda: a @ b) == 2 * 3 * 5 * 7
+    assert count_flops(lambda: (a.exp() + 1).softmax(-1)) == 0
+
+
+def test_aten_calls_do_not_depend_on_the_length_for_softmax(per_query_mixer):
+    result = run_ops(OpsSettings(mixers=["softmax", per_query_mixer], lengths=[8, 32], memory=False, **TINY))
+    rows = {(r["mixer"], r["length"]): r for r in result.rows}
+    for mode in ("fwd", "fwdbwd"):
+        assert rows[("softmax", 8)][f"{mode}_aten_calls"] == rows[("softmax", 32)][f"{mode}_aten_calls"]
+        # a Python loop over positions shows as calls growing with T
+        assert rows[(per_query_mixer, 32)][f"{mode}_aten_calls"] > 2 * rows[(per_query_mixer, 8)][f"{mode}_aten_calls"]
+
+
+def test_count_aten_calls_counts_nested_calls_once_each():
+    x, w = torch.randn(4, 3), torch.randn(2, 3)
+    # aten::linear calls aten::t and aten::addmm (with views below): more than one call in all
+    linear = count_aten_calls(lambda: torch.nn.functional.linear(x, w))
+    add = count_aten_calls(lambda: x + x)
+    assert add == 1 and linear > 2
+    assert count_aten_calls(lambda: (x + x, x + x)) == 2
+    assert count_aten_calls(lambda: (x + x, torch.nn.functional.linear(x, w))) == 1 + linear
+
+
+def test_no_counts_leaves_the_count_columns_empty(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "ops", "--quick", "--no-counts", "--mixers", "softmax,amlp-cov",
+                                   "--lengths", "8", "--heads", "2", "--head-dim", "4", "--landmarks", "2",
+                                   "--min-run-time", "0.001", "--bandwidth-mb", "1", "--no-memory", "--no-plots",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    frame, header = read_csv(str(tmp_path / "ops.csv"))
+    assert (frame["status"] == "ok").all() and (frame["fwd_time_s"] > 0).all()
+    assert frame[COUNT_COLUMNS].isna().all().all()
+    assert header["settings.counts"] == "False" and header["matmul_flops_per_s"] == "None"
+    assert "matmul rate" not in res.output
+
+
+def test_cli_counts_on_a_quick_run(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "ops", "--quick", "--mixers", "softmax,amlp-cov", "--lengths", "8,16",
+                                   "--heads", "2", "--head-dim", "4", "--landmarks", "2", "--min-run-time", "0.001",
+                                   "--bandwidth-mb", "1", "--matmul-size", "64", "--no-memory", "--no-plots",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    frame, header = read_csv(str(tmp_path / "ops.csv"))
+    assert set(frame["mixer"]) == {"softmax", "amlp-cov"}
+    assert (frame[COUNT_COLUMNS] > 0).all().all()
+    assert float(header["matmul_flops_per_s"]) > 0 and header["settings.matmul_size"] == "64"
+    assert "matmul rate (64x64 float32 torch.mm)" in res.output and "aten calls" in res.output
+    data = json.loads((tmp_path / "ops.json").read_text())
+    assert data["header"]["matmul_flops_per_s"] > 0
+    assert all(r["fwdbwd_aten_calls"] > 0 for r in data["rows"])
+
+
+def test_fmt_share_and_fmt_count():
+    assert [fmt_share(x) for x in (0.4123, 0.034, 0.0027, None, math.nan)] == ["41%", "3.4%", "0.27%", "-", "-"]
+    assert [fmt_count(x) for x in (1140, 1140.0, None, math.nan)] == ["1,140", "1,140", "-", "-"]
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -370,6 +485,9 @@ def test_ops_on_gpu():
     result = run_ops(OpsSettings(mixers=["softmax", "amlp-cov"], lengths=[64, 128], device="cuda",
                                  **{**TINY, "bandwidth_mb": 16}))
     assert all(r["status"] == "ok" and r["fwdbwd_peak_bytes"] > 0 for r in result.rows)
+    assert result.header["matmul_flops_per_s"] > 0
+    assert all(r["fwdbwd_aten_calls"] > 0 and r["fwdbwd_flops"] > 0 and r["fwdbwd_peak_fraction"] > 0
+               for r in result.rows)
 
 
 def test_markdown_report_is_written_into_its_block_and_replaced(tmp_path):
@@ -380,14 +498,18 @@ def test_markdown_report_is_written_into_its_block_and_replaced(tmp_path):
     header = {"command": "amlp bench ops", "cpu_model": "cpu", "cpu_count": 2, "torch": "x", "torch_threads": 1,
               "load_average_1m": 0.1, "timestamp_utc": "t", "bandwidth_bytes_per_s": 5e9,
               "settings": {"level": "op", "dtype": "float32", "batch": 1, "heads": 8, "head_dim": 64, "landmarks": 16}}
+    header["matmul_flops_per_s"] = 4.5e10
     row = {"mixer": "amlp-cov", "length": 8192, "status": "ok", "fwd_time_s": 0.05, "fwdbwd_time_s": 0.2,
            "fwd_peak_bytes": 2**24, "fwdbwd_peak_bytes": 2**26, "fwdbwd_speedup_vs_baseline": 40.0,
-           "fwdbwd_memory_ratio_vs_baseline": 0.99, "fwd_x_floor": 3.0}
+           "fwdbwd_memory_ratio_vs_baseline": 0.99, "fwd_x_floor": 3.0, "fwdbwd_peak_fraction": 0.234,
+           "fwdbwd_aten_calls": 1140}
     crossover = {"mixer": "amlp-cov", "baseline": "softmax", "metric": "fwd+bwd time", "status": "at", "length": 400.2}
     (tmp_path / "ops.json").write_text(json.dumps({"header": header, "rows": [row], "crossovers": [crossover]}))
     body = report_markdown(str(tmp_path))
     assert "| amlp-cov | 8192 |" in body
     assert "40.0x" in body and "0.990x" in body and "| fwd+bwd time | 400 |" in body
+    assert "% of peak (fwd+bwd) | aten calls (fwd+bwd) |" in body and "| 3.0x | 23% | 1,140 | ok |" in body
+    assert "matmul rate 45.0 GFLOP/s" in body
     doc = tmp_path / "doc.md"
     doc.write_text("# title\n\ntext before\n")
     update_document(str(doc), "cpu", "first")

@@ -799,12 +799,15 @@ def bench_ops_command(
     memory: bool = typer.Option(True, help="measure peak memory"),
     threads: int = typer.Option(None, help="torch threads, 0 for torch's default (default 0; with --quick 1)"),
     bandwidth_mb: int = typer.Option(None, help="buffer size of the bandwidth copy (default 256; with --quick 64)"),
+    counts: bool = typer.Option(True, help="count ATen operator calls and matmul FLOPs of each point (untimed "
+                                           "calls of their own) and its fraction of the measured matmul rate"),
+    matmul_size: int = typer.Option(2048, help="side of the square torch.mm that measures the matmul rate"),
     out: str = typer.Option("bench-results", help="output folder"),
     plots: bool = typer.Option(True, help="write PNG plots"),
     quick: bool = typer.Option(False, help="a short run: fewer lengths, smaller sizes, shorter timing, one thread"),
 ) -> None:
     """Time and peak memory of mixers over a length sweep, crossover lengths, distance to the
-    memory-bandwidth floor."""
+    memory-bandwidth floor, ATen operator calls and fraction of the machine's matmul rate."""
     from .bench import OpsSettings, parse_lengths, parse_names, run_ops, save_ops
     from .bench.report import crossover_table, fmt_ratio, ops_table
 
@@ -814,7 +817,7 @@ def bench_ops_command(
             batch=batch, heads=_pick(heads, quick, 4, 8), head_dim=_pick(head_dim, quick, 32, 64),
             landmarks=landmarks, form=form, dtype=dtype, device=device, level=level, causal=causal, baseline=baseline,
             min_run_time=_pick(min_run_time, quick, 0.05, 1.0), memory=memory, threads=_pick(threads, quick, 1, 0),
-            bandwidth_mb=_pick(bandwidth_mb, quick, 64, 256))
+            bandwidth_mb=_pick(bandwidth_mb, quick, 64, 256), counts=counts, matmul_size=matmul_size)
         settings.validate()
     except ValueError as exc:
         _error(str(exc))
@@ -826,6 +829,11 @@ def bench_ops_command(
     bw = result.header["bandwidth_bytes_per_s"]
     console.print(f"memory bandwidth (copy): {bw / 1e9:.1f} GB/s; 'fwd x floor' = forward time / time to read the "
                   f"inputs and write the output once at that bandwidth")
+    mm = result.header["matmul_flops_per_s"]
+    if mm:
+        console.print(f"matmul rate ({matmul_size}x{matmul_size} {dtype} torch.mm): {mm / 1e9:.1f} GFLOP/s; "
+                      f"'% of peak' = matrix-product FLOPs of the call / its time / that rate (elementwise work "
+                      f"is not counted)")
     paths = _save(save_ops, result, out, plots)
     _literal("wrote " + ", ".join(paths))
     if any(r["status"] in ("failed", "error") for r in result.rows):

@@ -1,4 +1,4 @@
-"""What machine a result came from, and how fast it moves memory."""
+"""What machine a result came from, how fast it moves memory and how fast it multiplies matrices."""
 
 from __future__ import annotations
 
@@ -81,6 +81,27 @@ def measure_bandwidth(device: torch.device, megabytes: int = 256, min_run_time: 
                   num_threads=threads or torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
     return 2.0 * src.numel() * src.element_size() / m.median
+
+
+def measure_matmul_rate(device: torch.device, dtype: torch.dtype = torch.float32, size: int = 2048,
+                        min_run_time: float = 0.5, threads: int | None = None) -> float:
+    """Matrix-multiply rate in FLOP per second: ``torch.mm`` of two ``size x size`` matrices of
+    ``dtype`` on ``device`` (into a preallocated output), timed with the given number of threads.
+
+    One product is ``2 * size**3`` floating-point operations (a multiply and an add per term), so
+    the figure is that over the median time: the machine's practical peak for dense products, the
+    reference of the ``*_peak_fraction`` columns of ``amlp bench ops``.
+    """
+    from torch.utils.benchmark import Timer
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a, b = (torch.randn(size, size, generator=gen).to(device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    torch.mm(a, b, out=out)  # warm-up: kernels chosen, pages touched
+    timer = Timer("torch.mm(a, b, out=out)", globals={"torch": torch, "a": a, "b": b, "out": out},
+                  num_threads=threads or torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    return 2.0 * size**3 / m.median
 
 
 def invocation(default: str) -> str:

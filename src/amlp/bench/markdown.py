@@ -7,7 +7,7 @@ import json
 import os
 import re
 
-from .report import fmt_bytes, fmt_pct, fmt_ratio, fmt_time
+from .report import fmt_bytes, fmt_count, fmt_pct, fmt_ratio, fmt_share, fmt_time
 
 BEGIN = "<!-- amlp bench report: begin -->"
 END = "<!-- amlp bench report: end -->"
@@ -26,6 +26,9 @@ def _machine(header: dict) -> str:
              f"{header.get('timestamp_utc')}"]
     if bw:
         parts.append(f"copy bandwidth {bw / 1e9:.1f} GB/s")
+    mm = header.get("matmul_flops_per_s")
+    if mm:
+        parts.append(f"matmul rate {mm / 1e9:.1f} GFLOP/s")
     return "; ".join(str(p) for p in parts)
 
 
@@ -35,14 +38,16 @@ def ops_markdown(payload: dict) -> str:
     lines = [f"**ops** ({s.get('level', 'op')} level, {s.get('dtype')}, B = {s.get('batch')}, H = {s.get('heads')}, "
              f"D = {s.get('head_dim')}, c = {s.get('landmarks')}): {_machine(header)}", "",
              _row(["mixer", "T", "fwd", "fwd+bwd", "fwd mem", "fwd+bwd mem", "x faster (fwd+bwd)",
-                   "mem / softmax (fwd+bwd)", "fwd x floor", "status"]),
-             _row(["---"] + ["---:"] * 8 + ["---"])]
+                   "mem / softmax (fwd+bwd)", "fwd x floor", "% of peak (fwd+bwd)", "aten calls (fwd+bwd)",
+                   "status"]),
+             _row(["---"] + ["---:"] * 10 + ["---"])]
     for r in rows:
         lines.append(_row([r["mixer"], r["length"], fmt_time(r.get("fwd_time_s")), fmt_time(r.get("fwdbwd_time_s")),
                            fmt_bytes(r.get("fwd_peak_bytes")), fmt_bytes(r.get("fwdbwd_peak_bytes")),
                            fmt_ratio(r.get("fwdbwd_speedup_vs_baseline")),
                            fmt_ratio(r.get("fwdbwd_memory_ratio_vs_baseline"), 3),
-                           fmt_ratio(r.get("fwd_x_floor")), r["status"]]))
+                           fmt_ratio(r.get("fwd_x_floor")), fmt_share(r.get("fwdbwd_peak_fraction")),
+                           fmt_count(r.get("fwdbwd_aten_calls")), r["status"]]))
     lines += ["", _row(["mixer", "baseline", "metric", "crossover length"]), _row(["---"] * 3 + ["---:"])]
     for c in payload.get("crossovers", []):
         lines.append(_row([c["mixer"], c["baseline"], c["metric"],

@@ -3,11 +3,18 @@
 Every mixer first passes the correctness gate (:func:`amlp.layers.check.check_mixer`, its fast path
 against its plain reference on a small float64 input); a mixer that fails is reported as failed and
 gets no speed figure. See :mod:`amlp.bench.memory` for how peak memory is measured.
+
+With ``counts`` (the default), every measured point also gets the ATen operator calls and the
+matrix-product FLOPs of one call (:func:`~amlp.bench.workloads.count_aten_calls`,
+:func:`~amlp.bench.workloads.count_flops`), counted in separate calls after the timing (never under
+the timer), and its fraction of the machine's matrix-multiply rate, measured once per run
+(:func:`~amlp.bench.environment.measure_matmul_rate`).
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -16,10 +23,11 @@ import torch
 from ..layers import get_mixer_info
 from ..layers.check import check_mixer
 from .analysis import crossover_length, floor_time
-from .environment import invocation, machine_header, measure_bandwidth, parse_dtype, resolve_device
+from .environment import (invocation, machine_header, measure_bandwidth, measure_matmul_rate, parse_dtype,
+                          resolve_device)
 from .memory import PeakMeter
 from .timing import measure_time
-from .workloads import MODES, Workload, has_head_op, make_callable, options_for
+from .workloads import MODES, Workload, count_aten_calls, count_flops, has_head_op, make_callable, options_for
 
 DEFAULT_MIXERS = ("softmax", "amlp-cov", "amlp-pquery")
 DEFAULT_LENGTHS = "256:8192"
@@ -40,6 +48,7 @@ OPS_COLUMNS = [
     "fwd_speedup_vs_baseline", "fwdbwd_speedup_vs_baseline",
     "fwd_memory_ratio_vs_baseline", "fwdbwd_memory_ratio_vs_baseline",
     "fwd_floor_s", "fwdbwd_floor_s", "fwd_x_floor", "fwdbwd_x_floor",
+    "fwd_aten_calls", "fwdbwd_aten_calls", "fwd_flops", "fwdbwd_flops", "fwd_peak_fraction", "fwdbwd_peak_fraction",
 ]
 CROSSOVER_COLUMNS = ["mixer", "baseline", "metric", "status", "length"]
 
@@ -72,12 +81,16 @@ class OpsSettings:
     memory: bool = True
     threads: int = 0  # 0: torch's default
     bandwidth_mb: int = 256
+    #: count ATen operator calls and FLOPs of every point and its fraction of the matmul rate
+    counts: bool = True
+    #: side of the square matrices of the matmul-rate measurement
+    matmul_size: int = 2048
     seed: int = 0
 
     def validate(self) -> None:
         if self.level not in LEVELS:
             raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
-        for name in ("batch", "heads", "head_dim", "landmarks", "bandwidth_mb"):
+        for name in ("batch", "heads", "head_dim", "landmarks", "bandwidth_mb", "matmul_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.mixers:
@@ -113,15 +126,23 @@ def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = N
     device = resolve_device(settings.device)
     threads = settings.threads or torch.get_num_threads()
     tick = progress or (lambda _desc: None)
-    steps = 1 + len(settings.mixers) * (1 + len(settings.lengths) * len(MODES))
+    steps = 1 + int(settings.counts) + len(settings.mixers) * (1 + len(settings.lengths) * len(MODES))
     if total is not None:
         total(steps)
 
     bandwidth = measure_bandwidth(device, settings.bandwidth_mb, min(0.5, settings.min_run_time), threads)
     tick("memory bandwidth")
+    matmul_rate = None
+    if settings.counts:
+        matmul_rate = measure_matmul_rate(device, parse_dtype(settings.dtype), settings.matmul_size,
+                                          min(0.5, settings.min_run_time), threads)
+        tick("matmul rate")
     header = {**machine_header(device), "torch_threads": threads, "command": invocation("ops"),
               "settings": {**asdict(settings), "device": str(device)},
               "bandwidth_bytes_per_s": bandwidth,
+              "matmul_flops_per_s": matmul_rate,
+              "matmul_method": _matmul_method(settings),
+              "counts_method": _counts_method(settings.counts),
               "memory_method": _memory_method(device, settings.memory)}
 
     rows: list[dict] = []
@@ -143,8 +164,8 @@ def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = N
                     if caps.max_length and not caps.max_length_option and length > caps.max_length:
                         row.update(status="skipped", message=f"longer than max length {caps.max_length}")
                     else:
-                        _measure_point(row, name, options, settings, device, causal, threads, bandwidth, meter,
-                                       tick)
+                        _measure_point(row, name, options, settings, device, causal, threads, bandwidth,
+                                       matmul_rate, meter, tick)
                         rows.append(row)
                         continue
                 for _ in MODES:
@@ -165,6 +186,20 @@ def _memory_method(device: torch.device, enabled: bool) -> str:
     return "fresh child process per point: VmHWM after the call minus VmRSS before it (clear_refs reset)"
 
 
+def _matmul_method(settings: OpsSettings) -> str:
+    if not settings.counts:
+        return "not measured"
+    n = settings.matmul_size
+    return f"torch.mm of two {n}x{n} {settings.dtype} matrices, 2*{n}^3 FLOP / median time"
+
+
+def _counts_method(enabled: bool) -> str:
+    if not enabled:
+        return "not counted"
+    return ("one untimed call each after the timing: aten_calls = torch.profiler events named aten::* "
+            "(nested included); flops = torch.utils.flop_counter.FlopCounterMode (matrix products only)")
+
+
 def gate_kwargs(name: str) -> dict:
     """Sizes for the correctness check: its default length, or the mixer's maximum when shorter."""
     limit = get_mixer_info(name).capabilities.max_length
@@ -183,7 +218,29 @@ def _gate(name: str, options: dict, settings: OpsSettings, causal: bool) -> tupl
     return "ok", ""
 
 
-def _measure_point(row, name, options, settings, device, causal, threads, bandwidth, meter, tick) -> None:
+@contextmanager
+def _torch_threads(threads: int):
+    """Run the block with ``threads`` torch threads (as the timed calls ran), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _count_point(row: dict, mode: str, fn, matmul_rate: float | None) -> None:
+    """ATen calls, FLOPs and fraction of the matmul rate of one call of ``fn``, counted in calls
+    of their own (``fn`` has been called by the timing already, so no further warm-up is made)."""
+    calls, flops = count_aten_calls(fn, warmup=False), count_flops(fn, warmup=False)
+    row[f"{mode}_aten_calls"], row[f"{mode}_flops"] = calls, flops
+    t = row.get(f"{mode}_time_s")
+    if matmul_rate and t:
+        row[f"{mode}_peak_fraction"] = flops / t / matmul_rate
+
+
+def _measure_point(row, name, options, settings, device, causal, threads, bandwidth, matmul_rate, meter,
+                   tick) -> None:
     messages = []
     for mode in MODES:
         w = Workload(kind=settings.level, mixer=name, batch=settings.batch, length=row["length"],
@@ -192,10 +249,13 @@ def _measure_point(row, name, options, settings, device, causal, threads, bandwi
         try:
             fn, facts = make_callable(w)
             t = measure_time(fn, min_run_time=settings.min_run_time, threads=threads)
-            del fn
             row[f"{mode}_time_s"], row[f"{mode}_time_iqr_s"], row[f"{mode}_runs"] = t.median, t.iqr, t.runs
             row[f"{mode}_floor_s"] = floor_time(facts["io_bytes"], bandwidth)
             row[f"{mode}_x_floor"] = t.median / row[f"{mode}_floor_s"]
+            if settings.counts:
+                with _torch_threads(threads):
+                    _count_point(row, mode, fn, matmul_rate)
+            del fn
             if settings.memory:
                 row[f"{mode}_peak_bytes"] = meter.measure(w)
         except Exception as exc:  # one bad point (out of memory, ...) must not end the sweep

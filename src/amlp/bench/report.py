@@ -98,10 +98,33 @@ def fmt_pct(x) -> str:
     return f"{100 * x:.0f}%"
 
 
+def _missing(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def fmt_share(x) -> str:
+    """A fraction as a percentage with two significant digits below 10% (``0.27%``, ``3.4%``, ``41%``)."""
+    if _missing(x):
+        return "-"
+    pct = 100 * x
+    if pct >= 10:
+        return f"{pct:.0f}%"
+    if pct >= 1:
+        return f"{pct:.1f}%"
+    return f"{pct:.2f}%"
+
+
+def fmt_count(n) -> str:
+    """A count (float from a CSV column with gaps included) as an integer with thousands separators."""
+    if _missing(n):
+        return "-"
+    return f"{int(n):,}"
+
+
 def ops_table(rows: list[dict], baseline: str) -> Table:
     table = Table(title=f"sequence mixers: time and peak memory (speed-up and memory ratio vs {baseline})")
     for col in ("mixer", "T", "fwd", "fwd+bwd", "fwd mem", "fwd+bwd mem", f"x faster (fwd+bwd)",
-                "mem / base (fwd+bwd)", "fwd x floor", "status"):
+                "mem / base (fwd+bwd)", "fwd x floor", "% of peak (fwd+bwd)", "aten calls (fwd+bwd)", "status"):
         table.add_column(col, justify="left" if col in ("mixer", "status") else "right")
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"[red]{escape(r['status'])}[/]: {escape(r['message'])}"
@@ -109,7 +132,7 @@ def ops_table(rows: list[dict], baseline: str) -> Table:
                       fmt_bytes(r.get("fwd_peak_bytes")), fmt_bytes(r.get("fwdbwd_peak_bytes")),
                       fmt_ratio(r.get("fwdbwd_speedup_vs_baseline")),
                       fmt_ratio(r.get("fwdbwd_memory_ratio_vs_baseline"), 2), fmt_ratio(r.get("fwd_x_floor")),
-                      status)
+                      fmt_share(r.get("fwdbwd_peak_fraction")), fmt_count(r.get("fwdbwd_aten_calls")), status)
     return table
 
 

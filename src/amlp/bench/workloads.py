@@ -12,10 +12,17 @@ so that the same thing can be timed in this process and measured for memory in a
 ``mode="fwd"`` runs the forward pass under ``torch.no_grad()``; ``mode="fwdbwd"`` runs the forward
 pass with autograd and the backward pass of a fixed random output gradient (gradients of the inputs
 and of every parameter, none accumulated between calls).
+
+What one call does, apart from its time: :func:`count_aten_calls` (ATen operator calls, from
+:mod:`torch.profiler`) and :func:`count_flops` (floating-point operations of the matrix-product
+class, from :class:`torch.utils.flop_counter.FlopCounterMode`).
 """
 
 from __future__ import annotations
 
+import os
+import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -204,3 +211,110 @@ def make_callable(w: Workload) -> tuple[Callable[[], Any], dict]:
                 return generate_autoregressive(model, start, T)
 
     return fn, {"io_bytes": 2 * B * T * E * elem}
+
+
+# -- what one call does -----------------------------------------------------------------------------
+
+ATEN_PREFIX = "aten::"
+
+
+@contextmanager
+def _stderr_silenced():
+    """Point file descriptor 2 at the null device for the block: the profiler's C++ library
+    (kineto) logs every start and stop there, past Python's ``sys.stderr``."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no file descriptor 2: nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def count_aten_calls(fn: Callable[[], Any], *, warmup: bool = True) -> int:
+    """ATen operator calls of one ``fn()``.
+
+    The call runs under :func:`torch.profiler.profile` (CPU activity: operators are recorded on
+    the host, for CPU and GPU tensors alike, on every thread, the autograd engine's included) and
+    every recorded event whose name starts with ``aten::`` counts, top-level and nested alike:
+    ``aten::linear`` and the ``aten::t`` and ``aten::addmm`` it calls are three calls. With
+    ``warmup``, ``fn`` is called once first, outside the profiler.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    if warmup:
+        fn()
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name.startswith(ATEN_PREFIX))
+
+
+def _sdpa_cpu_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _sdpa_cpu_backward_flop(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def extra_flop_formulas() -> dict:
+    """FLOP formulas that torch's counter lacks: the CPU kernels of ``scaled_dot_product_attention``
+    (``_scaled_dot_product_flash_attention_for_cpu`` and its backward), counted as torch counts its
+    GPU attention kernels (the two products of the forward, five of the backward, causal masks not
+    discounted). A formula torch itself registers is left to torch."""
+    from torch.utils.flop_counter import flop_registry
+
+    table = {}
+    for name, formula in (("_scaled_dot_product_flash_attention_for_cpu", _sdpa_cpu_flop),
+                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _sdpa_cpu_backward_flop)):
+        op = getattr(torch.ops.aten, name, None)
+        if op is not None and op not in flop_registry:
+            table[op] = formula
+    return table
+
+
+class _GlobalTotalOnly:
+    """Stands in for the module tracker of :class:`~torch.utils.flop_counter.FlopCounterMode`, so
+    that every count goes to the global total only. The tracker hooks the inputs of every module
+    for the backward pass, which ``torch.autograd.grad`` refuses on leaf inputs (the layer-level
+    workloads), and a per-module breakdown is not needed here."""
+
+    parents = ("Global",)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args) -> None:
+        return None
+
+
+def count_flops(fn: Callable[[], Any], *, warmup: bool = True) -> int:
+    """Floating-point operations of one ``fn()``, counted by
+    :class:`torch.utils.flop_counter.FlopCounterMode` with :func:`extra_flop_formulas`.
+
+    Only the matrix-product class is counted (``mm``, ``bmm``, ``addmm``, ``baddbmm``, the attention
+    kernels of ``scaled_dot_product_attention``, convolutions): a product of ``[m, k]`` by ``[k, n]``
+    is ``2 m k n``. Elementwise work (softmax, exponentials, additions, normalisation, reductions)
+    is not counted. With ``warmup``, ``fn`` is called once first, outside the counter.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if warmup:
+        fn()
+    counter = FlopCounterMode(display=False, custom_mapping=extra_flop_formulas())
+    if hasattr(counter, "mod_tracker"):
+        counter.mod_tracker = _GlobalTotalOnly()
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
