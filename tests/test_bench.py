@@ -197,9 +197,16 @@ def token_mixer():
 
 
 def test_capabilities_decide_what_is_measured(token_mixer):
+    # no per-head op: an op-level sweep measures the whole layer, says so, and compares it with no op
     op = run_ops(OpsSettings(mixers=[token_mixer], lengths=[8], memory=False, **TINY))
     row = [r for r in op.rows if r["mixer"] == token_mixer][0]
-    assert row["status"] == "skipped" and "per-head op" in row["message"] and row["fwd_time_s"] is None
+    assert row["status"] == "ok" and row["level"] == "layer" and "per-head op" in row["message"]
+    assert row["fwd_time_s"] > 0 and row["fwd_speedup_vs_baseline"] is None
+    assert [r["level"] for r in op.rows if r["mixer"] == "softmax"] == ["op"]
+    # a maximum length of 8: longer points are skipped with the reason, and get no counts
+    long = run_ops(OpsSettings(mixers=[token_mixer], lengths=[16], memory=False, **TINY))
+    row = [r for r in long.rows if r["mixer"] == token_mixer][0]
+    assert row["status"] == "skipped" and "max length" in row["message"] and row["fwd_time_s"] is None
     assert row["fwd_aten_calls"] is None and row["fwdbwd_flops"] is None and row["fwdbwd_peak_fraction"] is None
     layer = run_ops(OpsSettings(mixers=[token_mixer], lengths=[8, 16], level="layer", memory=False, **TINY))
     rows = {r["length"]: r for r in layer.rows if r["mixer"] == token_mixer}
@@ -538,11 +545,12 @@ def test_step_bench_measures_each_position_and_refuses_stepless_mixers():
         StepSettings(mixers=["amlp-pquery"]).validate()
 
 
-def test_op_level_skips_token_mixers_and_option_maxima_follow_the_length():
-    # abc is a ProjectedMixer without a per-head op: skipped with a message, not an error
+def test_op_level_measures_token_mixers_as_layers_and_option_maxima_follow_the_length():
+    # abc is a ProjectedMixer without a per-head op: measured at layer level, with a message
     op = run_ops(OpsSettings(mixers=["abc", "linformer", "gmlp"], lengths=[8, 600], memory=False, **TINY))
     rows = {(r["mixer"], r["length"]): r for r in op.rows}
-    assert rows[("abc", 8)]["status"] == "skipped" and "per-head op" in rows[("abc", 8)]["message"]
+    assert rows[("abc", 8)]["status"] == "ok" and rows[("abc", 8)]["level"] == "layer"
+    assert "per-head op" in rows[("abc", 8)]["message"] and rows[("abc", 8)]["fwd_time_s"] > 0
     # linformer's maximum is an option, built to each length: measured past its default of 512
     assert rows[("linformer", 600)]["status"] == "ok" and rows[("linformer", 600)]["fwd_time_s"] > 0
     layer = run_ops(OpsSettings(mixers=["gmlp", "abc"], lengths=[600], level="layer", memory=False, **TINY))

@@ -151,10 +151,13 @@ def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = N
             caps = get_mixer_info(name).capabilities
             causal = settings.causal or not caps.noncausal
             options = options_for(name, {"landmarks": settings.landmarks, "form": settings.form})
-            base = {"mixer": name, "level": settings.level, "causal": causal, "batch": settings.batch,
+            level = _level_for(name, settings.level)
+            base = {"mixer": name, "level": level, "causal": causal, "batch": settings.batch,
                     "heads": settings.heads, "head_dim": settings.head_dim,
                     "landmarks": options.get("landmarks"), "dtype": settings.dtype, "device": str(device)}
             status, message = _gate(name, options, settings, causal)
+            if status == "ok" and level != settings.level:
+                message = LAYER_FALLBACK
             tick(f"{name}: correctness check")
             for length in settings.lengths:
                 row = {**base, "length": length, "status": status, "message": message}
@@ -206,12 +209,20 @@ def gate_kwargs(name: str) -> dict:
     return {"length": min(13, limit)} if limit else {}
 
 
+#: the message of a mixer measured at layer level in an op-level sweep
+LAYER_FALLBACK = "no per-head op (mixes whole tokens): measured at layer level, projections included"
+
+
+def _level_for(name: str, level: str) -> str:
+    """The level a mixer is measured at: the one asked for, or ``layer`` for a mixer without a
+    per-head op in an op-level sweep (so every registered mixer gets a figure)."""
+    return "layer" if level == "op" and not has_head_op(get_mixer_info(name).cls) else level
+
+
 def _gate(name: str, options: dict, settings: OpsSettings, causal: bool) -> tuple[str, str]:
     info = get_mixer_info(name)
     if causal and not info.capabilities.causal:
         return "skipped", "no causal form"
-    if settings.level == "op" and not has_head_op(info.cls):
-        return "skipped", "no per-head op (mixes whole tokens); use --level layer"
     result = check_mixer(name, **gate_kwargs(name), **options)
     if not result.passed:
         return "failed", f"correctness check against the reference failed: {result.message}"
@@ -243,7 +254,7 @@ def _measure_point(row, name, options, settings, device, causal, threads, bandwi
                    tick) -> None:
     messages = []
     for mode in MODES:
-        w = Workload(kind=settings.level, mixer=name, batch=settings.batch, length=row["length"],
+        w = Workload(kind=row["level"], mixer=name, batch=settings.batch, length=row["length"],
                      heads=settings.heads, head_dim=settings.head_dim, mode=mode, dtype=settings.dtype,
                      device=str(device), causal=causal, options=options, seed=settings.seed)
         try:
@@ -275,8 +286,8 @@ def _add_baseline_ratios(rows: list[dict], baseline: str) -> None:
     ref = {r["length"]: r for r in rows if r["mixer"] == baseline and r["status"] == "ok"}
     for row in rows:
         b = ref.get(row["length"])
-        if b is None or row["status"] not in ("ok", "error"):
-            continue
+        if b is None or row["status"] not in ("ok", "error") or row["level"] != b["level"]:
+            continue  # no ratio between an op and a whole layer
         for mode in MODES:
             t, tb = row.get(f"{mode}_time_s"), b.get(f"{mode}_time_s")
             if t and tb:
