@@ -181,7 +181,7 @@ def _cov_chunk_forward(q, k, v, q_w, k_w, s_q0, s_k0, z0, vsq0, cnt_q0, cnt_k0, 
         for i, (start, x, y, r, c) in enumerate(pairs):
             # tau * S / (n n^T): cosine similarities between feature columns over the prefix
             u, end = _block_prefix_sums(start, x, y, torch.ones((), dtype=x.dtype, device=x.device), block)
-            logits.append(u * (inv[r] * t[..., i]).unsqueeze(-1) * inv[c].unsqueeze(-2))
+            logits.append(u * ((inv[r] * t[..., i]).unsqueeze(-1) * inv[c].unsqueeze(-2)))
             stats.append((u, inv[r], inv[c]))
             ends.append(end)
         q_read = q * (cnt_q.sqrt()[:, None, :, None] * inv["q"])  # unit-RMS query columns over the prefix
@@ -199,7 +199,7 @@ def _cov_chunk_forward(q, k, v, q_w, k_w, s_q0, s_k0, z0, vsq0, cnt_q0, cnt_k0, 
     # L_t^T = C_q sigma_2(S_t^Q) + C_k sigma_2(S_t^K), [B, H, N, c, d]  (eq. 13)
     if stable:
         l_t = F.relu(l_t)
-    logits_h = torch.matmul(l_t, q_read.unsqueeze(-1)).squeeze(-1) * read_scale  # [B, H, N, c]
+    logits_h = (l_t * q_read.unsqueeze(-2)).sum(-1).mul_(read_scale)  # L_t^T q_t, [B, H, N, c]
     hidden = activate(logits_h, activation)
     mixed = torch.matmul(hidden.unsqueeze(-2), l_t)  # [B, H, N, 1, d]
     # o_t = sigma_1(q_t L_t) L_t^T sigma_2(z_t)  (eq. 14, W_t never formed)
@@ -222,6 +222,27 @@ def _inv_norm_vjp(grad_inv, inv, x, grad_end, eps):
     if grad_end is not None:
         suffix = suffix + grad_end.unsqueeze(2)
     return 2.0 * x * suffix, suffix[:, :, 0]
+
+
+def _prefix_vjp_left(grad_u, y, after, block: int):
+    """VJP of the prefix sums ``U_t = S_0 + sum_{i <= t} x_i^T y_i`` with respect to ``x``:
+
+        out[i] = (sum_{t >= i} dU_t + after) y_i
+
+    (shapes as in :func:`_prefix_vjp`). Inside a block one product ``[(t, d), e] @ [e, i]``
+    followed by a masked sum over ``t``, so ``dU`` is never transposed.
+    """
+    B, H, N, D, E = grad_u.shape
+    n = N // block
+    gb = grad_u.view(B, H, n, block, D, E)
+    sums = gb.sum(3)
+    later = torch.flip(torch.cumsum(torch.flip(sums, [2]), dim=2), [2]) - sums + after.unsqueeze(2)
+    yb = y.view(B, H, n, block, E)
+    per_pair = torch.matmul(gb.view(B, H, n, block * D, E), yb.transpose(-1, -2)).view(B, H, n, block, D, block)
+    upper = torch.ones(block, block, dtype=y.dtype, device=y.device).triu()  # [i, t]: t >= i
+    out = (per_pair * upper.T[:, None, :]).sum(3).transpose(-1, -2)  # [B, H, n, i, d]
+    out = out + torch.matmul(yb, later.transpose(-1, -2))
+    return out.reshape(B, H, N, D)
 
 
 class _CovChunk(torch.autograd.Function):
@@ -255,8 +276,9 @@ class _CovChunk(torch.autograd.Function):
         l_t, hidden, mixed, q_read = cache["l_t"], cache["hidden"], cache["mixed"], cache["q_read"]
         # the readout: o_t = m_t P^V_t, m_t = h_t^T L_t^T, h_t = sigma_1(s L_t^T q_t)
         d_maps_v = mixed.transpose(-1, -2) * d_out.unsqueeze(-2)  # m_t^T do_t, [B, H, N, d, d]
-        d_mixed = torch.matmul(maps_v, d_out.unsqueeze(-1)).transpose(-1, -2)  # [B, H, N, 1, d]
-        d_hidden = torch.matmul(l_t, d_mixed.transpose(-1, -2)).squeeze(-1)  # [B, H, N, c]
+        # matrix-vector products over many small matrices run faster as a multiply and a sum
+        d_mixed = (maps_v * d_out.unsqueeze(-2)).sum(-1).unsqueeze(-2)  # P^V_t do_t, [B, H, N, 1, d]
+        d_hidden = (l_t * d_mixed).sum(-1)  # [B, H, N, c]
         d_logits_h = activation_vjp(cache["logits_h"], hidden, d_hidden, activation).mul_(read_scale)
         d_l = hidden.unsqueeze(-1) * d_mixed + d_logits_h.unsqueeze(-1) * q_read.unsqueeze(-2)  # [B, H, N, c, d]
         d_q_read = torch.matmul(d_logits_h.unsqueeze(-2), l_t).squeeze(-2)  # [B, H, N, d]
@@ -276,7 +298,7 @@ class _CovChunk(torch.autograd.Function):
             weighted = d_logits * u  # dLambda (.) U
             if stable:
                 # Lambda = (tau r) (x) c (.) U, with r and c running inverse column norms
-                g_r = torch.matmul(weighted, c.unsqueeze(-1)).squeeze(-1)  # [B, H, N, d]
+                g_r = (weighted * c.unsqueeze(-2)).sum(-1)  # [B, H, N, d]
                 g_c = torch.matmul(r.unsqueeze(-2), weighted).squeeze(-2) * t[..., i]
                 d_tau[:, i] = (g_r * r).sum((0, 2, 3))
                 d_u.append(d_logits.mul_((r * t[..., i]).unsqueeze(-1)).mul_(c.unsqueeze(-2)))
@@ -287,15 +309,12 @@ class _CovChunk(torch.autograd.Function):
                 d_tau[:, i] = weighted.sum((0, 2, 3, 4))
                 d_u.append(d_logits.mul_(t[..., i].unsqueeze(-1)))
         # the prefix sums: S^Q = sum q^T q, S^K = sum k^T k, z = sum k^T v
-        sym_q = d_u[0] + d_u[0].transpose(-1, -2)
-        d_q, _ = _prefix_vjp(sym_q, q, d_sq + d_sq.transpose(-1, -2), block)
-        d_s_q0 = d_u[0].sum(2) + d_sq
-        sym_k = d_u[1] + d_u[1].transpose(-1, -2)
-        d_k, _ = _prefix_vjp(sym_k, k, d_sk + d_sk.transpose(-1, -2), block)
-        d_s_k0 = d_u[1].sum(2) + d_sk
+        d_q, d_s_q0 = _prefix_vjp(d_u[0], q, d_sq, block)  # q enters S^Q on both sides
+        d_q = d_q + _prefix_vjp_left(d_u[0], q, d_sq, block)
+        d_k, d_s_k0 = _prefix_vjp(d_u[1], k, d_sk, block)
+        d_k = d_k + _prefix_vjp_left(d_u[1], k, d_sk, block)
         d_v, d_z0 = _prefix_vjp(d_u[2], k, d_z, block)
-        d_k_from_z, _ = _prefix_vjp(d_u[2].transpose(-1, -2), v, d_z.transpose(-1, -2), block)
-        d_k = d_k + d_k_from_z
+        d_k = d_k + _prefix_vjp_left(d_u[2], v, d_z, block)
         d_vsq0 = d_vsq
         if stable:
             inv = cache["inv"]
