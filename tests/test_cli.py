@@ -56,6 +56,9 @@ def cases(toy, a_file):
         (["bench", "step", "--out", a_file + "/out"], "cannot be created"),
         (["bench", "plot", "/nowhere/at/all"], "/nowhere/at/all"),
         (["bench", "report", "/nowhere/at/all"], "/nowhere/at/all"),
+        (["bench", "peers", "--pairs", "nope"], "unknown pair(s) 'nope'"),
+        (["bench", "peers", "--released-amlp", "/nowhere/at/all/amlp.py"], "does not exist"),
+        (["bench", "peers", "--quick", "--pairs", "softmax", "--out", a_file + "/out"], "cannot be created"),
     ]
 
 

@@ -840,6 +840,69 @@ def bench_ops_command(
         raise typer.Exit(1)
 
 
+@bench_app.command("peers")
+def bench_peers_command(
+    pairs: str = typer.Option(None, help="pairs, comma-separated (default: all): softmax, performer, local, nystrom, "
+                                         "linformer, amlp-cov-released, amlp-pquery-released"),
+    lengths: str = typer.Option(None, help="lengths: '256,512' or '256:4096' (doubling) (default 256:4096; "
+                                           "with --quick 256,512)"),
+    batch: int = typer.Option(1, help="batch size B"),
+    heads: int = typer.Option(None, help="heads H (default 8; with --quick 4)"),
+    head_dim: int = typer.Option(None, help="head dim D (default 64; with --quick 32)"),
+    landmarks: int = typer.Option(16, help="c: Nystromformer landmarks and the AMLP hidden width"),
+    wsize: int = typer.Option(15, help="local attention window (keys with |i - j| <= wsize // 2)"),
+    features: int = typer.Option(64, help="m, the Performer's random features"),
+    proj_len: int = typer.Option(64, help="k, Linformer's projected length"),
+    dtype: str = typer.Option("float32", help="float32, float64, bfloat16, float16"),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    min_run_time: float = typer.Option(None, help="seconds of timing per side, point and mode (default 1; with "
+                                                  "--quick 0.05)"),
+    rounds: int = typer.Option(None, help="alternating rounds (amlp, peer / peer, amlp) the timing is split into "
+                                          "(default 3; with --quick 2)"),
+    memory: bool = typer.Option(True, help="measure peak memory (CUDA only; not measured on the CPU)"),
+    threads: int = typer.Option(None, help="torch threads, 0 for torch's default (default 1)"),
+    released_amlp: str = typer.Option(None, "--released-amlp",
+                                      help="path of amlp.py in a local checkout of Shark-NLP/AttentiveMLP: compare its "
+                                           "AMLPCov / AMLPQuery with amlp's form='official'"),
+    out: str = typer.Option("bench-results", help="output folder"),
+    quick: bool = typer.Option(False, help="a short run: two lengths, smaller sizes, shorter timing, one thread"),
+) -> None:
+    """amlp's mixers side by side with other implementations (performer-pytorch, local-attention,
+    nystrom-attention, linformer, PyTorch's SDPA, the authors' released AMLP): time of each, ratio."""
+    from .bench.peers import PAIRS, PeersSettings, run_peers, save_peers
+    from .bench.report import peers_setup_table, peers_table
+    from .bench.sweep import parse_lengths, parse_names
+
+    try:
+        settings = PeersSettings(
+            pairs=parse_names(pairs) if pairs else list(PAIRS),
+            lengths=parse_lengths(_pick(lengths, quick, "256,512", "256:4096")),
+            batch=batch, heads=_pick(heads, quick, 4, 8), head_dim=_pick(head_dim, quick, 32, 64),
+            landmarks=landmarks, wsize=wsize, features=features, proj_len=proj_len, dtype=dtype, device=device,
+            min_run_time=_pick(min_run_time, quick, 0.05, 1.0), rounds=_pick(rounds, quick, 2, 3), memory=memory,
+            threads=1 if threads is None else threads, released_amlp=released_amlp)
+        settings.validate()
+    except ValueError as exc:
+        _error(str(exc))
+        raise typer.Exit(2)
+    _make_out_dir(out)
+    try:
+        result = _run_with_progress(run_peers, settings, "bench peers")
+    except ValueError as exc:  # the released code failed to import
+        _error(str(exc))
+        raise typer.Exit(2)
+    console.print(peers_table(result.rows))
+    for r in result.rows:
+        if r["status"] in ("not installed", "not measured"):
+            _literal(f"{r['pair']}: {r['message']}")
+    console.print(peers_setup_table(result.rows))
+    _literal(f"peak memory: {result.header['memory_method']}")
+    paths = save_peers(result, out)
+    _literal("wrote " + ", ".join(paths))
+    if any(r["status"] == "error" for r in result.rows):
+        raise typer.Exit(1)
+
+
 @bench_app.command("generation")
 def bench_generation_command(
     lengths: str = typer.Option(None, help="tokens to produce (default 256:8192; with --quick 64,128,256)"),

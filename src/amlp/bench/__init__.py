@@ -1,6 +1,7 @@
 """Measurement of the mixers: ``amlp bench ops`` (time and peak memory of each registered mixer over
 a length sweep, crossover lengths against softmax attention, distance to the memory-bandwidth
-floor) and ``amlp bench generation`` (the AMLP paper's AR vs NAR vs NAR-AMLP study).
+floor), ``amlp bench generation`` (the AMLP paper's AR vs NAR vs NAR-AMLP study) and ``amlp bench
+peers`` (amlp's mixers against other implementations of the same mechanisms, :mod:`amlp.bench.peers`).
 
     >>> from amlp.bench import OpsSettings, run_ops, save_ops
     >>> result = run_ops(OpsSettings(mixers=["softmax", "amlp-cov"], lengths=[256, 512]))
@@ -17,6 +18,7 @@ import os
 from .analysis import Crossover, crossover_length
 from .generation import GEN_COLUMNS, GenerationResult, GenerationSettings, run_generation
 from .ops import CROSSOVER_COLUMNS, OPS_COLUMNS, OpsResult, OpsSettings, run_ops
+from .peers import PEERS_COLUMNS, PeersResult, PeersSettings, run_peers, save_peers
 from .report import plot_generation, plot_ops, read_csv, write_csv, write_json
 from .sweep import parse_lengths, parse_names
 
@@ -80,5 +82,6 @@ def replot(out_dir: str) -> list[str]:
 
 
 __all__ = ["CROSSOVER_COLUMNS", "Crossover", "GEN_COLUMNS", "GenerationResult", "GenerationSettings", "OPS_COLUMNS",
-           "OpsResult", "OpsSettings", "crossover_length", "parse_lengths", "parse_names", "plots_available", "read_csv", "replot",
-           "run_generation", "run_ops", "save_generation", "save_ops"]
+           "OpsResult", "OpsSettings", "PEERS_COLUMNS", "PeersResult", "PeersSettings", "crossover_length",
+           "parse_lengths", "parse_names", "plots_available", "read_csv", "replot", "run_generation", "run_ops",
+           "run_peers", "save_generation", "save_ops", "save_peers"]

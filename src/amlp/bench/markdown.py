@@ -89,17 +89,78 @@ def step_markdown(payload: dict) -> str:
     return "\n".join(lines)
 
 
+def _ratio_cell(r: dict, mode: str) -> str:
+    """``peer / amlp`` time with the smallest and largest per-round ratio: ``1.23x [1.18, 1.30]``."""
+    ratio = r.get(f"{mode}_ratio")
+    if ratio is None:
+        return "-"
+    lo, hi = r.get(f"{mode}_ratio_min"), r.get(f"{mode}_ratio_max")
+    spread = f" [{lo:.2f}, {hi:.2f}]" if lo is not None and hi is not None else ""
+    return f"{fmt_ratio(ratio, 2)}{spread}"
+
+
+def fmt_diff(x) -> str:
+    if x is None or (isinstance(x, float) and x != x):
+        return "-"
+    return f"{x:.1e}"
+
+
+def peers_markdown(payload: dict) -> str:
+    """The ``amlp bench peers`` section: machine, command, the timing table and the pairs' set-up."""
+    header, rows = payload["header"], payload["rows"]
+    s = header.get("settings", {})
+    memory = any(r.get(f"{side}_{mode}_peak_bytes") is not None for r in rows for side in ("amlp", "peer")
+                 for mode in ("fwd", "fwdbwd"))
+    lines = [f"**peers** ({s.get('dtype')}, B = {s.get('batch')}, H = {s.get('heads')}, D = {s.get('head_dim')}, "
+             f"{s.get('rounds')} alternating rounds per point, ratio = peer time / amlp time, > 1: amlp faster, "
+             f"[smallest, largest] per-round ratio): {_machine(header)}", ""]
+    cols = ["pair", "level", "T", "amlp fwd", "peer fwd", "peer / amlp (fwd)", "amlp fwd+bwd", "peer fwd+bwd",
+            "peer / amlp (fwd+bwd)"]
+    if memory:
+        cols += ["amlp mem (fwd+bwd)", "peer mem (fwd+bwd)"]
+    cols += ["max abs diff", "status"]
+    lines += [_row(cols), _row(["---", "---"] + ["---:"] * (len(cols) - 3) + ["---"])]
+    for r in rows:
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('message') or ''}".rstrip(": ")
+        if r["status"] in ("not installed", "not measured"):
+            status = r.get("message") or r["status"]
+        cells = [r["pair"], r.get("level") or "-", "-" if r.get("length") is None else r["length"],
+                 fmt_time(r.get("amlp_fwd_s")), fmt_time(r.get("peer_fwd_s")), _ratio_cell(r, "fwd"),
+                 fmt_time(r.get("amlp_fwdbwd_s")), fmt_time(r.get("peer_fwdbwd_s")), _ratio_cell(r, "fwdbwd")]
+        if memory:
+            cells += [fmt_bytes(r.get("amlp_fwdbwd_peak_bytes")), fmt_bytes(r.get("peer_fwdbwd_peak_bytes"))]
+        cells += [fmt_diff(r.get("max_abs_diff")), status.replace("|", "\\|")]
+        lines.append(_row(cells))
+    lines += ["", _row(["pair", "amlp side", "peer side", "package (version)", "level", "hyper-parameters",
+                        "outputs"]), _row(["---"] * 7)]
+    seen = set()
+    for r in rows:
+        if r["pair"] in seen:
+            continue
+        seen.add(r["pair"])
+        package = r.get("package") or "-"
+        if r.get("peer_version"):
+            package = f"{package} ({r['peer_version']})"
+        lines.append(_row([r["pair"], r.get("amlp") or "-", r.get("peer") or "-", package, r.get("level") or "-",
+                           (r.get("hyper") or "-").replace("|", "\\|"), (r.get("notes") or "-").replace("|", "\\|")]))
+    lines += ["", f"Timing: {header.get('timing_method')}. Peak memory: {header.get('memory_method')}."]
+    if header.get("released_stubs_used"):
+        lines.append(f"Released code imported with stubs for: {', '.join(header['released_stubs_used'])}.")
+    return "\n".join(lines)
+
+
 def report_markdown(folder: str) -> str:
-    """Markdown for every result file (``ops.json``, ``generation.json``) found in ``folder``."""
+    """Markdown for every result file (``ops.json``, ``generation.json``, ``step.json``,
+    ``peers.json``) found in ``folder``."""
     parts = []
     for name, render in (("ops.json", ops_markdown), ("generation.json", generation_markdown),
-                         ("step.json", step_markdown)):
+                         ("step.json", step_markdown), ("peers.json", peers_markdown)):
         path = os.path.join(folder, name)
         if os.path.exists(path):
             with open(path) as fh:
                 parts.append(render(json.load(fh)))
     if not parts:
-        raise FileNotFoundError(f"no ops.json, generation.json or step.json in {folder}")
+        raise FileNotFoundError(f"no ops.json, generation.json, step.json or peers.json in {folder}")
     return "\n\n".join(parts)
 
 

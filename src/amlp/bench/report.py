@@ -171,6 +171,61 @@ def headline_table(headline: list[dict]) -> Table:
     return table
 
 
+def peers_table(rows: list[dict]) -> Table:
+    """``amlp bench peers``: both sides' times, the ratio peer / amlp (> 1: amlp faster) and its range
+    over the rounds (compact, for the terminal; ``peers.md`` has the long form)."""
+    from .markdown import fmt_diff
+
+    def span(r, mode):
+        lo, hi = r.get(f"{mode}_ratio_min"), r.get(f"{mode}_ratio_max")
+        return "-" if lo is None or hi is None else f"{lo:.2f}-{hi:.2f}"
+
+    memory = any(r.get(f"{side}_fwdbwd_peak_bytes") is not None for r in rows for side in ("amlp", "peer"))
+    table = Table(title=escape("amlp vs other implementations: ratio = peer time / amlp time (> 1: amlp faster), "
+                               "range = smallest-largest per-round ratio, f+b = forward + backward"))
+    cols = ["pair", "level", "T", "amlp fwd", "peer fwd", "ratio", "range", "amlp f+b", "peer f+b", "ratio",
+            "range"]
+    if memory:
+        cols += ["amlp mem f+b", "peer mem f+b"]
+    cols += ["max |diff|", "status"]
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("pair", "level", "status") else "right",
+                         overflow="fold" if col in ("pair", "level", "status") else "ellipsis")
+    for r in rows:
+        if r["status"] == "ok":
+            status = "ok"
+        elif r["status"] in ("not installed", "not measured"):  # the message (how to measure it) follows the table
+            status = f"[yellow]{escape(r['status'])}[/]"
+        else:
+            status = f"[red]{escape(r['status'])}[/]: {escape(r.get('message') or '')}"
+        cells = [escape(r["pair"]), escape(r.get("level") or "-"), "-" if r.get("length") is None else str(r["length"]),
+                 fmt_time(r.get("amlp_fwd_s")), fmt_time(r.get("peer_fwd_s")), fmt_ratio(r.get("fwd_ratio"), 2),
+                 span(r, "fwd"), fmt_time(r.get("amlp_fwdbwd_s")), fmt_time(r.get("peer_fwdbwd_s")),
+                 fmt_ratio(r.get("fwdbwd_ratio"), 2), span(r, "fwdbwd")]
+        if memory:
+            cells += [fmt_bytes(r.get("amlp_fwdbwd_peak_bytes")), fmt_bytes(r.get("peer_fwdbwd_peak_bytes"))]
+        table.add_row(*cells, fmt_diff(r.get("max_abs_diff")), status)
+    return table
+
+
+def peers_setup_table(rows: list[dict]) -> Table:
+    """What each pair compares: the two sides, the level and the hyper-parameters."""
+    table = Table(title="pairs: what is compared")
+    for col in ("pair", "amlp side", "peer side", "package (version)", "level", "hyper-parameters", "outputs"):
+        table.add_column(col, overflow="fold")
+    seen = set()
+    for r in rows:
+        if r["pair"] in seen:
+            continue
+        seen.add(r["pair"])
+        package = r.get("package") or "-"
+        if r.get("peer_version"):
+            package = f"{package} ({r['peer_version']})"
+        table.add_row(*(escape(str(x)) for x in (r["pair"], r.get("amlp") or "-", r.get("peer") or "-", package,
+                                                  r.get("level") or "-", r.get("hyper") or "-", r.get("notes") or "-")))
+    return table
+
+
 # -- plots --------------------------------------------------------------------------------------
 
 def _pyplot():
