@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+from contextlib import contextmanager
 
 import torch
 
@@ -114,3 +115,14 @@ def invocation(default: str) -> str:
     if args[:1] == ["bench"]:
         return "amlp " + " ".join(shlex.quote(a) for a in args)
     return f"amlp bench {default}"
+
+
+@contextmanager
+def torch_threads(threads: int):
+    """Run the block with ``threads`` torch threads (as the timed calls ran), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

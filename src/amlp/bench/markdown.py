@@ -7,7 +7,7 @@ import json
 import os
 import re
 
-from .report import fmt_bytes, fmt_count, fmt_pct, fmt_ratio, fmt_share, fmt_time
+from .report import fmt_bytes, fmt_count, fmt_pct, fmt_ratio, fmt_share, fmt_time, pair_descriptions
 
 BEGIN = "<!-- amlp bench report: begin -->"
 END = "<!-- amlp bench report: end -->"
@@ -133,16 +133,8 @@ def peers_markdown(payload: dict) -> str:
         lines.append(_row(cells))
     lines += ["", _row(["pair", "amlp side", "peer side", "package (version)", "level", "hyper-parameters",
                         "outputs"]), _row(["---"] * 7)]
-    seen = set()
-    for r in rows:
-        if r["pair"] in seen:
-            continue
-        seen.add(r["pair"])
-        package = r.get("package") or "-"
-        if r.get("peer_version"):
-            package = f"{package} ({r['peer_version']})"
-        lines.append(_row([r["pair"], r.get("amlp") or "-", r.get("peer") or "-", package, r.get("level") or "-",
-                           (r.get("hyper") or "-").replace("|", "\\|"), (r.get("notes") or "-").replace("|", "\\|")]))
+    for described in pair_descriptions(rows):
+        lines.append(_row([x.replace("|", "\\|") for x in described]))
     lines += ["", f"Timing: {header.get('timing_method')}. Peak memory: {header.get('memory_method')}."]
     if header.get("released_stubs_used"):
         lines.append(f"Released code imported with stubs for: {', '.join(header['released_stubs_used'])}.")

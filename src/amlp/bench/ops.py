@@ -14,7 +14,6 @@ the timer), and its fraction of the machine's matrix-multiply rate, measured onc
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -24,7 +23,7 @@ from ..layers import get_mixer_info
 from ..layers.check import check_mixer
 from .analysis import crossover_length, floor_time
 from .environment import (invocation, machine_header, measure_bandwidth, measure_matmul_rate, parse_dtype,
-                          resolve_device)
+                          resolve_device, torch_threads)
 from .memory import PeakMeter
 from .timing import measure_time
 from .workloads import MODES, Workload, count_aten_calls, count_flops, has_head_op, make_callable, options_for
@@ -229,17 +228,6 @@ def _gate(name: str, options: dict, settings: OpsSettings, causal: bool) -> tupl
     return "ok", ""
 
 
-@contextmanager
-def _torch_threads(threads: int):
-    """Run the block with ``threads`` torch threads (as the timed calls ran), then restore the count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _count_point(row: dict, mode: str, fn, matmul_rate: float | None) -> None:
     """ATen calls, FLOPs and fraction of the matmul rate of one call of ``fn``, counted in calls
     of their own (``fn`` has been called by the timing already, so no further warm-up is made)."""
@@ -264,7 +252,7 @@ def _measure_point(row, name, options, settings, device, causal, threads, bandwi
             row[f"{mode}_floor_s"] = floor_time(facts["io_bytes"], bandwidth)
             row[f"{mode}_x_floor"] = t.median / row[f"{mode}_floor_s"]
             if settings.counts:
-                with _torch_threads(threads):
+                with torch_threads(threads):
                     _count_point(row, mode, fn, matmul_rate)
             del fn
             if settings.memory:

@@ -54,7 +54,6 @@ import statistics
 import sys
 import types
 import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -63,7 +62,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import build_mixer
-from .environment import invocation, machine_header, parse_dtype, resolve_device
+from .environment import invocation, machine_header, parse_dtype, resolve_device, torch_threads
 from .timing import measure_time
 
 MODES = ("fwd", "fwdbwd")
@@ -629,15 +628,6 @@ def load_released_amlp(path: str) -> tuple[types.ModuleType, list[str]]:
 
 # -- measuring -------------------------------------------------------------------------------------
 
-@contextmanager
-def _torch_threads(threads: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def _time_interleaved(fa, fb, min_run_time: float, rounds: int, threads: int) -> dict:
     """Alternate the two calls over ``rounds`` rounds (a then b, b then a, ...)."""
@@ -755,7 +745,7 @@ def run_peers(settings: PeersSettings, *, progress: Callable[[str], None] | None
               "released_import": RELEASED_IMPORT_METHOD if released is not None else "not used",
               "released_stubs_used": released_used}
 
-    with _torch_threads(threads):
+    with torch_threads(threads):
         for name in settings.pairs:
             spec = SPECS[name]
             if name not in available:

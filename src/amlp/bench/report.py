@@ -213,16 +213,8 @@ def peers_setup_table(rows: list[dict]) -> Table:
     table = Table(title="pairs: what is compared")
     for col in ("pair", "amlp side", "peer side", "package (version)", "level", "hyper-parameters", "outputs"):
         table.add_column(col, overflow="fold")
-    seen = set()
-    for r in rows:
-        if r["pair"] in seen:
-            continue
-        seen.add(r["pair"])
-        package = r.get("package") or "-"
-        if r.get("peer_version"):
-            package = f"{package} ({r['peer_version']})"
-        table.add_row(*(escape(str(x)) for x in (r["pair"], r.get("amlp") or "-", r.get("peer") or "-", package,
-                                                  r.get("level") or "-", r.get("hyper") or "-", r.get("notes") or "-")))
+    for described in pair_descriptions(rows):
+        table.add_row(*(escape(x) for x in described))
     return table
 
 
@@ -320,3 +312,19 @@ def plot_generation(rows: list[dict], out_dir: str, title: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def pair_descriptions(rows: list[dict]) -> list[tuple[str, ...]]:
+    """One line per pair of ``amlp bench peers`` results: the pair, the amlp side, the peer side, the
+    package and its version, the level, the hyper-parameters and what is known of the outputs."""
+    lines, seen = [], set()
+    for r in rows:
+        if r["pair"] in seen:
+            continue
+        seen.add(r["pair"])
+        package = r.get("package") or "-"
+        if r.get("peer_version"):
+            package = f"{package} ({r['peer_version']})"
+        lines.append(tuple(str(x) for x in (r["pair"], r.get("amlp") or "-", r.get("peer") or "-", package,
+                                             r.get("level") or "-", r.get("hyper") or "-", r.get("notes") or "-")))
+    return lines
