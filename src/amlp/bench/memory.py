@@ -16,7 +16,9 @@ size (a steady-state step: kernels set up, thread pool started, workspaces alloc
 result, returns free heap memory to the system (``malloc_trim``), reads its resident set size
 (``VmRSS``), resets the high-water mark by writing ``5`` to ``/proc/self/clear_refs``, makes the
 measured call again and reads ``VmHWM``. The figure is ``VmHWM - VmRSS`` before the call: resident
-memory the call added at its peak, counted in pages actually touched. It includes allocator slack
+memory the call added at its peak, counted in pages actually touched. The first call is measured the
+same way (``first``: what a fresh process pays on its first step, set-up included) beside the
+repeated one (``steady``). It includes allocator slack
 (page granularity, small-object arenas, library workspaces that appear on first use) and is
 therefore a little above the sum of tensor sizes; small figures (well under a megabyte) are mostly
 noise. On other systems the CPU figure is reported as missing.
@@ -89,12 +91,9 @@ def timed_peak(fn, device) -> tuple[float, float | None]:
     return time.perf_counter() - start, peak
 
 
-def child_measure(w: Workload, threads: int) -> int:
-    """Run in the child: peak resident bytes added by one call of ``w``."""
-    torch.set_num_threads(threads)
-    fn, _ = make_callable(w)
-    warm = fn()  # steady state: the measured figure is that of a repeated call
-    del warm
+def _added_peak_kib(fn) -> int:
+    """Resident KiB that one ``fn()`` adds at its peak: ``VmHWM`` after the call minus ``VmRSS``
+    before it, with the heap trimmed and the high-water mark reset first."""
     trim_heap()
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
@@ -102,7 +101,18 @@ def child_measure(w: Workload, threads: int) -> int:
     result = fn()
     peak = _status_kib("VmHWM")
     del result
-    return max(0, peak - before) * 1024
+    return max(0, peak - before)
+
+
+def child_measure(w: Workload, threads: int) -> dict:
+    """Run in the child: peak resident bytes added by the first call of ``w`` in this fresh process
+    (``first``: kernels set up, thread pool started, workspaces allocated on the way) and by a
+    repeated call (``steady``)."""
+    torch.set_num_threads(threads)
+    fn, _ = make_callable(w)
+    first = _added_peak_kib(fn)
+    steady = _added_peak_kib(fn)
+    return {"steady": steady * 1024, "first": first * 1024}
 
 
 class CpuPeakMeter:
@@ -140,6 +150,12 @@ class CpuPeakMeter:
                                 stdout=subprocess.PIPE, env=env, text=True)
 
     def measure(self, w: Workload) -> int:
+        """Peak bytes of a repeated call (steady state)."""
+        return self.measure_both(w)["steady"]
+
+    def measure_both(self, w: Workload) -> dict:
+        """Peak bytes of the first call in a fresh process and of a repeated call:
+        ``{"first": ..., "steady": ...}``."""
         if not cpu_peak_supported():
             raise RuntimeError("CPU peak memory needs Linux /proc/self/clear_refs")
         if self._server is None or self._server.poll() is not None:
@@ -157,14 +173,10 @@ class CpuPeakMeter:
         answer = json.loads(line)
         if not answer["ok"]:
             raise RuntimeError(answer["error"])
-        return int(answer["bytes"])
+        return {key: int(value) for key, value in answer["bytes"].items()}
 
 
-def gpu_peak(w: Workload) -> int:
-    """Peak bytes a call of ``w`` adds on its CUDA device (in this process)."""
-    device = torch.device(w.device)
-    fn, _ = make_callable(w)
-    fn()  # warm-up: kernels, workspaces
+def _gpu_call_peak(fn, device) -> int:
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
@@ -172,8 +184,22 @@ def gpu_peak(w: Workload) -> int:
     result = fn()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
-    del result, fn
+    del result
     return max(0, peak - before)
+
+
+def gpu_peak_both(w: Workload) -> dict:
+    """Peak bytes the first and a repeated call of ``w`` add on its CUDA device (in this process,
+    so the first call may find kernels loaded by earlier workloads)."""
+    device = torch.device(w.device)
+    fn, _ = make_callable(w)
+    first = _gpu_call_peak(fn, device)  # kernels, workspaces set up on the way
+    return {"first": first, "steady": _gpu_call_peak(fn, device)}
+
+
+def gpu_peak(w: Workload) -> int:
+    """Peak bytes a repeated call of ``w`` adds on its CUDA device (in this process)."""
+    return gpu_peak_both(w)["steady"]
 
 
 class PeakMeter:
@@ -191,10 +217,17 @@ class PeakMeter:
             self._cpu.close()
 
     def measure(self, w: Workload) -> int | None:
+        """Peak bytes of a repeated call (steady state); None where it cannot be read."""
+        both = self.measure_both(w)
+        return None if both is None else both["steady"]
+
+    def measure_both(self, w: Workload) -> dict | None:
+        """``{"first": ..., "steady": ...}``: the first call in a fresh process (CPU; on CUDA the
+        first call of the workload) and a repeated call; None where it cannot be read."""
         if torch.device(w.device).type == "cuda":
-            return gpu_peak(w)
+            return gpu_peak_both(w)
         if not cpu_peak_supported():
             return None
         if self._cpu is None:
             self._cpu = CpuPeakMeter(self.threads)
-        return self._cpu.measure(w)
+        return self._cpu.measure_both(w)

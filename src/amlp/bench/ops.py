@@ -43,9 +43,10 @@ OPS_COLUMNS = [
     "mixer", "status", "message", "level", "causal", "length", "batch", "heads", "head_dim", "landmarks",
     "dtype", "device",
     "fwd_time_s", "fwd_time_iqr_s", "fwd_runs", "fwdbwd_time_s", "fwdbwd_time_iqr_s", "fwdbwd_runs",
-    "fwd_peak_bytes", "fwdbwd_peak_bytes",
+    "fwd_peak_bytes", "fwdbwd_peak_bytes", "fwd_first_peak_bytes", "fwdbwd_first_peak_bytes",
     "fwd_speedup_vs_baseline", "fwdbwd_speedup_vs_baseline",
     "fwd_memory_ratio_vs_baseline", "fwdbwd_memory_ratio_vs_baseline",
+    "fwd_first_memory_ratio_vs_baseline", "fwdbwd_first_memory_ratio_vs_baseline",
     "fwd_floor_s", "fwdbwd_floor_s", "fwd_x_floor", "fwdbwd_x_floor",
     "fwd_aten_calls", "fwdbwd_aten_calls", "fwd_flops", "fwdbwd_flops", "fwd_peak_fraction", "fwdbwd_peak_fraction",
 ]
@@ -256,7 +257,9 @@ def _measure_point(row, name, options, settings, device, causal, threads, bandwi
                     _count_point(row, mode, fn, matmul_rate)
             del fn
             if settings.memory:
-                row[f"{mode}_peak_bytes"] = meter.measure(w)
+                both = meter.measure_both(w)
+                if both is not None:
+                    row[f"{mode}_peak_bytes"], row[f"{mode}_first_peak_bytes"] = both["steady"], both["first"]
         except Exception as exc:  # one bad point (out of memory, ...) must not end the sweep
             messages.append(f"{mode}: {type(exc).__name__}: {exc}")
         finally:
@@ -280,9 +283,10 @@ def _add_baseline_ratios(rows: list[dict], baseline: str) -> None:
             t, tb = row.get(f"{mode}_time_s"), b.get(f"{mode}_time_s")
             if t and tb:
                 row[f"{mode}_speedup_vs_baseline"] = tb / t
-            m, mb = row.get(f"{mode}_peak_bytes"), b.get(f"{mode}_peak_bytes")
-            if m is not None and mb:
-                row[f"{mode}_memory_ratio_vs_baseline"] = m / mb
+            for kind in ("", "first_"):
+                m, mb = row.get(f"{mode}_{kind}peak_bytes"), b.get(f"{mode}_{kind}peak_bytes")
+                if m is not None and mb:
+                    row[f"{mode}_{kind}memory_ratio_vs_baseline"] = m / mb
 
 
 def crossovers_from_rows(rows: list[dict], baseline: str) -> list[dict]:
