@@ -88,6 +88,24 @@ def from_lag_layout(weights: torch.Tensor) -> torch.Tensor:
     return _shift_rows(weights)
 
 
+def _shift_left_rows(x: torch.Tensor) -> torch.Tensor:
+    """``out[..., c, m] = x[..., c, m + C - 1 - c]`` (0 past the last column): row c moved left by
+    ``C - 1 - c``. ``x`` is ``[..., C, L]``; one zero pad, then a strided view of it."""
+    C, L = x.shape[-2], x.shape[-1]
+    padded = F.pad(x, (0, C))  # [..., C, L + C]
+    lead = padded.stride()[:-2]
+    return padded.as_strided((*x.shape[:-2], C, L), (*lead, L + C - 1, 1), padded.storage_offset() + C - 1)
+
+
+def _shift_right_rows(x: torch.Tensor) -> torch.Tensor:
+    """``out[..., c, j] = x[..., c, j - (C - 1 - c)]`` (0 before the first column): the inverse of
+    :func:`_shift_left_rows` on tensors that are zero where that one reads past the last column."""
+    C, L = x.shape[-2], x.shape[-1]
+    padded = F.pad(x, (C - 1, 0))  # [..., C, L + C - 1]
+    lead = padded.stride()[:-2]
+    return padded.as_strided((*x.shape[:-2], C, L), (*lead, L + C, 1), padded.storage_offset())
+
+
 def valid_lags(rows: int, length: int, device=None) -> torch.Tensor:
     """Boolean ``[rows, length]``: True where lag l exists for query row c, i.e. ``l <= i0 + c`` with
     ``i0 = length - rows`` (queries end-aligned to the keys)."""
@@ -199,7 +217,7 @@ def _check_inputs(q, k, v, kind, s_qk, s_vo, qk_bank, vo_bank, q_mask, kv_mask):
 def _l2_normalised_relu(h: torch.Tensor) -> torch.Tensor:
     """``ReLU(h) / max(||h||_2, 1e-12)`` over the last axis (zero slots add nothing: Eq. 34)."""
     norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return F.relu(h) / norm
+    return F.relu(h) * norm.reciprocal()  # one [.., 1] reciprocal: the backward multiplies, never divides
 
 
 def _activate(h: torch.Tensor, kind: str, heads: int) -> torch.Tensor:
@@ -218,13 +236,15 @@ def _block(q, k, v, s_qk, s_vo, qk_p, qk_a, qk_b, vo_p, vo_a, vo_b, kind: str):
     C, L = q.shape[2], k.shape[2]
     H = v.shape[1]
     invalid = ~valid_lags(C, L, q.device)
-    z = to_lag_layout(torch.matmul(q, k.transpose(-1, -2)))  # [B, Hqk, C, L], zero at invalid lags
+    # with the keys in reverse order, the lag layout is a row-dependent left shift of the scores
+    # (no flip of a C x L tensor): z[c, l] = q_c . k_{i0 + c - l}
+    z = _shift_left_rows(torch.matmul(q, k.flip(2).transpose(-1, -2)))  # [B, Hqk, C, L], zero at invalid lags
     if qk_p is not None:
         z = dplr_apply(z, qk_p, qk_a, qk_b, s_qk).masked_fill(invalid, 0.0)
     w = _activate(z, kind, H)
     if vo_p is not None:
         w = dplr_apply(w, vo_p, vo_a, vo_b, s_vo).masked_fill(invalid, 0.0)
-    return torch.matmul(from_lag_layout(w), v)
+    return torch.matmul(_shift_right_rows(w), v.flip(2))  # back to reversed key order for the readout
 
 
 class _RecomputedBlock(torch.autograd.Function):
