@@ -157,9 +157,11 @@ def pool(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: to
     log-normaliser ``[B, H, c]`` that the VJP needs.
     """
     logits = pool_logits(query, keys, mask, scale)
-    lse = torch.logsumexp(logits, dim=-1)
-    probs = torch.exp(logits - lse.unsqueeze(-1))
-    return torch.einsum("bhct,bthd->bhcd", probs, values), lse
+    top = logits.amax(-1, keepdim=True)  # finite: every row has a real key (open_empty_rows)
+    probs = logits.sub_(top).exp_()  # one exponential per logit
+    total = probs.sum(-1, keepdim=True)
+    probs = probs.div_(total)
+    return torch.einsum("bhct,bthd->bhcd", probs, values), (top + total.log()).squeeze(-1)
 
 
 def pool_vjp(grad_out, out, lse, query, keys, values, mask, scale, grad_keys, grad_values, *, first=False):
