@@ -37,21 +37,40 @@ def list_command() -> None:
 
 
 @app.command("check")
-def check_command(names: list[str] = typer.Argument(None, help="mixers to check (default: all)")) -> None:
-    """Compare each mixer's fast path with its plain reference (float64, with padding)."""
+def check_command(
+    names: list[str] = typer.Argument(None, help="mixers to check (default: all)"),
+    dtype: str = typer.Option("float64", help="float64: fast path vs the plain reference; bfloat16 or float16: "
+                                              "the mixer in that dtype vs itself in float32"),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ... (the low-precision check)"),
+) -> None:
+    """Compare each mixer's fast path with its plain reference (float64, with padding), or a
+    low-precision run with the float32 one (``--dtype bfloat16 --device cuda``)."""
+    import torch
+
     from .layers import list_mixers, mixer_names
-    from .layers.check import check_mixer
+    from .layers.check import check_mixer, check_mixer_precision
 
     names = names or [info.name for info in list_mixers()]
     unknown = [n for n in names if n not in mixer_names()]
     if unknown:
         _fail(f"unknown mixer(s) {', '.join(map(repr, unknown))}; registered mixers: {', '.join(mixer_names())}", 2)
-    table = Table(title="fast path vs reference (float64)")
-    for col in ("mixer", "result", "max abs error", "message"):
+    low = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype != "float64" and dtype not in low:
+        _fail(f"--dtype must be float64, bfloat16 or float16, got {dtype!r}", 2)
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:
+        _fail(f"--device {device!r} is not available here: {exc}", 2)
+    if dtype == "float64":
+        title, header = "fast path vs reference (float64)", "max abs error"
+    else:
+        title, header = f"{dtype} vs float32 on {device}", "largest relative error"
+    table = Table(title=title)
+    for col in ("mixer", "result", header, "message"):
         table.add_column(col)
     failed = 0
     for name in names:
-        res = check_mixer(name)
+        res = check_mixer(name) if dtype == "float64" else check_mixer_precision(name, dtype=low[dtype], device=device)
         failed += not res.passed
         table.add_row(escape(name), "[green]pass[/]" if res.passed else "[red]FAIL[/]", f"{res.max_abs_error:.2e}",
                       escape(res.message))

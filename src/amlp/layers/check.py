@@ -74,3 +74,74 @@ def check_mixer(name: str, *, dim: int = 24, heads: int = 3, length: int = 13, b
                                if finite else f"{label}: non-finite output or gradient")
         worst = max(worst, err)
     return CheckResult(name, True, worst, "")
+
+
+#: largest relative errors allowed of a half-precision run against float32. bfloat16 keeps 8 bits
+#: of mantissa (about 0.4 % per rounding, a few percent through a layer); the input gradient of a
+#: mixer with ReLU-type kinks differs more, since a rounding flips the side of a pre-activation
+#: near zero (HyperMLP's ReLU, LARA's sampling weights: 10-30 % on small inputs), so its bound only
+#: catches gross errors (a wrong dtype path, an overflow)
+LOW_PRECISION_TOLERANCE = {"output": 0.05, "input gradient": 0.5}
+
+
+def check_mixer_precision(name: str, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+                          dim: int = 64, heads: int = 4, length: int = 257, batch: int = 2,
+                          tolerance: dict | None = None, seed: int = 0, **options) -> CheckResult:
+    """Run mixer ``name`` on ``device`` in ``dtype`` (bfloat16 by default) and compare it with the same
+    mixer, same parameters and same input in float32 on that device: the output at the real
+    positions and the input gradient, each as a relative error ``||low - float32|| / ||float32||``.
+    Every form is checked as in :func:`check_mixer`; padding is used where the mixer supports it.
+    The float32 path itself is held against the float64 reference by :func:`check_mixer`.
+    ``tolerance`` maps ``output`` and ``input gradient`` to their bounds
+    (:data:`LOW_PRECISION_TOLERANCE` by default). The result's error is the largest relative error.
+    """
+    tolerance = {**LOW_PRECISION_TOLERANCE, **(tolerance or {})}
+    info = get_mixer_info(name)
+    caps = info.capabilities
+    device = torch.device(device)
+    length = min(length, caps.max_length) if caps.max_length else length
+    forms = [c for c, has in ((False, caps.noncausal), (True, caps.causal)) if has]
+    worst = 0.0
+    for causal in forms:
+        missing = [o for o, _ in caps.choices if o not in options]
+        combos = [{k: v for k, v in c.items() if k in missing} for c in choice_options(name, causal=causal)] \
+            if missing else [{}]
+        for combo in combos:
+            label = ", ".join([f"{k}={v}" for k, v in combo.items()] + ["causal" if causal else "non-causal"])
+            gen = torch.Generator().manual_seed(seed)
+            try:
+                torch.manual_seed(seed)
+                extra = {"max_length": length} if caps.max_length_option else {}
+                full = build_mixer(name, dim=dim, heads=heads, causal=causal, **extra, **options, **combo)
+                full = full.to(device).eval()
+                half = build_mixer(name, dim=dim, heads=heads, causal=causal, **extra, **options, **combo)
+                half.load_state_dict(full.state_dict())
+                half = half.to(device=device, dtype=dtype).eval()
+                x = torch.randn(batch, length, dim, generator=gen).to(device)
+                mask = None
+                if caps.padding and batch > 1:
+                    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+                    mask[-1, length - max(1, length // 3):] = False
+                outs, grads = [], []
+                for mixer, xin in ((full, x), (half, x.to(dtype))):
+                    xin = xin.detach().requires_grad_(True)
+                    y = mixer(xin, x_mask=mask)
+                    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+                    (g,) = torch.autograd.grad((y.float() * weights).sum(), [xin])
+                    outs.append(y.float())
+                    grads.append(g.float())
+            except Exception as exc:  # reported, not raised
+                return CheckResult(name, False, float("nan"), f"{label}: {type(exc).__name__}: {exc}")
+            keep = (slice(None),) if mask is None else (mask,)
+            errors = {}
+            for what, (a, b) in (("output", outs), ("input gradient", grads)):
+                a, b = a[keep], b[keep]
+                if not bool(torch.isfinite(b).all()):
+                    return CheckResult(name, False, float("nan"), f"{label}: non-finite {what} in {dtype}")
+                errors[what] = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-12)).item()
+            for what, err in errors.items():
+                if err > tolerance[what]:
+                    return CheckResult(name, False, err,
+                                       f"{label}: relative error of the {what} {err:.3g} > {tolerance[what]:g}")
+            worst = max(worst, *errors.values())
+    return CheckResult(name, True, worst, "")
