@@ -95,6 +95,8 @@ def _check_state(state, B, H, D):
     if not isinstance(state, CovPrefixState):
         raise ValueError(f"initial_state must be a CovPrefixState, got {type(state).__name__}")
     expected = ((B, H, D, D),) * 3 + ((B, H, D), (B,), (B,))
+    if tuple(t.shape for t in state) == expected:  # torch.Size compares equal to a tuple
+        return
     for name, t, shape in zip(CovPrefixState._fields, state, expected):
         if tuple(t.shape) != shape:
             raise ValueError(f"initial_state.{name} must be shaped {list(shape)}, got {tuple(t.shape)}")
@@ -475,11 +477,15 @@ def amlp_cov_causal_step(
     _check_state(state, B, H, D)
     out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)
-    q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
-    s_q0, s_k0, z0, vsq0, cnt_q0, cnt_k0 = (t.to(cdt) for t in state)
+
+    def cast(t):  # a step is a few dozen small operations: skip the calls that would do nothing
+        return t if t.dtype == cdt else t.to(cdt)
+
+    q, k, v = cast(q), cast(k), cast(v)
+    s_q0, s_k0, z0, vsq0, cnt_q0, cnt_k0 = (cast(t) for t in state)
     stable = form == "stable"
     read_scale = float(scale) if scale is not None else (1.0 / math.sqrt(D) if stable else 1.0)
-    tau = torch.ones(H, 3, dtype=cdt, device=q.device) if temperature is None else temperature.to(cdt)
+    tau = torch.ones(H, 3, dtype=cdt, device=q.device) if temperature is None else cast(temperature)
     rows = torch.stack([q, k, k], dim=2)  # [B, H, 3, D]: the left factors of S^Q, S^K, z
     stats = torch.stack([s_q0, s_k0, z0], dim=2).addcmul_(rows.unsqueeze(-1),
                                                           torch.stack([q, k, v], dim=2).unsqueeze(-2))
@@ -498,7 +504,7 @@ def amlp_cov_causal_step(
         logits = stats * tau_rows.transpose(0, 1).unsqueeze(-1)
         q_read = q
     maps = torch.softmax(logits, dim=-1)  # [B, H, 3, D, D]
-    landmarks = torch.cat([cq, ck], dim=-1).to(cdt)  # [H, c, 2D]
+    landmarks = cast(torch.cat([cq, ck], dim=-1))  # [H, c, 2D]
     l_t = torch.matmul(landmarks, maps[:, :, :2].reshape(B, H, 2 * D, D))  # L_t^T, [B, H, c, D]  (eq. 13)
     if stable:
         l_t = F.relu(l_t)
