@@ -80,6 +80,13 @@ def check_command(
 
 
 # -- training, evaluation, studies, data ------------------------------------------------------------------
+# options every `amlp study` command shares
+_SEEDS = typer.Option(None, "--seeds", help="comma-separated seeds")
+_STUDY_SET = typer.Option(None, "--set", help="override applied to every run, key.sub=value")
+_REPORT_ONLY = typer.Option(False, "--report-only", help="only rewrite the report from recorded results")
+_WRITE_DOC = typer.Option(False, "--write-doc", help="write the study's tracked document and its figures (only "
+                                                     "from a complete grid)")
+
 train_app = typer.Typer(help="Train a task from a YAML config.", no_args_is_help=True)
 study_app = typer.Typer(help="Run a grid of experiments and write its report.", no_args_is_help=True)
 data_app = typer.Typer(help="Fetch or build data sets.", no_args_is_help=True)
@@ -541,12 +548,11 @@ def study_forecasting_command(
                                         "the study's)"),
     datasets: str = typer.Option(None, "--datasets", help="comma-separated, e.g. ETTh1,ETTm1"),
     settings: str = typer.Option(None, "--settings", help="comma-separated, e.g. M,S"),
-    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
-    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
+    seeds: str = _SEEDS,
+    overrides: list[str] = _STUDY_SET,
     data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data"),
-    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
-    write_doc: bool = typer.Option(False, "--write-doc",
-                                   help="write the study's tracked document (only from a complete grid)"),
+    doc_only: bool = _REPORT_ONLY,
+    write_doc: bool = _WRITE_DOC,
 ) -> None:
     """Run the cross-attention study (mechanisms x datasets x settings x seeds), resuming where it
     stopped, and write its report next to the results (<run_root>/report.md), or with --write-doc
@@ -572,11 +578,10 @@ def study_recall_command(
     string_lens: str = typer.Option(None, "--string-lens", help="comma-separated S for copying"),
     pairs: str = typer.Option(None, "--pairs", help="comma-separated key-value pair counts for MQAR"),
     dims: str = typer.Option(None, "--dims", help="comma-separated model widths"),
-    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
-    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
-    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
-    write_doc: bool = typer.Option(False, "--write-doc",
-                                   help="write the study's tracked document and figures (only from a complete grid)"),
+    seeds: str = _SEEDS,
+    overrides: list[str] = _STUDY_SET,
+    doc_only: bool = _REPORT_ONLY,
+    write_doc: bool = _WRITE_DOC,
 ) -> None:
     """Run the recall study (mixers x S or pairs x dims x seeds), resuming where it stopped, and write
     its report and plots next to the results, or with --write-doc docs/results/recall.md (complete
@@ -599,11 +604,10 @@ def study_translation_command(
     rows: str = typer.Option(None, "--rows", help="semicolon-separated rows, e.g. 'transformer/softmax;glat/abc' "
                                                   "(default: the study's)"),
     directions: str = typer.Option(None, "--directions", help="comma-separated: en-de,de-en (default: the study's)"),
-    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
-    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
-    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
-    write_doc: bool = typer.Option(False, "--write-doc",
-                                   help="write the study's tracked document (only from a complete grid)"),
+    seeds: str = _SEEDS,
+    overrides: list[str] = _STUDY_SET,
+    doc_only: bool = _REPORT_ONLY,
+    write_doc: bool = _WRITE_DOC,
     rescore: bool = typer.Option(False, "--rescore", help="score the finished cells again from their checkpoints "
                                                           "with the current code, instead of training"),
 ) -> None:
@@ -625,11 +629,10 @@ def study_tts_command(
     config: str = typer.Option("configs/tts/study/cpu.yaml", "--config", "-c", help="study file"),
     rows: str = typer.Option(None, "--rows", help="semicolon-separated rows, e.g. 'fastspeech2/softmax;"
                                                   "transformer-tts/abc' (default: the study's)"),
-    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
-    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
-    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
-    write_doc: bool = typer.Option(False, "--write-doc",
-                                   help="write the study's tracked document and figures (only from a complete grid)"),
+    seeds: str = _SEEDS,
+    overrides: list[str] = _STUDY_SET,
+    doc_only: bool = _REPORT_ONLY,
+    write_doc: bool = _WRITE_DOC,
 ) -> None:
     """Run the speech study (FastSpeech 2 and Transformer-TTS rows x seeds, and the rank ablation),
     resuming where it stopped, and write its report next to the results, or with --write-doc
@@ -648,11 +651,10 @@ def study_sr_command(
     config: str = typer.Option("configs/sr/study/cpu.yaml", "--config", "-c", help="study file"),
     mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms (default: the "
                                                               "study's)"),
-    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
-    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
-    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
-    write_doc: bool = typer.Option(False, "--write-doc",
-                                   help="write the study's tracked document and figure (only from a complete grid)"),
+    seeds: str = _SEEDS,
+    overrides: list[str] = _STUDY_SET,
+    doc_only: bool = _REPORT_ONLY,
+    write_doc: bool = _WRITE_DOC,
 ) -> None:
     """Run the super-resolution study (SR3 with each attention mechanism x seeds on ORL faces), resuming
     where it stopped, and write its report next to the results, or with --write-doc
@@ -672,11 +674,10 @@ def study_lm_command(
     mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms (default: the "
                                                               "study's)"),
     sizes: str = typer.Option(None, "--sizes", help="comma-separated parameter budgets (default: the study's)"),
-    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
-    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
-    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
-    write_doc: bool = typer.Option(False, "--write-doc",
-                                   help="write the study's tracked document and figure (only from a complete grid)"),
+    seeds: str = _SEEDS,
+    overrides: list[str] = _STUDY_SET,
+    doc_only: bool = _REPORT_ONLY,
+    write_doc: bool = _WRITE_DOC,
 ) -> None:
     """Run the language-modelling study (causal mixers x matched sizes x seeds on tiny Shakespeare),
     resuming where it stopped, and write its report next to the results, or with --write-doc
@@ -696,11 +697,10 @@ def study_mad_command(
     mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms, ablation rows "
                                                               "included (default: the study's)"),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated MAD tasks (default: the study's)"),
-    seeds: str = typer.Option(None, "--seeds", help="comma-separated seeds"),
-    overrides: list[str] = typer.Option(None, "--set", help="override applied to every run, key.sub=value"),
-    doc_only: bool = typer.Option(False, "--report-only", help="only rewrite the report from recorded results"),
-    write_doc: bool = typer.Option(False, "--write-doc",
-                                   help="write the study's tracked document (only from a complete grid)"),
+    seeds: str = _SEEDS,
+    overrides: list[str] = _STUDY_SET,
+    doc_only: bool = _REPORT_ONLY,
+    write_doc: bool = _WRITE_DOC,
 ) -> None:
     """Run the MAD study (causal mixers and HyperMLP ablations x the six MAD tasks x seeds), resuming
     where it stopped, and write its report next to the results, or with --write-doc
