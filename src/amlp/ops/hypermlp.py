@@ -131,11 +131,10 @@ def dplr_apply(y: torch.Tensor, p: torch.Tensor, a: torch.Tensor, b: torch.Tenso
     p_l = p[:, :M]
     if M < L:
         p_l = F.pad(p_l, (0, L - M))
-    out = y * (1.0 + p_l[None, :, None, :])
     low = torch.matmul(torch.matmul(y[..., :M], a[:, :M].unsqueeze(0)) * s, b[:, :M].transpose(-1, -2).unsqueeze(0))
     if M < L:
         low = F.pad(low, (0, L - M))
-    return out + low
+    return low.addcmul_(y, 1.0 + p_l[None, :, None, :])  # the diagonal part added in place: one pass
 
 
 def dplr_matrix(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, length: int) -> torch.Tensor:
