@@ -239,10 +239,10 @@ def _block(q, k, v, s_qk, s_vo, qk_p, qk_a, qk_b, vo_p, vo_a, vo_b, kind: str):
     # (no flip of a C x L tensor): z[c, l] = q_c . k_{i0 + c - l}
     z = _shift_left_rows(torch.matmul(q, k.flip(2).transpose(-1, -2)))  # [B, Hqk, C, L], zero at invalid lags
     if qk_p is not None:
-        z = dplr_apply(z, qk_p, qk_a, qk_b, s_qk).masked_fill(invalid, 0.0)
+        z = dplr_apply(z, qk_p, qk_a, qk_b, s_qk).masked_fill_(invalid, 0.0)
     w = _activate(z, kind, H)
     if vo_p is not None:
-        w = dplr_apply(w, vo_p, vo_a, vo_b, s_vo).masked_fill(invalid, 0.0)
+        w = dplr_apply(w, vo_p, vo_a, vo_b, s_vo).masked_fill_(invalid, 0.0)
     return torch.matmul(_shift_right_rows(w), v.flip(2))  # back to reversed key order for the readout
 
 
