@@ -106,6 +106,31 @@ def _shift_right_rows(x: torch.Tensor) -> torch.Tensor:
     return padded.as_strided((*x.shape[:-2], C, L), (*lead, L + C, 1), padded.storage_offset())
 
 
+class _ShiftLeft(torch.autograd.Function):
+    """:func:`_shift_left_rows` whose backward is the right shift (its adjoint on the entries it
+    reads), instead of the generic strided-view backward (a zero tensor of the whole storage)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _shift_left_rows(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ShiftRight.apply(grad)
+
+
+class _ShiftRight(torch.autograd.Function):
+    """:func:`_shift_right_rows` with the left shift as its backward (see :class:`_ShiftLeft`)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return _shift_right_rows(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ShiftLeft.apply(grad)
+
+
 def valid_lags(rows: int, length: int, device=None) -> torch.Tensor:
     """Boolean ``[rows, length]``: True where lag l exists for query row c, i.e. ``l <= i0 + c`` with
     ``i0 = length - rows`` (queries end-aligned to the keys)."""
@@ -237,13 +262,13 @@ def _block(q, k, v, s_qk, s_vo, qk_p, qk_a, qk_b, vo_p, vo_a, vo_b, kind: str):
     invalid = ~valid_lags(C, L, q.device)
     # with the keys in reverse order, the lag layout is a row-dependent left shift of the scores
     # (no flip of a C x L tensor): z[c, l] = q_c . k_{i0 + c - l}
-    z = _shift_left_rows(torch.matmul(q, k.flip(2).transpose(-1, -2)))  # [B, Hqk, C, L], zero at invalid lags
+    z = _ShiftLeft.apply(torch.matmul(q, k.flip(2).transpose(-1, -2)))  # [B, Hqk, C, L], zero at invalid lags
     if qk_p is not None:
         z = dplr_apply(z, qk_p, qk_a, qk_b, s_qk).masked_fill_(invalid, 0.0)
     w = _activate(z, kind, H)
     if vo_p is not None:
         w = dplr_apply(w, vo_p, vo_a, vo_b, s_vo).masked_fill_(invalid, 0.0)
-    return torch.matmul(_shift_right_rows(w), v.flip(2))  # back to reversed key order for the readout
+    return torch.matmul(_ShiftRight.apply(w), v.flip(2))  # back to reversed key order for the readout
 
 
 class _RecomputedBlock(torch.autograd.Function):
