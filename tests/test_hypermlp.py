@@ -145,6 +145,33 @@ def test_queries_end_aligned_to_keys(kind):
     torch.testing.assert_close(fast, hyper_attention(q, k, v, chunk_size=2, **opts), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("budget, chunked", [(None, False), (2 * 4 * 10 * 8, True)])
+def test_auto_blocks_follow_the_memory_budget(monkeypatch, budget, chunked):
+    """``chunk_size="auto"``: all queries at once when they fit the budget, else blocks of the rows
+    the budget allows (here 16, the floor, of 30 queries); the same outputs and gradients either way."""
+    import amlp.ops.hypermlp as hm
+
+    if budget is not None:
+        monkeypatch.setattr(hm, "AUTO_BLOCK_BYTES", budget)
+    q, k, v, opts = op_inputs("relu", Tq=30, Tk=30, M=6)
+    leaves = [q, k, v, opts["qk_a"]]
+    for t in leaves:
+        t.requires_grad_(True)
+    rows = hm.auto_chunk_rows(q.shape[0], q.shape[2], 30, 8)
+    assert (rows < 30) == chunked
+    calls = []
+    monkeypatch.setattr(hm._RecomputedBlock, "apply", lambda *a, _f=hm._RecomputedBlock.apply: calls.append(1) or _f(*a))
+    auto = hyper_attention(q, k, v, chunk_size="auto", **opts)
+    assert bool(calls) == chunked
+    dense = hyper_attention(q, k, v, **opts)
+    torch.testing.assert_close(auto, dense, rtol=1e-10, atol=1e-12)
+    weight = torch.randn_like(dense)
+    for a, b in zip(_grads(auto, leaves, weight), _grads(dense, leaves, weight)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="'auto'"):
+        hyper_attention(q, k, v, chunk_size="fast", **opts)
+
+
 def _grads(out, tensors, weight):
     return torch.autograd.grad((out * weight).sum(), tensors)
 

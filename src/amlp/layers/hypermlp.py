@@ -47,7 +47,8 @@ class HyperHead(Mixer):
         kv_conv, qk_gate, vo_gate: switch the convolutions / the QK gate / the VO gate on or off.
         sequence_mixing: which operators are learned: ``"both"`` (R^(1) and R^(2)), ``"qk"``,
             ``"vo"`` or ``"none"`` (the others are the identity).
-        chunk_size: queries per block of the chunked form (default 1024); ``None`` is the dense form.
+        chunk_size: queries per block of the chunked form; ``"auto"`` (the default) sizes the blocks
+            from a memory budget (:data:`amlp.ops.hypermlp.AUTO_BLOCK_BYTES`), ``None`` is the dense form.
         dropout: dropout on the layer output. bias: biases on the q/k/v/output projections
             (default False, as in the reference design; gate and control linears always have one).
 
@@ -66,7 +67,7 @@ class HyperHead(Mixer):
     def __init__(self, dim: int, heads: int, *, kind: str = "relu", causal: bool = False, cross: bool = False,
                  qk_rank: int | None = None, vo_rank: int | None = None, rank: int = 16, max_lag: int = 2048,
                  conv_kernel: int = 4, kv_conv: bool = True, qk_gate: bool = True, vo_gate: bool = True,
-                 sequence_mixing: str = "both", chunk_size: int | None = 1024, dropout: float = 0.0,
+                 sequence_mixing: str = "both", chunk_size: int | str | None = "auto", dropout: float = 0.0,
                  bias: bool = False):
         super().__init__(dim, heads, causal=causal, cross=cross)
         if kind not in KINDS:
@@ -87,9 +88,9 @@ class HyperHead(Mixer):
             raise ValueError(f"vo_rank must be divisible by heads, got vo_rank={vo_rank}, heads={heads}")
         if sequence_mixing not in SEQUENCE_MIXING:
             raise ValueError(f"sequence_mixing must be one of {SEQUENCE_MIXING}, got {sequence_mixing!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                       or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if chunk_size != "auto" and chunk_size is not None and (
+                not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int, None or 'auto', got {chunk_size!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.kind, self.qk_heads, self.qk_rank, self.vo_rank = kind, qk_heads, qk_rank, vo_rank

