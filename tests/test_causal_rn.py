@@ -136,6 +136,28 @@ def test_quadratic_chunked_equals_unchunked(chunk_size, recompute):
         torch.testing.assert_close(gc, gw, rtol=1e-11, atol=1e-12)
 
 
+@pytest.mark.parametrize("budget, rows", [(None, None), (2 * 11 * 7 * 8 * 3, 3)])
+def test_quadratic_auto_blocks_follow_the_memory_budget(monkeypatch, budget, rows):
+    """``chunk_size="auto"`` (the default): blocks of as many queries as the budget allows, the same
+    result as one block."""
+    import amlp.ops.causal_rn as ops
+
+    a, b = pair_inputs(T=11)
+    mask = ragged_mask(2, 11)
+    if budget is not None:
+        monkeypatch.setattr(ops, "AUTO_BLOCK_BYTES", budget)
+    assert ops.auto_block_rows(2, 11, a.shape[-1], 8) == (rows or ops.AUTO_BLOCK_BYTES // (2 * 11 * a.shape[-1] * 8))
+    whole = causal_rn_quadratic(a, b, mask=mask, chunk_size=11, recompute=False)
+    seen = []
+    real = ops._pair_pool_block
+    monkeypatch.setattr(ops, "_pair_pool_block", lambda a_block, *rest: seen.append(a_block.shape[1]) or real(a_block, *rest))
+    auto = causal_rn_quadratic(a, b, mask=mask)
+    torch.testing.assert_close(auto, whole, rtol=1e-12, atol=1e-13)
+    assert seen == ([3, 3, 3, 2] if rows else [11])
+    with pytest.raises(ValueError, match="'auto'"):
+        causal_rn_quadratic(a, b, chunk_size="fast")
+
+
 def test_quadratic_never_builds_the_full_pair_tensor(monkeypatch):
     import amlp.ops.causal_rn as ops
 

@@ -156,7 +156,8 @@ class CausalRNQuadratic(_RelationNetwork):
     same for every cell.
 
     Args:
-        chunk_size: queries per block (default 32).
+        chunk_size: queries per block; ``"auto"`` (the default) sizes the blocks from a memory budget
+            (:data:`amlp.ops.causal_rn.AUTO_BLOCK_BYTES`).
         prenorm: ``"exact"``, ``"approx"`` or ``"none"``.
         activation: ``"exp"``, ``"relu"``, ``"gelu"`` or ``"elu"``.
         Other options as in :class:`_RelationNetwork`.
@@ -165,12 +166,13 @@ class CausalRNQuadratic(_RelationNetwork):
     capabilities = Capabilities(causal=True, noncausal=True, cross=False, padding=True, recurrent=True)
 
     def __init__(self, dim: int, heads: int = 1, *, causal: bool = False, cross: bool = False,
-                 hidden: int | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE, init_std: float = 0.02,
+                 hidden: int | None = None, chunk_size: int | str = DEFAULT_CHUNK_SIZE, init_std: float = 0.02,
                  out_init_std: float | None = None, prenorm: str = "exact", activation: str = "exp"):
         super().__init__(dim, heads, causal=causal, cross=cross, hidden=hidden, init_std=init_std,
                          out_init_std=out_init_std)
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        if chunk_size != "auto" and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                     or chunk_size < 1):
+            raise ValueError(f"chunk_size must be an int >= 1 or 'auto', got {chunk_size!r}")
         check_ablation(prenorm, activation)
         self.chunk_size = chunk_size
         self.prenorm, self.activation = prenorm, activation
