@@ -56,9 +56,11 @@ CAUSAL_FORMS = ("paper", "stable")
 #: the largest block of the two-level prefix sums (tokens); the products inside a block cost
 #: O(block d^2) per token, the cumulative sum over blocks O(d^2 / block)
 BLOCK_TOKENS = 8
-#: memory for the temporaries of one chunk when ``chunk_size`` is not given: the chunk length
-#: follows from it, so the number of operator calls per token does not depend on B, H or d choices
-CHUNK_BYTES = 48 * 2**20
+#: memory for the temporaries of one chunk when ``chunk_size`` is not given (the chunk length
+#: follows from it): small enough that a chunk's passes run on data the CPU cache holds. On the
+#: development CPU one block of 8 tokens per chunk trained 1.4 times faster than 32 at B H = 8,
+#: d = 64, and 2.4 times faster at B = 64, H = 1
+CHUNK_BYTES = 12 * 2**20
 #: kept for callers that name a chunk size; None chooses it from ``CHUNK_BYTES``
 DEFAULT_CHUNK_SIZE = None
 
