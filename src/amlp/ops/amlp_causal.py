@@ -104,20 +104,19 @@ def _check_state(state, B, H, D):
             raise ValueError(f"initial_state.{name} must be shaped {list(shape)}, got {tuple(t.shape)}")
 
 
-def _block_prefix_sums(start, x, y, row_scale, block: int):
-    """Row-scaled prefix sums of outer products for every token t of a chunk:
+def _block_prefix_sums(start, x, y, block: int):
+    """Prefix sums of outer products for every token t of a chunk:
 
-        out[t] = diag(row_scale[t]) (start + sum_{i <= t} x_i^T y_i)
+        out[t] = start + sum_{i <= t} x_i^T y_i
 
     ``start`` is ``[B, H, d, e]``, ``x, y`` are ``[B, H, N, d]`` and ``[B, H, N, e]`` with N a
-    multiple of ``block``, ``row_scale`` is ``[B, H, N, d]`` or broadcastable to it. Returns
-    ``[B, H, N, d, e]`` and the unscaled sum after the chunk, ``[B, H, d, e]``.
+    multiple of ``block``. Returns ``[B, H, N, d, e]`` and the sum after the chunk, ``[B, H, d, e]``.
 
     Two levels, all matrix products: the chunk is cut into blocks of ``block`` tokens; one product
     per block gives its sum ``X_b^T Y_b``, a cumulative sum over the (few) blocks gives each block's
     starting statistic, and inside a block the prefix is one product ``[(t, d), i] @ [i, e]`` with a
-    lower-triangular mask and the row scale folded into its left factor. No ``[N, d, e]`` tensor of
-    outer products is made and no cumulative sum runs over one.
+    lower-triangular mask folded into its left factor. No ``[N, d, e]`` tensor of outer products is
+    made and no cumulative sum runs over one.
     """
     B, H, N, D = x.shape
     E = y.shape[-1]
@@ -128,10 +127,9 @@ def _block_prefix_sums(start, x, y, row_scale, block: int):
     ends = torch.cumsum(sums, dim=2).add_(start.unsqueeze(2))  # statistic after each block
     starts = torch.cat([start.unsqueeze(2), ends[:, :, :-1]], dim=2)  # statistic before each block
     tri = torch.ones(block, block, dtype=x.dtype, device=x.device).tril()
-    scale = row_scale.expand(B, H, N, D).reshape(B, H, n, block, D)
-    left = xt.unsqueeze(3) * tri[:, None, :] * scale.unsqueeze(-1)  # [B, H, n, t, d, i]
+    left = xt.unsqueeze(3) * tri[:, None, :]  # [B, H, n, t, d, i]
     out = torch.matmul(left.reshape(B, H, n, block * D, block), yb).view(B, H, n, block, D, E)
-    out.addcmul_(starts.unsqueeze(3), scale.unsqueeze(-1))
+    out.add_(starts.unsqueeze(3))
     return out.view(B, H, N, D, E), ends[:, :, -1]
 
 
@@ -184,7 +182,7 @@ def _cov_chunk_forward(q, k, v, q_w, k_w, s_q0, s_k0, z0, vsq0, cnt_q0, cnt_k0, 
         logits = []
         for i, (start, x, y, r, c) in enumerate(pairs):
             # tau * S / (n n^T): cosine similarities between feature columns over the prefix
-            u, end = _block_prefix_sums(start, x, y, torch.ones((), dtype=x.dtype, device=x.device), block)
+            u, end = _block_prefix_sums(start, x, y, block)
             logits.append(u * ((inv[r] * t[..., i]).unsqueeze(-1) * inv[c].unsqueeze(-2)))
             stats.append((u, inv[r], inv[c]))
             ends.append(end)
@@ -192,7 +190,7 @@ def _cov_chunk_forward(q, k, v, q_w, k_w, s_q0, s_k0, z0, vsq0, cnt_q0, cnt_k0, 
     else:
         logits = []
         for i, (start, x, y) in enumerate(((s_q0, q, q), (s_k0, k, k), (z0, k, v))):
-            u, end = _block_prefix_sums(start, x, y, torch.ones((), dtype=x.dtype, device=x.device), block)
+            u, end = _block_prefix_sums(start, x, y, block)
             logits.append(u * t[..., i].unsqueeze(-1))
             stats.append((u, None, None))
             ends.append(end)
