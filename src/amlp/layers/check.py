@@ -17,6 +17,21 @@ class CheckResult:
     message: str = ""
 
 
+def _runs(name: str, options: dict, forms: list[bool] | None = None) -> list[tuple[bool, dict]]:
+    """The (causal, options) runs of a check: every form the mixer has (or ``forms``), each with every
+    choice of an option without a default (AMLP's ``form``) that ``options`` does not fix."""
+    caps = get_mixer_info(name).capabilities
+    if forms is None:
+        forms = [c for c, has in ((False, caps.noncausal), (True, caps.causal)) if has]
+    missing = [o for o, _ in caps.choices if o not in options]
+    runs = []
+    for causal in forms:
+        combos = [{k: v for k, v in c.items() if k in missing} for c in choice_options(name, causal=causal)] \
+            if missing else [{}]
+        runs += [(causal, combo) for combo in combos]
+    return runs
+
+
 def check_mixer(name: str, *, dim: int = 24, heads: int = 3, length: int = 13, batch: int = 2,
                 tolerance: float = 1e-8, seed: int = 0, **options) -> CheckResult:
     """Run mixer ``name`` and its reference in float64 on a small random input (with padding where
@@ -28,18 +43,9 @@ def check_mixer(name: str, *, dim: int = 24, heads: int = 3, length: int = 13, b
     """
     info = get_mixer_info(name)
     caps = info.capabilities
-    if "causal" in options:
-        forms = [bool(options.pop("causal"))]
-    else:
-        forms = [c for c, has in ((False, caps.noncausal), (True, caps.causal)) if has]
+    forms = [bool(options.pop("causal"))] if "causal" in options else None
     worst = 0.0
-    runs = []
-    for causal in forms:
-        missing = [o for o, _ in caps.choices if o not in options]
-        combos = [{k: v for k, v in c.items() if k in missing} for c in choice_options(name, causal=causal)] \
-            if missing else [{}]
-        runs += [(causal, combo) for combo in combos]
-    for causal, combo in runs:
+    for causal, combo in _runs(name, options, forms):
         label = ", ".join([f"{k}={v}" for k, v in combo.items()] + ["causal" if causal else "non-causal"])
         gen = torch.Generator().manual_seed(seed)
         try:
@@ -100,48 +106,43 @@ def check_mixer_precision(name: str, *, dtype: torch.dtype = torch.bfloat16, dev
     caps = info.capabilities
     device = torch.device(device)
     length = min(length, caps.max_length) if caps.max_length else length
-    forms = [c for c, has in ((False, caps.noncausal), (True, caps.causal)) if has]
     worst = 0.0
-    for causal in forms:
-        missing = [o for o, _ in caps.choices if o not in options]
-        combos = [{k: v for k, v in c.items() if k in missing} for c in choice_options(name, causal=causal)] \
-            if missing else [{}]
-        for combo in combos:
-            label = ", ".join([f"{k}={v}" for k, v in combo.items()] + ["causal" if causal else "non-causal"])
-            gen = torch.Generator().manual_seed(seed)
-            try:
-                torch.manual_seed(seed)
-                extra = {"max_length": length} if caps.max_length_option else {}
-                full = build_mixer(name, dim=dim, heads=heads, causal=causal, **extra, **options, **combo)
-                full = full.to(device).eval()
-                half = build_mixer(name, dim=dim, heads=heads, causal=causal, **extra, **options, **combo)
-                half.load_state_dict(full.state_dict())
-                half = half.to(device=device, dtype=dtype).eval()
-                x = torch.randn(batch, length, dim, generator=gen).to(device)
-                mask = None
-                if caps.padding and batch > 1:
-                    mask = torch.ones(batch, length, dtype=torch.bool, device=device)
-                    mask[-1, length - max(1, length // 3):] = False
-                outs, grads = [], []
-                for mixer, xin in ((full, x), (half, x.to(dtype))):
-                    xin = xin.detach().requires_grad_(True)
-                    y = mixer(xin, x_mask=mask)
-                    weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
-                    (g,) = torch.autograd.grad((y.float() * weights).sum(), [xin])
-                    outs.append(y.float())
-                    grads.append(g.float())
-            except Exception as exc:  # reported, not raised
-                return CheckResult(name, False, float("nan"), f"{label}: {type(exc).__name__}: {exc}")
-            keep = (slice(None),) if mask is None else (mask,)
-            errors = {}
-            for what, (a, b) in (("output", outs), ("input gradient", grads)):
-                a, b = a[keep], b[keep]
-                if not bool(torch.isfinite(b).all()):
-                    return CheckResult(name, False, float("nan"), f"{label}: non-finite {what} in {dtype}")
-                errors[what] = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-12)).item()
-            for what, err in errors.items():
-                if err > tolerance[what]:
-                    return CheckResult(name, False, err,
-                                       f"{label}: relative error of the {what} {err:.3g} > {tolerance[what]:g}")
-            worst = max(worst, *errors.values())
+    for causal, combo in _runs(name, options):
+        label = ", ".join([f"{k}={v}" for k, v in combo.items()] + ["causal" if causal else "non-causal"])
+        gen = torch.Generator().manual_seed(seed)
+        try:
+            torch.manual_seed(seed)
+            extra = {"max_length": length} if caps.max_length_option else {}
+            full = build_mixer(name, dim=dim, heads=heads, causal=causal, **extra, **options, **combo)
+            full = full.to(device).eval()
+            half = build_mixer(name, dim=dim, heads=heads, causal=causal, **extra, **options, **combo)
+            half.load_state_dict(full.state_dict())
+            half = half.to(device=device, dtype=dtype).eval()
+            x = torch.randn(batch, length, dim, generator=gen).to(device)
+            mask = None
+            if caps.padding and batch > 1:
+                mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+                mask[-1, length - max(1, length // 3):] = False
+            outs, grads = [], []
+            for mixer, xin in ((full, x), (half, x.to(dtype))):
+                xin = xin.detach().requires_grad_(True)
+                y = mixer(xin, x_mask=mask)
+                weights = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+                (g,) = torch.autograd.grad((y.float() * weights).sum(), [xin])
+                outs.append(y.float())
+                grads.append(g.float())
+        except Exception as exc:  # reported, not raised
+            return CheckResult(name, False, float("nan"), f"{label}: {type(exc).__name__}: {exc}")
+        keep = (slice(None),) if mask is None else (mask,)
+        errors = {}
+        for what, (a, b) in (("output", outs), ("input gradient", grads)):
+            a, b = a[keep], b[keep]
+            if not bool(torch.isfinite(b).all()):
+                return CheckResult(name, False, float("nan"), f"{label}: non-finite {what} in {dtype}")
+            errors[what] = (torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(a).clamp_min(1e-12)).item()
+        for what, err in errors.items():
+            if err > tolerance[what]:
+                return CheckResult(name, False, err,
+                                   f"{label}: relative error of the {what} {err:.3g} > {tolerance[what]:g}")
+        worst = max(worst, *errors.values())
     return CheckResult(name, True, worst, "")
