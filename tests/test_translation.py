@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from amlp.cli import app
 from amlp.models.translation import BOS, EOS, GLAT, PAD, TransformerMT, uniform_copy
-from amlp.models.translation_decoding import ar_greedy, ar_teacher_forced_argmax, beam_search, nar_decode
+from amlp.models.translation_decoding import (ar_greedy, ar_teacher_forced_argmax, beam_search, collapse_runs,
+                                             nar_decode)
 from amlp.tasks.translation.data import read_split, token_batches, train_tokenizer
 from amlp.tasks.translation.task import (ar_inputs, corpus_scores, glancing_reveal, bleu_signature,
                                          translate_lines)
@@ -109,6 +110,37 @@ def test_length_prediction_and_length_beam_shapes():
         top = model.length_logits(memory, mask)[:, 1:].topk(beam, dim=1).indices + 1
         for row, lengths in zip(out, top.tolist()):
             assert len(row) in lengths and all(t > EOS for t in row)
+
+
+def test_collapse_repeats_reduces_each_run_to_one_token_after_choosing_the_candidate():
+    assert collapse_runs([5, 5, 7, 5, 5, 5, 9]) == [5, 7, 5, 9]
+    assert collapse_runs([]) == [] and collapse_runs([3]) == [3]
+    model = _glat()
+    forward = model.forward
+
+    def repeating(*args, **kwargs):  # a model that repeats: one token is favoured at every position
+        logits, length_logits = forward(*args, **kwargs)
+        logits = logits.clone()
+        logits[..., 17] += 50.0
+        return logits, length_logits
+
+    model.forward = repeating
+    src = torch.randint(4, 40, (3, 7))
+    mask = torch.ones_like(src, dtype=torch.bool)
+    plain = nar_decode(model, src, mask, length_beam=2)
+    collapsed = nar_decode(model, src, mask, length_beam=2, collapse_repeats=True)
+    assert any(len(row) > 1 for row in plain)
+    assert collapsed == [collapse_runs(row) for row in plain] and all(row == [17] for row in collapsed)
+
+
+def test_collapse_repeats_is_refused_for_the_ar_model():
+    from amlp.train.config import build_config
+
+    base = {"task": "translation", "model": {"arch": "transformer", "collapse_repeats": True}}
+    with pytest.raises(ValueError, match="model.collapse_repeats' applies to NAR decoding"):
+        build_config(base)
+    base["model"]["arch"] = "glat"
+    assert build_config(base).model.collapse_repeats is True
 
 
 # -- AR decoding through step ------------------------------------------------------------------------------
@@ -345,6 +377,9 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     text = report.read_text()
     assert "GLAT (abc)" in text and "Tr (local, cross softmax) | —" in text and "nrefs:1" in text
     assert "21.98" in text  # the paper's GLAT (ABC) En-De score beside the row
+    # NAR cells are also scored with repeated-token runs collapsed, beside the single pass
+    assert set(glat["tests_collapsed"]) == {"test2016"} and "tests_collapsed" not in teacher
+    assert "runs collapsed²" in text
     logged.clear()
     run_translation_study(study, command="amlp study translation", write_doc=True, log=logged.append)
     assert sum("done before, skipped" in line for line in logged) == 2

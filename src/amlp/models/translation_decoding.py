@@ -170,13 +170,16 @@ def beam_search(model: TransformerMT, src: torch.Tensor, src_mask: torch.Tensor,
 
 @torch.no_grad()
 def nar_decode(model: GLAT, src: torch.Tensor, src_mask: torch.Tensor, *, length_beam: int = 3,
-               iterations: int = 1) -> list[list[int]]:
+               iterations: int = 1, collapse_repeats: bool = False) -> list[list[int]]:
     """GLAT decoding: the ``length_beam`` most likely target lengths, one parallel pass each, and the
     candidate with the best mean token log-probability (no AR re-ranking).
 
     ``iterations > 1`` adds mask-predict (Ghazvininejad et al. 2019, CMLM): at iteration ``i`` (1-based,
     after the first pass) the ``floor(L * (N - i) / N)`` least confident tokens go back to their copied
     source embeddings and are predicted again, the rest are given to the decoder as revealed tokens.
+
+    ``collapse_repeats`` turns every run of one token into a single token in the chosen output (the
+    candidate is chosen before, on the uncollapsed pass).
     """
     if length_beam < 1 or iterations < 1:
         raise ValueError(f"length_beam and iterations must be >= 1, got {length_beam} and {iterations}")
@@ -211,4 +214,10 @@ def nar_decode(model: GLAT, src: torch.Tensor, src_mask: torch.Tensor, *, length
     best = mean_logp.reshape(B, k).argmax(1)
     chosen = torch.arange(B, device=device) * k + best
     out_tokens, out_lengths = tokens[chosen].tolist(), lengths[chosen].tolist()
-    return [row[:n] for row, n in zip(out_tokens, out_lengths)]
+    out = [row[:n] for row, n in zip(out_tokens, out_lengths)]
+    return [collapse_runs(row) for row in out] if collapse_repeats else out
+
+
+def collapse_runs(tokens: list[int]) -> list[int]:
+    """``tokens`` with every run of one repeated token reduced to one: ``[5, 5, 7, 5]`` → ``[5, 7, 5]``."""
+    return [t for i, t in enumerate(tokens) if i == 0 or tokens[i - 1] != t]

@@ -99,6 +99,9 @@ class TranslationModelConfig:
     length_penalty: float = 1.0
     length_beam: int = 3
     iterations: int = 1
+    #: NAR: collapse runs of one repeated token in the output to a single token (the post-processing of
+    #: Lee et al. 2018 and later NAR work; off by default, as the GLAT and AMLP papers report one pass)
+    collapse_repeats: bool = False
     #: AR output length limit: ``max_len_a * source length + max_len_b``
     max_len_a: float = 1.2
     max_len_b: int = 10
@@ -127,6 +130,9 @@ class TranslationModelConfig:
                 check_site(getattr(self, key), site, causal=causal, cross=cross, options=options)
             except ValueError as err:
                 raise ValueError(f"config key 'model.{key}': {err}") from None
+        if self.arch == "transformer" and self.collapse_repeats:
+            raise ValueError("config key 'model.collapse_repeats' applies to NAR decoding (model.arch: glat); "
+                             "AR decoding keeps its searched output")
         if self.arch == "transformer":
             try:
                 check_ar_cross(self.cross_mixer, self.cross_options)

@@ -252,6 +252,8 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
                 if name not in tests:
                     tests[name] = evaluate_checkpoint(ckpt, name)
             record.update(tests=tests, rescored_at=_dt.datetime.now().isoformat(timespec="seconds"))
+            if cell.row.arch == "glat":
+                record["tests_collapsed"] = _collapsed_tests(evaluate_checkpoint, ckpt, tests)
             _record(results_path, cell.key, record)
             log(f"    {cell.key}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in tests.items()))
     elif not doc_only:
@@ -278,6 +280,7 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
             for name in study.test_sets:
                 if name not in tests:
                     tests[name] = evaluate_checkpoint(ckpt, name)
+            collapsed = _collapsed_tests(evaluate_checkpoint, ckpt, tests) if cell.row.arch == "glat" else None
             log(f"    timing decoding at batch sizes {study.latency.batch_sizes}")
             latency = measure_latency(ckpt, study.latency.batch_sizes, study.latency.sentences, cfg.train.threads)
             rel = lambda p: str(p.relative_to(root) if p.is_relative_to(root) else p)  # noqa: E731
@@ -286,6 +289,7 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
                       "config": study.configs[cell.row.arch], "overrides": overrides + cell_overrides,
                       "steps": result.step, "tested_step": result.tested_step, "tests": tests,
                       "val": result.val_metrics, "latency": latency, "run_dir": rel(run_dir),
+                      **({"tests_collapsed": collapsed} if collapsed is not None else {}),
                       "checkpoint": rel(ckpt), "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
                       "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
             _record(results_path, cell.key, record)
@@ -301,6 +305,11 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
     write_translation_report(doc, results, study=study, command=command)
     log(f"report written to {doc}")
     return doc
+
+
+def _collapsed_tests(evaluate, ckpt: Path, tests: dict) -> dict:
+    """A NAR cell's scores on the same test sets with ``model.collapse_repeats`` on."""
+    return {name: evaluate(ckpt, name, ["model.collapse_repeats=true"]) for name in tests}
 
 
 def _refusal(study: TranslationStudyConfig, missing: list[str]) -> str:
@@ -338,7 +347,9 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
         column = 0 if direction == "en-de" else 1
         test_names = list(dict.fromkeys(study.test_sets))
         lines += [f"## {direction.replace('-', ' → ')}", ""]
-        head = ["arch", "model"] + [f"{t} BLEU" for t in test_names] + [f"{test_names[0]} chrF", "seeds"]
+        head = ["arch", "model"] + [f"{t} BLEU" for t in test_names] + [f"{test_names[0]} chrF",
+                                                                         f"{test_names[0]} BLEU, runs collapsed²",
+                                                                         "seeds"]
         head += [f"sent/s @ {b}" for b in study.latency.batch_sizes] + [f"peak MiB @ {study.latency.batch_sizes[-1]}",
                                                                          "paper WMT14 BLEU"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -352,6 +363,8 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
                                                     lambda r, t=t: (r["tests"].get(t) or {}).get("bleu")), 2))
             cells.append(fmt_seeds(_cell_values(results, direction, key,
                                                 lambda r: (r["tests"].get(test_names[0]) or {}).get("chrf")), 2))
+            cells.append("n/a" if row.arch == "transformer" else fmt_seeds(_cell_values(
+                results, direction, key, lambda r: (r.get("tests_collapsed", {}).get(test_names[0]) or {}).get("bleu")), 2))
             cells.append(str(len(recs)) if recs else "—")
             for b in study.latency.batch_sizes:
                 cells.append(fmt_seeds(_cell_values(results, direction, key,
@@ -364,11 +377,48 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
             cells.append("—" if value is None else value if isinstance(value, str) else f"{value:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    lines += ["² NAR output with every run of one repeated subword reduced to one (`model.collapse_repeats`, the "
+              "post-processing of Lee et al. 2018 and later NAR work); the other columns are the single pass "
+              "as decoded, as the GLAT and AMLP papers report it.", ""]
+    lines += _requirements(results, study)
     lines += _protocol(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _requirements(results: dict, study: TranslationStudyConfig) -> list[str]:
+    """The protocol's checks on En→De: AR softmax BLEU, the GLAT (softmax) gap to it, NAR decoding speed."""
+    direction, test = "en-de", study.test_sets[0]
+    keys = {r.key for r in study.rows}
+    if direction not in study.directions or not {"transformer/softmax", "glat/softmax"} <= keys:
+        return []
+    bleu = lambda field: lambda r: (r.get(field, {}).get(test) or {}).get("bleu")  # noqa: E731
+    ar = _mean(_cell_values(results, direction, "transformer/softmax", bleu("tests")))
+    nar = _mean(_cell_values(results, direction, "glat/softmax", bleu("tests")))
+    nar_c = _mean(_cell_values(results, direction, "glat/softmax", bleu("tests_collapsed")))
+    if ar is None or nar is None:
+        return []
+    out = ["## Checks (En→De, " + test + ", means over seeds)", "",
+           f"- AR Transformer (softmax): {ar:.2f} BLEU ({'at least' if ar >= 30 else 'below'} the 30 the CPU "
+           "protocol must reach).",
+           f"- GLAT (softmax), distilled: {nar:.2f} BLEU, {ar - nar:.2f} below the AR model "
+           f"({'within' if ar - nar <= 6 else 'more than'} 6)" +
+           (f"; with runs collapsed {nar_c:.2f}, {ar - nar_c:.2f} below ({'within' if ar - nar_c <= 6 else 'more than'} 6)"
+            if nar_c is not None else "") + "."]
+    for b in study.latency.batch_sizes:
+        speed = lambda r, b=b: r["latency"]["batch_sizes"].get(str(b), {}).get("sentences_per_s")  # noqa: E731
+        ar_s = _mean(_cell_values(results, direction, "transformer/softmax", speed))
+        nar_s = _mean(_cell_values(results, direction, "glat/softmax", speed))
+        if ar_s and nar_s:
+            out.append(f"- Decoding at batch {b}: GLAT {nar_s:.1f} sentences/s against beam search {ar_s:.1f} "
+                       f"({nar_s / ar_s:.1f}×).")
+    return out + [""]
 
 
 def _protocol(results: dict) -> list[str]:

@@ -220,12 +220,13 @@ class TranslationTask:
 
     # -- evaluation -----------------------------------------------------------------------------------
     def decode(self, model, src, src_mask, *, search: str) -> list[list[int]]:
-        """Token ids per row. ``search``: ``greedy`` or ``beam`` (AR); NAR always uses its length beam
-        and mask-predict iterations from the config."""
+        """Token ids per row. ``search``: ``greedy`` or ``beam`` (AR); NAR always uses its length beam,
+        mask-predict iterations and ``collapse_repeats`` from the config."""
         m: TranslationModelConfig = self.config.model
         net = _unwrap(model)
         if isinstance(net, GLAT):
-            return nar_decode(net, src, src_mask, length_beam=m.length_beam, iterations=m.iterations)
+            return nar_decode(net, src, src_mask, length_beam=m.length_beam, iterations=m.iterations,
+                              collapse_repeats=m.collapse_repeats)
         if search == "greedy" or m.beam == 1:
             return ar_greedy(net, src, src_mask, max_len_a=m.max_len_a, max_len_b=m.max_len_b)
         return beam_search(net, src, src_mask, beam=m.beam, length_penalty=m.length_penalty,
