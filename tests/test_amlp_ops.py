@@ -88,6 +88,7 @@ def test_paper_form_equals_einsum_of_the_equations(variant, activation, tq, tk):
 def test_fast_equals_reference_with_padding_and_long_chunks(variant, form, activation, monkeypatch):
     # many chunks in the chunked passes (the last one partial), both masks, a row without any real key
     monkeypatch.setattr(passes, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(passes, "MAX_CHUNKS", 10 ** 6)
     t = make(2, 1100, 530, 2, 5, 3, scale=0.5)
     g = torch.Generator().manual_seed(1)
     q_mask = torch.rand(2, 1100, generator=g) > 0.3
@@ -331,3 +332,18 @@ def test_poisoned_padded_rows_reach_no_real_output_or_gradient(variant, form, po
     for n, a, b in zip(names, g_bad, g_clean):
         assert torch.isfinite(a).all(), n
         torch.testing.assert_close(a, b, msg=n)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_operator_calls_of_a_training_step_do_not_grow_with_the_length(variant, monkeypatch):
+    # 64-row chunks at most 8 of them: 512 tokens make 8 chunks, 2048 tokens make 8 chunks of 256;
+    # with the chunk size fixed, 2048 tokens would make 32 chunks and four times the calls per pass
+    from amlp.bench.workloads import count_aten_calls
+
+    monkeypatch.setattr(passes, "CHUNK_BYTES", 1)
+    assert len(passes.row_chunks(torch.empty(1, 2048, 2, 4))) == passes.MAX_CHUNKS == 8
+    calls = {}
+    for T in (512, 2048):
+        t = make(1, T, T, 2, 4, 3, dtype=torch.float32)
+        calls[T] = count_aten_calls(lambda t=t: run(variant, t).sum().backward())
+    assert calls[512] == calls[2048]

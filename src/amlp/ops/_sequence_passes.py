@@ -21,13 +21,18 @@ from ._common import activate
 #: products stay efficient
 CHUNK_BYTES = 256 * 1024
 MIN_CHUNK_ROWS = 64
+#: the most chunks a pass makes: past ``MAX_CHUNKS * CHUNK_BYTES`` the chunks grow with the sequence
+#: instead (their temporaries stay below ``1 / MAX_CHUNKS`` of one input), so the number of operator
+#: calls of a call does not grow with T
+MAX_CHUNKS = 8
 
 
 def row_chunks(x: torch.Tensor):
-    """Slices of the time axis of ``x`` (``[B, T, ...]``) holding about ``CHUNK_BYTES`` each."""
+    """Slices of the time axis of ``x`` (``[B, T, ...]``): about ``CHUNK_BYTES`` each, at most
+    ``MAX_CHUNKS`` of them."""
     length = x.shape[1]
     row_bytes = max(1, x[:, :1].numel() * x.element_size())
-    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes)
+    rows = max(MIN_CHUNK_ROWS, CHUNK_BYTES // row_bytes, -(-length // MAX_CHUNKS))
     return [slice(i, min(i + rows, length)) for i in range(0, length, rows)]
 
 
