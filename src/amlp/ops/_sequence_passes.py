@@ -22,9 +22,10 @@ from ._common import activate
 CHUNK_BYTES = 256 * 1024
 MIN_CHUNK_ROWS = 64
 #: the most chunks a pass makes: past ``MAX_CHUNKS * CHUNK_BYTES`` the chunks grow with the sequence
-#: instead (their temporaries stay below ``1 / MAX_CHUNKS`` of one input), so the number of operator
-#: calls of a call does not grow with T
-MAX_CHUNKS = 8
+#: instead, so the number of operator calls of a call stops growing with T. The temporaries of a chunk
+#: grow with it, to about ``1 / MAX_CHUNKS`` of one input: at T = 8,192 (B 1, H 8, D 64) a training
+#: step's peak was 1.02 times SDPA's with 32 chunks, 1.03-1.05 with 16 and 1.07-1.11 with 8.
+MAX_CHUNKS = 32
 
 
 def row_chunks(x: torch.Tensor):
