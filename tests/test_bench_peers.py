@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from amlp.bench import read_csv
 from amlp.bench.markdown import peers_markdown
+from amlp.bench.memory import cpu_peak_supported, forked_peak_bytes
 from amlp.bench.peers import (PAIRS, PEERS_COLUMNS, RELEASED_PAIRS, SPECS, PeersSettings, _time_interleaved,
                               load_released_amlp, pair_outputs, run_peers, save_peers)
 from amlp.cli import app
@@ -46,6 +47,24 @@ def test_cli_with_a_missing_peer_exits_cleanly(monkeypatch, tmp_path):
     assert "pip install performer-pytorch" in (tmp_path / "peers.md").read_text()
 
 
+@pytest.mark.skipif(not cpu_peak_supported(), reason="needs Linux's /proc/self/clear_refs")
+def test_forked_peak_counts_what_each_call_allocates():
+    def alloc(mib):
+        def fn():
+            x = torch.ones(mib * 2**18)  # float32: mib MiB, every page touched
+            return float(x[-1])
+        return fn
+
+    small, big = forked_peak_bytes([alloc(1), alloc(48)])
+    assert 47 * 2**20 <= big <= 56 * 2**20
+    assert small < 8 * 2**20 and big - small >= 40 * 2**20
+
+    def fails():
+        raise RuntimeError("no")
+
+    assert forked_peak_bytes([alloc(1), fails]) == [None, None]  # a failing child measures nothing
+
+
 # -- the softmax / SDPA pair, end to end ---------------------------------------------------------------
 
 def test_quick_softmax_pair_end_to_end(tmp_path):
@@ -70,8 +89,13 @@ def test_quick_softmax_pair_end_to_end(tmp_path):
     assert (frame["max_abs_diff"] < 1e-5).all()  # the same function on the same numbers
     assert set(frame["out_shape"]) == {"1x2x8x4", "1x2x16x4"}
     assert (frame["level"] == "op").all()
-    # CPU peak memory is left out, and the header says why
-    assert frame["amlp_fwd_peak_bytes"].isna().all() and "not measured on CPU" in header["memory_method"]
+    # CPU peak memory: both sides measured in this process, the same way, and the header says how
+    if cpu_peak_supported():
+        for col in ("amlp_fwd_peak_bytes", "peer_fwd_peak_bytes", "amlp_fwdbwd_peak_bytes", "peer_fwdbwd_peak_bytes"):
+            assert (frame[col] >= 0).all(), col
+        assert "forked_peak_bytes" in header["memory_method"]
+    else:
+        assert frame["amlp_fwd_peak_bytes"].isna().all() and "not measured" in header["memory_method"]
     data = json.loads((tmp_path / "peers.json").read_text())
     assert set(data) == {"header", "rows"} and set(data["rows"][0]) == set(PEERS_COLUMNS)
     md = (tmp_path / "peers.md").read_text()

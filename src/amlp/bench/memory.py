@@ -91,6 +91,51 @@ def timed_peak(fn, device) -> tuple[float, float | None]:
     return time.perf_counter() - start, peak
 
 
+def fix_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold in this process at :data:`MMAP_THRESHOLD` (``mallopt``), as the
+    measuring processes have it: every later allocation of that size or more is its own mapping,
+    released when freed, so the resident set follows the live tensors. False where it cannot be set
+    (not glibc)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+
+
+def forked_peak_bytes(fns: list, repeats: int = 3) -> list[int | None]:
+    """Peak resident bytes that one call of each of ``fns`` adds, measured in a child forked from
+    this process, so the callables need not be rebuilt (the peers' modules) and this process keeps
+    its allocator settings and timings: the child uses one torch thread, fixes the mmap threshold
+    (:func:`fix_mmap_threshold`), and calls the functions in turn ``repeats`` times (in reverse
+    order every other round), keeping the smallest figure of each. Nones where it cannot measure."""
+    if not fns or not cpu_peak_supported() or not hasattr(os, "fork"):
+        return [None] * len(fns)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child's lines are not seen by coverage
+        code = 1
+        try:
+            os.close(read_end)
+            torch.set_num_threads(1)
+            found: list[list[int]] = [[] for _ in fns]
+            if fix_mmap_threshold():
+                for r in range(max(1, repeats)):
+                    order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+                    for i in order:
+                        found[i].append(_added_peak_kib(fns[i]) * 1024)
+            os.write(write_end, json.dumps([min(f) if f else None for f in found]).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not data:
+        return [None] * len(fns)
+    return json.loads(data)
+
+
 def _added_peak_kib(fn) -> int:
     """Resident KiB that one ``fn()`` adds at its peak: ``VmHWM`` after the call minus ``VmRSS``
     before it, with the heap trimmed and the high-water mark reset first."""

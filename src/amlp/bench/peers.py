@@ -35,12 +35,13 @@ with status ``not installed`` and the pip name. The released AMLP code (``Shark-
 ``amlp.py``) is not on PyPI; pass the path of a local checkout's ``amlp.py`` as ``released_amlp`` to
 measure it (see :func:`load_released_amlp` for what is stubbed to import it without fairseq).
 
-Peak memory: measured on CUDA only, with :func:`amlp.bench.memory.timed_peak` (one untimed call after
-the timing: ``max_memory_allocated`` minus what was allocated before the call). On the CPU the
-project's meter measures registered-mixer workloads in fresh forked processes (it takes a
-:class:`~amlp.bench.workloads.Workload`, not a callable), and its in-process figure reads the
-process's resident high-water mark, which the timing has already raised; the peers' CPU memory is
-therefore not measured, and the header says so.
+Peak memory, after the timing of each mode: on CUDA with :func:`amlp.bench.memory.timed_peak` (one
+untimed call: ``max_memory_allocated`` minus what was allocated before the call); on Linux CPUs with
+:func:`amlp.bench.memory.forked_peak_bytes` (in a child forked from the benchmark, one torch thread,
+glibc's mmap threshold fixed at 64 KiB, heap trimmed, the resident high-water mark reset, one call:
+``VmHWM`` minus ``VmRSS`` before it; the smallest of five calls per side, the two sides
+alternating). Both sides are measured the same way, in the steady state after their timing, and the
+benchmark process itself keeps its allocator settings.
 """
 
 from __future__ import annotations
@@ -647,12 +648,21 @@ def _time_interleaved(fa, fb, min_run_time: float, rounds: int, threads: int) ->
 
 
 def _peak_bytes(fn, device: torch.device) -> int | None:
-    if device.type != "cuda":
-        return None
     from .memory import timed_peak
 
     _, mib = timed_peak(fn, device)
     return None if mib is None else int(mib * 2**20)
+
+
+def _peak_pair(fa, fb, device: torch.device) -> tuple[int | None, int | None]:
+    """Peaks of both sides: on CUDA one call each; on the CPU in a forked child, alternating
+    (a, b, b, a, ...: five rounds), the smallest per side."""
+    if device.type == "cuda":
+        return _peak_bytes(fa, device), _peak_bytes(fb, device)
+    from .memory import forked_peak_bytes
+
+    a, b = forked_peak_bytes([fa, fb], repeats=5)
+    return a, b
 
 
 def memory_method(device: torch.device, enabled: bool) -> str:
@@ -661,9 +671,15 @@ def memory_method(device: torch.device, enabled: bool) -> str:
     if device.type == "cuda":
         return ("amlp.bench.memory.timed_peak: one untimed call after the timing, torch.cuda.max_memory_allocated "
                 "minus allocated before the call")
-    return ("not measured on CPU: amlp.bench.memory measures CPU peaks of registered-mixer workloads in fresh forked "
-            "processes (PeakMeter takes a Workload, not a callable), and its in-process figure (timed_peak) reads "
-            "the process's resident high-water mark, which the timing calls have already raised")
+    from .memory import cpu_peak_supported
+
+    if not cpu_peak_supported():
+        return "not measured: this system has no /proc/self/clear_refs to read a CPU peak from"
+    return ("amlp.bench.memory.forked_peak_bytes, after the timing of each mode, in a child forked from the "
+            "benchmark with one torch thread: glibc's mmap threshold fixed at 64 KiB, heap trimmed, resident "
+            "high-water mark reset, one call, VmHWM minus VmRSS before it; the smallest of five calls per side, the "
+            "sides alternating (steady state: both sides have run before; amlp bench ops also reports a fresh "
+            "process's first call)")
 
 
 def _compare(a: torch.Tensor, b: torch.Tensor) -> tuple[str, float | None, str]:
@@ -797,8 +813,7 @@ def _measure_point(row, name, module, settings, length, device, dtype, threads, 
                 t["ratio"], t["ratio_min"], t["ratio_max"])
             row[f"amlp_{mode}_runs"], row[f"peer_{mode}_runs"] = t["runs_a"], t["runs_b"]
             if settings.memory:
-                row[f"amlp_{mode}_peak_bytes"] = _peak_bytes(fa, device)
-                row[f"peer_{mode}_peak_bytes"] = _peak_bytes(fb, device)
+                row[f"amlp_{mode}_peak_bytes"], row[f"peer_{mode}_peak_bytes"] = _peak_pair(fa, fb, device)
         except Exception as exc:  # noqa: BLE001
             messages.append(f"{mode}: {type(exc).__name__}: {exc}")
         finally:
