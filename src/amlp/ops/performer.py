@@ -79,25 +79,30 @@ def feature_logits(x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
     ``x' = x D^(-1/4)``; ``x`` ``[B, T, H, D]``, features ``[m, D]`` or ``[H, m, D]`` ->
     ``[B, T, H, m]``."""
     D = x.shape[-1]
-    xs = x * D ** -0.25
-    w = features if features.dim() == 3 else features.unsqueeze(0).expand(x.shape[2], -1, -1)
-    return torch.einsum("bthd,hmd->bthm", xs, w) - 0.5 * xs.square().sum(-1, keepdim=True)
+    scale = D ** -0.25
+    # the scale goes on the (small) features and on the squared norms, not on a copy of x
+    w = (features if features.dim() == 3 else features.unsqueeze(0).expand(x.shape[2], -1, -1)) * scale
+    half_sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() * (0.5 * scale * scale)
+    # in place on the product's own output, which its backward does not need
+    return torch.einsum("bthd,hmd->bthm", x, w).sub_(half_sq)
 
 
 def query_features(logits: torch.Tensor) -> torch.Tensor:
     """``phi(q)`` from :func:`feature_logits`, stabilised by each query's own (detached) max."""
     m = logits.shape[-1]
-    return torch.exp(logits - logits.amax(-1, keepdim=True).detach()) / math.sqrt(m)
+    # 1/sqrt(m) folded into the exponent; exp in place on the difference (one [B, T, H, m] tensor)
+    return (logits - (logits.amax(-1, keepdim=True).detach() + 0.5 * math.log(m))).exp_()
 
 
 def key_features(logits: torch.Tensor, kv_mask: torch.Tensor | None) -> torch.Tensor:
     """``phi(k)`` from :func:`feature_logits`, stabilised by one (detached) max per (batch, head)
     over the real keys and all features; padded keys give zero features."""
     m = logits.shape[-1]
-    masked = logits if kv_mask is None else logits.masked_fill(~kv_mask[:, :, None, None], float("-inf"))
-    stab = masked.amax(dim=(1, 3), keepdim=True).detach()
+    real = logits.detach() if kv_mask is None else logits.detach().masked_fill(~kv_mask[:, :, None, None],
+                                                                                float("-inf"))
+    stab = real.amax(dim=(1, 3), keepdim=True)
     stab = torch.where(torch.isfinite(stab), stab, torch.zeros_like(stab))
-    phi = torch.exp(logits - stab) / math.sqrt(m)
+    phi = (logits - (stab + 0.5 * math.log(m))).exp_()
     return padded_rows_to_zero(phi, kv_mask)
 
 
