@@ -300,6 +300,13 @@ def test_tiny_model_overfits_32_pairs(tmp_path, arch, steps):
     assert metrics["bleu"] == pytest.approx(result.test_metrics["bleu"])
     if arch == "transformer":
         _check_translate_cli(tmp_path, ckpt)
+    else:  # the NAR post-processing from the command line
+        src, _ = read_split("val", "en", "de", DATA)
+        res = runner.invoke(app, ["translate", "--checkpoint", str(ckpt), "--no-progress", "--collapse-repeats"],
+                            input="\n".join(src[:3]) + "\n")
+        assert res.exit_code == 0, res.output
+        _, task, model = load_trained_model(ckpt, ["model.collapse_repeats=true"], device="cpu")
+        assert res.stdout.strip("\n").split("\n") == translate_lines(task, model, src[:3])
 
 
 def _check_translate_cli(tmp_path: Path, ckpt: Path) -> None:
@@ -322,6 +329,8 @@ def _check_translate_cli(tmp_path: Path, ckpt: Path) -> None:
     assert res.exit_code == 2 and "--threads must be >= 1" in res.output
     res = runner.invoke(app, ["translate", "--checkpoint", str(tmp_path / "nowhere")], input="a\n")
     assert res.exit_code == 1 and "nowhere" in res.output
+    res = runner.invoke(app, ["translate", "--checkpoint", str(ckpt), "--collapse-repeats"], input="a\n")
+    assert res.exit_code == 1 and "applies to NAR decoding" in res.output
     res = runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--split", "test2016"])
     assert res.exit_code == 0, res.output
     record = json.loads(res.stdout)

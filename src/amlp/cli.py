@@ -323,6 +323,9 @@ def translate_command(
                                                                 "('-': stdout)"),
     batch_size: int = typer.Option(64, "--batch-size", help="sentences decoded together"),
     beam: int = typer.Option(None, "--beam", help="beam size of an AR model (1: greedy; default: the config's)"),
+    collapse_repeats: bool = typer.Option(None, "--collapse-repeats/--keep-repeats",
+                                          help="NAR (GLAT) model: reduce runs of one repeated subword to one "
+                                               "(default: the config's model.collapse_repeats)"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
     threads: int = typer.Option(None, "--threads", help="CPU threads for torch (default: torch's)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
@@ -353,7 +356,10 @@ def translate_command(
     if not lines:
         _fail("no input: give one sentence per line on stdin or with --input", 2)
     try:
-        config, task, model = load_trained_model(checkpoint, [f"model.beam={beam}"] if beam else [], device)
+        overrides = [f"model.beam={beam}"] if beam else []
+        if collapse_repeats is not None:
+            overrides.append(f"model.collapse_repeats={str(collapse_repeats).lower()}")
+        config, task, model = load_trained_model(checkpoint, overrides, device)
         if config.task != "translation":
             _fail(f"{checkpoint!r} is a checkpoint of task {config.task!r}, not translation")
         outputs = translate_lines(task, model, [line.rstrip("\r") for line in lines], batch_size=batch_size,
