@@ -37,19 +37,16 @@ def _close_with_grads(fast, ref, inputs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
-@pytest.fixture(params=["prefix-sums", "pairwise"])
+@pytest.fixture(params=[1, 3, 16])
 def causal_form(request, monkeypatch):
-    """Both causal forms, whichever the length would pick."""
+    """The causal form with one position per chunk, a few, and the whole sequence in one chunk."""
     import amlp.ops.abc as ops_abc
 
-    monkeypatch.setattr(ops_abc, "use_pairwise", lambda *args: request.param == "pairwise")
+    monkeypatch.setattr(ops_abc, "DEFAULT_CHUNK", request.param)
+    forward = ops_abc._causal_chunked
+    monkeypatch.setattr(ops_abc, "_causal_chunked", lambda q, k, v, c, scale, chunk: forward(q, k, v, c, scale,
+                                                                                            request.param))
     return request.param
-
-
-def test_causal_form_choice():
-    from amlp.ops.abc import use_pairwise
-
-    assert use_pairwise(30, 48, 16) and not use_pairwise(200, 48, 16)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -20,13 +20,12 @@ This is evaluated with prefix sums in log space: with ``l_t = logcumsumexp_{j<=t
     K~_t = exp(l_{t-1} - l_t) K~_{t-1} + exp(c_t - l_t) k_t^T,
 
 every exponent is ``<= 0``, so nothing overflows whatever the scale of the logits. The parallel
-form splits time into chunks: inside a chunk the weights ``exp(c_j - l_t)`` (``j <= t``) form a small
-triangular matrix, across chunks the normalised memory at the end of the previous chunk is carried
-with weight ``exp(l_end - l_t)``. Short sequences (keys up to ``2D + chunk``) skip the per-step
-memories: query t reads ``sum_j w[t, j, s] (q_t . k_j)`` through the pairwise weights
-``w[t, j, s] = exp(c_j - l_t)`` and mixes the values with ``sum_s p[t, s] w[t, j, s]`` (less memory
-and time there; the same function). The recurrent form is the recurrence above, with a state of
-``n (2D + 1)`` numbers per head.
+form splits time into chunks and never forms the per-step memories: inside a chunk, query t reads
+``sum_j w[t, j, s] (q_t . k_j)`` through the pairwise weights ``w[t, j, s] = exp(c_j - l_t)``
+(``j <= t``, a small triangular array) and mixes the values with ``sum_s p[t, s] w[t, j, s]``; the
+normalised memory at the end of the previous chunk is read with weight ``exp(l_end - l_t)``, and
+those boundary memories follow the recurrence above from chunk to chunk. The recurrent form is the
+recurrence itself, with a state of ``n (2D + 1)`` numbers per head.
 
 Padding: padded keys get no weight (their logits are pushed to a sentinel far below any real
 logit, which keeps the log-space arithmetic finite); outputs at padded queries are zero, and a query
@@ -69,61 +68,56 @@ def _softmax_or_zero(logits: torch.Tensor, dim: int) -> torch.Tensor:
     return e / e.sum(dim, keepdim=True).clamp_min(torch.finfo(e.dtype).tiny)
 
 
-def _causal_memory(control: torch.Tensor, kv: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Normalised causal memories ``M_t = sum_{j<=t} exp(c_j - l_t) x_j^T``, ``[B, T, H, n, E]``,
-    from control logits ``[B, T, H, n]`` and rows ``x`` ``[B, T, H, E]`` (chunked prefix sums)."""
-    B, T, H, n = control.shape
-    E = kv.shape[-1]
-    nc = -(-T // chunk)
-    tail = nc * chunk - T
-    c = F.pad(control, (0, 0, 0, 0, 0, tail), value=SENTINEL)
-    x = F.pad(kv, (0, 0, 0, 0, 0, tail))
-    lse = torch.logcumsumexp(c, dim=1)
-    c = c.view(B, nc, chunk, H, n)
-    lse = lse.view(B, nc, chunk, H, n)
-    x = x.view(B, nc, chunk, H, E)
-    # within a chunk: w[t, j] = exp(c_j - l_t) for j <= t
-    later = torch.ones(chunk, chunk, dtype=torch.bool, device=c.device).triu(1)  # j > t
-    expo = c.unsqueeze(2) - lse.unsqueeze(3)  # [B, nc, t, j, H, n]
-    w = torch.exp(expo.masked_fill(later[:, :, None, None], float("-inf")))
-    memory = torch.einsum("bntjhs,bnjhe->bnthse", w, x)  # [B, nc, chunk, H, n, E]
-    if nc > 1:
-        # carry the normalised memory at the end of each chunk into the next one
-        # (unbind rather than indexing in the loop: its backward is one stack, not nc scatters)
-        end_lse = lse[:, :, -1]  # [B, nc, H, n]
-        in_chunk_ends = memory[:, :-1, -1].unbind(1)
-        end_decays = torch.exp(end_lse[:, :-2] - end_lse[:, 1:-1]).unsqueeze(-1).unbind(1)
-        ends = [in_chunk_ends[0]]
-        for i in range(1, nc - 1):
-            ends.append(in_chunk_ends[i] + end_decays[i - 1] * ends[-1])
-        carried = torch.stack(ends, dim=1)  # memories at the ends of chunks 0 .. nc-2
-        decay = torch.exp(end_lse[:, :-1].unsqueeze(2) - lse[:, 1:]).unsqueeze(-1)  # [B, nc-1, chunk, H, n, 1]
-        memory = torch.cat([memory[:, :1], memory[:, 1:] + decay * carried.unsqueeze(2)], dim=1)
-    return memory.reshape(B, nc * chunk, H, n, E)[:, :T]
+def _causal_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, control: torch.Tensor, scale: float,
+                    chunk: int) -> torch.Tensor:
+    """Causal ABC in chunks of ``chunk`` positions, ``q`` aligned with the keys (``[B, T, H, D]``, the
+    same T). For query t in a chunk that starts after the normalised memories ``K0, V0`` (``n x D``
+    per head, the state after the previous chunks, with running total ``L0``):
 
+        q_t . K~_t[s] = exp(L0_s - l_ts) q_t . K0[s] + sum_{j <= t in the chunk} w[t, j, s] q_t . k_j
+        out_t = sum_s p[t, s] exp(L0_s - l_ts) V0[s] + sum_j (sum_s p[t, s] w[t, j, s]) v_j
 
-def _causal_pairwise(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, control: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """Causal ABC read through the pairwise weights ``w[t, j, s] = exp(c_j - l_t)`` (``j <= t``) without
-    materialising a memory per step: ``q_t . K~_t[s] = sum_j w[t, j, s] (q_t . k_j)`` and
-    ``out_t = sum_j (sum_s p[t, s] w[t, j, s]) v_j``. ``O(Tq Tk n)`` time and memory, which for short
-    sequences is far below the ``O(T n D)`` memories (times the chunk) of the prefix-sum form."""
-    Tq, Tk = q.shape[1], k.shape[1]
-    lse = torch.logcumsumexp(control, dim=1)[:, Tk - Tq:]  # [B, Tq, H, n]
-    later = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).triu(Tk - Tq + 1)  # j > t (end-aligned)
-    expo = control.unsqueeze(1) - lse.unsqueeze(2)  # [B, Tq, Tk, H, n]
-    w = torch.exp(expo.masked_fill(later[:, :, None, None], float("-inf")))
-    scores = torch.einsum("bthd,bjhd->btjh", q, k)
-    weights = torch.softmax(torch.einsum("btjhs,btjh->bths", w, scores) * scale, dim=-1)
-    return torch.einsum("btjh,bjhd->bthd", torch.einsum("bths,btjhs->btjh", weights, w), v)
-
-
-def use_pairwise(tk: int, head_dim: int, chunk: int) -> bool:
-    """Whether the causal form reads through pairwise weights (:func:`_causal_pairwise`) rather than
-    per-step memories: when its ``Tk x n`` weights per query take no more memory than the prefix-sum
-    form's ``n x 2D`` memory plus ``chunk x n`` in-chunk weights (keys up to ``2D + chunk``), where it is
-    also faster."""
-    return tk <= 2 * head_dim + chunk
+    with ``w[t, j, s] = exp(c_js - l_ts)`` and ``p[t] = softmax(scale q_t . K~_t)``. The per-step
+    memories are never formed: the work is ``O(T chunk n)`` weights and ``O(T n D)`` products, and
+    the states at the chunk boundaries follow one small recurrence over the chunks."""
+    B, T, H, D = k.shape
+    n = control.shape[-1]
+    C = min(chunk, T)
+    nc = -(-T // C)
+    tail = nc * C - T
+    if tail:  # positions after the end: no weight, nothing read
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, tail)) for x in (q, k, v))
+        control = F.pad(control, (0, 0, 0, 0, 0, tail), value=SENTINEL)
+    # heads first, contiguous: [B, H, nc, C, .], so every product below is one batched matrix product
+    c = control.permute(0, 2, 3, 1).contiguous()  # [B, H, n, T]: the running sum along the last axis
+    lse = torch.logcumsumexp(c, dim=-1).view(B, H, n, nc, C).permute(0, 1, 3, 4, 2)  # [B, H, nc, C, n]
+    c = c.view(B, H, n, nc, C).permute(0, 1, 3, 4, 2)
+    q, k, v = (x.view(B, nc, C, H, D).permute(0, 3, 1, 2, 4).contiguous() for x in (q, k, v))
+    ends = lse[:, :, :, -1]  # running totals at the ends of the chunks, [B, H, nc, n]
+    first = torch.full_like(ends[:, :, :1], float("-inf"))
+    before = torch.cat([first, ends[:, :, :-1]], dim=2)  # L0 of each chunk
+    # the normalised memories at the chunk boundaries: M_i = exp(L_{i-1} - L_i) M_{i-1} + S_i
+    kv = torch.cat([k, v], dim=-1)
+    weight = torch.exp(c - ends.unsqueeze(3))  # [B, H, nc, C, n]
+    sums = torch.matmul(weight.transpose(-1, -2), kv)  # S_i, [B, H, nc, n, 2D]
+    decay = torch.exp(before - ends).unsqueeze(-1)  # [B, H, nc, n, 1], 0 for the first chunk
+    states = [torch.zeros_like(sums[:, :, 0])]
+    # unbound once: one backward node for all chunks (a select per chunk would add a full-size zero
+    # gradient per chunk)
+    for d_i, s_i in zip(decay.unbind(2)[:-1], sums.unbind(2)[:-1]):
+        states.append(d_i * states[-1] + s_i)
+    start = torch.stack(states, dim=2)  # memories before each chunk, [B, H, nc, n, 2D]
+    k0, v0 = start[..., :D], start[..., D:]
+    carry = torch.exp(before.unsqueeze(3) - lse)  # exp(L0 - l_t), [B, H, nc, C, n]
+    later = torch.ones(C, C, dtype=torch.bool, device=q.device).triu(1)  # [t, j]: j > t
+    # w[t, j, s] as [B, H, nc, t, s, j]: the products below contract j or s as matrix products
+    w = torch.exp((c.transpose(-1, -2).unsqueeze(3) - lse.unsqueeze(5)).masked_fill(later[:, None, :], float("-inf")))
+    pair = torch.matmul(q, k.transpose(-1, -2))  # q_t . k_j inside the chunk, [B, H, nc, t, j]
+    logits = carry * torch.matmul(q, k0.transpose(-1, -2)) + torch.matmul(w, pair.unsqueeze(-1)).squeeze(-1)
+    p = torch.softmax(logits * scale, dim=-1)  # [B, H, nc, t, s]
+    mix = torch.matmul(p.unsqueeze(-2), w).squeeze(-2)  # sum_s p[t, s] w[t, j, s], [B, H, nc, t, j]
+    out = torch.matmul(p * carry, v0) + torch.matmul(mix, v)  # [B, H, nc, C, D]
+    return out.permute(0, 2, 3, 1, 4).reshape(B, nc * C, H, D)[:, :T]
 
 
 def abc_attention(
@@ -147,8 +141,8 @@ def abc_attention(
         causal: query i reads the memory of keys ``j <= i + Tk - Tq`` (end-aligned, as in
             :func:`amlp.ops.softmax.softmax_attention`), normalised by the running total.
         scale: logit scale of the read-out, ``1/sqrt(D)`` by default.
-        chunk_size: chunk length of the causal prefix sums (memory ``O(T * chunk * n)`` for the
-            in-chunk weights, plus ``O(T n D)`` for the per-step memories).
+        chunk_size: chunk length of the causal form (memory ``O(T * chunk * n)`` for the in-chunk
+            weights; a Python step per chunk for the memories at the chunk boundaries).
 
     Returns ``[B, Tq, H, D]`` in the dtype of ``q``.
     """
@@ -179,13 +173,9 @@ def abc_attention(
     else:
         if kv_mask is not None:
             c = c.masked_fill(~kv_mask[:, :, None, None], SENTINEL)
-        if use_pairwise(Tk, D, min(chunk_size, Tk)):
-            out = _causal_pairwise(q, k, v, c, scale)
-        else:
-            memory = _causal_memory(c, torch.cat([k, v], dim=-1), min(chunk_size, Tk))[:, Tk - Tq:]
-            mem_k, mem_v = memory[..., :D], memory[..., D:]
-            weights = torch.softmax(torch.einsum("bthd,bthsd->bths", q, mem_k) * scale, dim=-1)
-            out = torch.einsum("bths,bthsd->bthd", weights, mem_v)
+        # queries end-aligned to the keys: the first Tk - Tq key positions have no query
+        aligned = q if Tq == Tk else F.pad(q, (0, 0, 0, 0, Tk - Tq, 0))
+        out = _causal_chunked(aligned, k, v, c, scale, chunk_size)[:, Tk - Tq:]
         if kv_mask is not None:
             # a query before the first real key reads nothing
             seen = (kv_mask.cumsum(1) > 0)[:, Tk - Tq:]
