@@ -431,3 +431,31 @@ def test_study_command_names_unknown_rows_and_directions():
     assert res.exit_code == 1 and "--directions: 'fr-en'" in res.output
     res = runner.invoke(app, ["study", "translation", "--seeds", "a", "--report-only"])
     assert res.exit_code == 2 and "--seeds" in res.output
+
+
+def test_report_checks_state_the_protocol_requirements():
+    from amlp.tasks.translation.study import Latency, StudyRow, TranslationStudyConfig, _requirements
+
+    study = TranslationStudyConfig(configs={"transformer": "t.yaml", "glat": "g.yaml"},
+                                   rows=[StudyRow("transformer", "softmax"), StudyRow("glat", "softmax")],
+                                   directions=["en-de"], test_sets=["test2016"],
+                                   latency=Latency(batch_sizes=[1, 64]))
+
+    def record(row, seed, bleu, collapsed, speed):
+        rec = {"finished": True, "direction": "en-de", "row": row, "seed": seed,
+               "tests": {"test2016": {"bleu": bleu}},
+               "latency": {"batch_sizes": {"1": {"sentences_per_s": speed}, "64": {"sentences_per_s": 4 * speed}}}}
+        if collapsed is not None:
+            rec["tests_collapsed"] = {"test2016": {"bleu": collapsed}}
+        return rec
+
+    results = {"a": record("transformer/softmax", 0, 32.0, None, 10.0),
+               "b": record("transformer/softmax", 1, 31.0, None, 10.0),
+               "c": record("glat/softmax", 0, 25.0, 26.0, 40.0), "d": record("glat/softmax", 1, 25.5, 26.5, 40.0)}
+    text = "\n".join(_requirements(results, study))
+    assert "31.50 BLEU (at least the 30" in text
+    assert "25.25 BLEU, 6.25 below the AR model (more than 6); with runs collapsed 26.25, 5.25 below (within 6)" in text
+    assert "batch 1: GLAT 40.0 sentences/s against beam search 10.0 (4.0×)" in text
+    # without the GLAT softmax row there is nothing to check
+    del results["c"], results["d"]
+    assert _requirements(results, study) == []
