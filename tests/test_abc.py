@@ -42,7 +42,6 @@ def causal_form(request, monkeypatch):
     """The causal form with one position per chunk, a few, and the whole sequence in one chunk."""
     import amlp.ops.abc as ops_abc
 
-    monkeypatch.setattr(ops_abc, "DEFAULT_CHUNK", request.param)
     forward = ops_abc._causal_chunked
     monkeypatch.setattr(ops_abc, "_causal_chunked", lambda q, k, v, c, scale, chunk: forward(q, k, v, c, scale,
                                                                                             request.param))
