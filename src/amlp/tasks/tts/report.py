@@ -113,16 +113,20 @@ def _figures(results, study, base_time, fig_dir: Path, path: Path) -> list[str]:
     b = str(study.latency.batch_sizes[0])
     lines = ["## Figures", ""]
     # Figure 2a
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for row in study.rows:
+    fig, ax = plt.subplots(figsize=(8, 4))
+    markers = "os^vD<>pPX*h"
+    for i, row in enumerate(study.rows):
         recs = _records(results, row.key)
         t, mcd = _speed(recs, b), record_values(recs, lambda r: r["test"]["mcd"])
         if t and mcd and base_time[b]:
-            ax.scatter(base_time[b] / t, np.mean(mcd))
-            ax.annotate(_label(row.arch, row.mechanism).split(" `")[0], (base_time[b] / t, np.mean(mcd)), fontsize=7)
+            # a legend rather than labels beside the points, which overlap where points are close
+            ax.scatter(base_time[b] / t, np.mean(mcd), marker=markers[i % len(markers)],
+                       label=_label(row.arch, row.mechanism).split(" `")[0])
     ax.set_xlabel(f"synthesis speed-up over FS2 (softmax), batch {b}")
     ax.set_ylabel("MCD (test)")
     ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(fig_dir / "tts_mcd_speedup.png", dpi=120)
     plt.close(fig)
