@@ -122,6 +122,51 @@ def test_quadratic_stable_equals_naive(causal, padded):
     )
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_quadratic_float32_matches_float64_reference_with_left_padding_and_holes(causal):
+    """The float32 path (pairs scaled for a base-2 power, variances from small products) against the
+    float64 reference: left padding (the first real queries of a causal row see no real key before
+    themselves only through their own position), a padded key in the middle of a row, and NaN in
+    every padded position, which must reach no output and no gradient."""
+    B, T, h = 3, 13, 24
+    a64, b64 = pair_inputs(B=B, T=T, h=h, scale=2.0, seed=5)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, :5] = False  # left padding
+    mask[1, 6] = False  # a hole
+    mask[2, 9:] = False  # right padding
+    clean64 = [torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=F64)).detach().requires_grad_()
+               for x in (a64, b64)]
+    dirty = [torch.where(mask.unsqueeze(-1), x.detach().float(), torch.tensor(float("nan"))).requires_grad_()
+             for x in (a64, b64)]
+    fast = causal_rn_quadratic(*dirty, mask=mask, causal=causal, chunk_size=4)
+    ref = causal_rn_quadratic_reference(*clean64, mask=mask, causal=causal)
+    assert torch.isfinite(fast).all()
+    assert (fast[~mask] == 0).all()
+    torch.testing.assert_close(fast.double(), ref, rtol=2e-5, atol=2e-5)
+    w = torch.randn(B, T, h, dtype=F64)
+    g_fast = torch.autograd.grad((fast.double() * w).sum(), dirty)
+    g_ref = torch.autograd.grad((ref * w).sum(), clean64)
+    for gf, gr in zip(g_fast, g_ref):
+        assert torch.isfinite(gf).all()
+        assert (gf[~mask] == 0).all()
+        torch.testing.assert_close(gf.double(), gr, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_quadratic_constant_pairs_follow_layer_norm0(causal):
+    """b_j = -a_j makes every pair (j, j) the zero vector: LN0 maps it to zeros with its gradient
+    passed through unscaled (:func:`layer_norm0`), whatever rounding the variance picks up."""
+    a, b = pair_inputs(T=8, h=5, seed=3)
+    b = (-a.detach()).clone()
+    b[:, 3] = torch.randn(2, 5, dtype=F64)  # and some pairs that are not constant
+    b.requires_grad_()
+    assert_same_with_grads(
+        lambda a, b: causal_rn_quadratic(a, b, causal=causal, chunk_size=3),
+        lambda a, b: causal_rn_quadratic_reference(a, b, causal=causal),
+        a, b, None,
+    )
+
+
 @pytest.mark.parametrize("chunk_size", [1, 3, 11, 50])
 @pytest.mark.parametrize("recompute", [False, True])
 def test_quadratic_chunked_equals_unchunked(chunk_size, recompute):
@@ -311,6 +356,27 @@ def test_stable_forms_survive_where_the_naive_exp_overflows():
         for x32, x64 in zip(g32, g64):
             assert torch.isfinite(x32).all()
             torch.testing.assert_close(x32.double(), x64, rtol=1e-3, atol=1e-3)
+
+
+def test_quadratic_survives_terms_that_underflow_float32():
+    """Negative spikes: LN0(a_i + b_j) puts -sqrt(h - 1) = -64 on feature 0 of every pair, so every
+    term of that feature's sum, exp(-64) shifted by the bound 64, rounds to 0 in float32. The pool is
+    still finite and agrees with float64, in value and gradient."""
+    h, T = 4096, 5
+    a32, b32 = (-x.detach() for x in spike_inputs(h, T, torch.float32))
+    a32.requires_grad_(), b32.requires_grad_()
+    a64, b64 = (x.detach().double().requires_grad_() for x in (a32, b32))
+    stable = causal_rn_quadratic(a32, b32)
+    ref64 = causal_rn_quadratic_reference(a64, b64)
+    assert torch.isfinite(stable).all()
+    torch.testing.assert_close(stable.double(), ref64, rtol=1e-4, atol=1e-4)
+    w = torch.randn(1, T, h, dtype=F64)
+    g32 = torch.autograd.grad((stable.double() * w).sum(), (a32, b32))
+    g64 = torch.autograd.grad((ref64 * w).sum(), (a64, b64))
+    for x32, x64 in zip(g32, g64):
+        assert torch.isfinite(x32).all()
+        # float32 rounding of pairs of size ~64 against gradients of size ~10^4
+        torch.testing.assert_close(x32.double(), x64, rtol=1e-3, atol=1e-5 * float(x64.abs().max()))
 
 
 def test_quadratic_is_finite_with_large_inputs_in_bfloat16():

@@ -18,7 +18,9 @@ Two pre-activation normalisations (spec section 3.3):
   and a recurrent state of h numbers.
 * **exact** (:func:`causal_rn_quadratic`): ``N_pre = LN0(a_i + b_j)``, normalised per pair, which does
   not factorise: O(T^2 h) time; the memory is kept at O(chunk_size * T * h) by running over blocks
-  of queries (recomputed in backward).
+  of queries (recomputed in backward). Only the pair's variance needs the pair itself, and it comes
+  from small products (``|a_i + b_j - mean|^2`` expands into two norms and a dot product), so a block's
+  ``[B, C, T, h]`` tensor of pairs takes a handful of elementwise passes, forward and backward.
 
 Ablations (spec 3.10): :func:`causal_rn_quadratic` also computes the other cells of the authors'
 grid, ``prenorm`` in {exact, approx, none} x ``activation`` in {exp, relu, gelu, elu}, quadratically
@@ -46,7 +48,9 @@ Half-precision inputs are computed in float32 and returned in their own dtype.
 
 from __future__ import annotations
 
+import math
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -59,10 +63,12 @@ from ._checks import check_mask, compute_dtype, padded_rows_to_zero
 MASKED_LOG_WEIGHT = -1.0e4
 
 #: queries per block: "auto" sizes the blocks so one ``[B, C, T, h]`` tensor of pairs takes about
-#: :data:`AUTO_BLOCK_BYTES` (its passes then run on data a CPU cache holds: on the development CPU,
-#: 2.5 times faster training than blocks of 32 queries at the copying study's shapes)
+#: :data:`AUTO_BLOCK_BYTES`. Forward + backward, one thread of an AVX-512 CPU: at B 32, T 128, h 252
+#: blocks of 4 / 8 / 16 / 32 queries (16 to 126 MiB) took 448 / 363 / 406 / 712 ms; at B 8, T 512,
+#: h 64 blocks of 8 / 16 / 32 / 64 took 337 / 283 / 335 / 336 ms; blocks of one query cost 4 to 6
+#: times the best
 DEFAULT_CHUNK_SIZE = "auto"
-AUTO_BLOCK_BYTES = 8 * 2**20
+AUTO_BLOCK_BYTES = 24 * 2**20
 
 
 def auto_block_rows(batch: int, keys: int, hidden: int, itemsize: int = 4) -> int:
@@ -172,15 +178,135 @@ def causal_rn_linear_step(a_t: torch.Tensor, b_t: torch.Tensor, log_s: torch.Ten
     return out.to(a_t.dtype), log_s
 
 
-def _pair_pool_block(a_block: torch.Tensor, b_all: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """``LN0`` of ``sum_j exp(LN0(a_i + b_j))`` over the allowed keys, for one block of queries.
+#: ``log2(e)``: the pairs are exponentiated as ``2^(x log2 e)``, which the CPU kernels compute several
+#: times faster than ``exp(x)``, with the factor folded into each pair's scale
+LOG2E = 1.4426950408889634
 
-    ``a_block`` ``[B, C, h]``, ``b_all`` ``[B, S, h]``, ``allowed`` bool ``[B, C, S]``. Builds one
-    ``[B, C, S, h]`` tensor.
+
+def _first_masked_key(allowed: torch.Tensor) -> int | None:
+    """The first key column some query of the block may not see (None: every pair is allowed). The
+    columns before it need no masking: in a causal block without padding, that is all but the last
+    block-length keys."""
+    cols = (~allowed).any(dim=1).any(dim=0).nonzero()
+    return int(cols[0, 0]) if cols.numel() else None
+
+
+def _exp2_pairs(ac, bc, r2, shift2, allowed, first: int | None) -> torch.Tensor:
+    """``2^(r2_ij (ac_i + bc_j) - shift2)`` for every pair of the block, ``[B, C, S, h]``, exactly 0
+    where a pair is not allowed (selected out before the power, so nothing is computed from it)."""
+    pair = ac.unsqueeze(2) + bc.unsqueeze(1)
+    pair.mul_(r2.unsqueeze(-1)).sub_(shift2)
+    if first is not None:
+        pair[:, :, first:].masked_fill_(~allowed[:, :, first:].unsqueeze(-1), float("-inf"))
+    return pair.exp2_()
+
+
+class _Centred(NamedTuple):
+    """Pair-function inputs centred over their features, ``[B, T, h]``, with what the pair variances
+    need: the same in float64, so that the expansion of ``|ac_i + bc_j|^2`` cannot cancel, and its
+    squared norms ``[B, T]`` (neither of these two records a graph). Formed once per call; the blocks
+    take views of it."""
+
+    x: torch.Tensor
+    x64: torch.Tensor
+    sq: torch.Tensor
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "_Centred":
+        centred = x - x.mean(dim=-1, keepdim=True)
+        x64 = centred.detach().double()
+        return cls(centred, x64, x64.square().sum(-1))
+
+    def rows(self, start: int, stop: int) -> "_Centred":
+        return _Centred(self.x[:, start:stop], self.x64[:, start:stop], self.sq[:, start:stop])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.x.shape
+
+
+#: a pair whose variance is below this fraction of ``|ac_i|^2 + |bc_j|^2`` counts as constant: its
+#: centred sum, relative to its parts, is below 1e-7, where float32 cannot tell it from rounding (and
+#: where the float64 expansion of the variance would be all rounding when the sum is exactly 0)
+CONSTANT_PAIR = 1e-14
+
+
+def _pair_scales(a64, b64, a_sq, b_sq, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(r, r log2 e, not constant)``, ``[B, C, S]``: ``r_ij = 1 / sqrt(var_ij)`` from the pair
+    variance ``var_ij = (|ac_i|^2 + |bc_j|^2 + 2 ac_i . bc_j) / h``, computed in float64. A constant pair
+    (see :data:`CONSTANT_PAIR`) gets r = 1, as :func:`layer_norm0` treats a zero variance: its
+    centred sum is 0, so LN0 gives zeros, and no gradient goes through r."""
+    norms = a_sq.unsqueeze(2) + b_sq.unsqueeze(1)
+    var = torch.baddbmm(norms, a64, b64.transpose(1, 2), alpha=2.0)
+    positive = var > norms.mul_(CONSTANT_PAIR)
+    r64 = torch.where(positive, var.div_(a64.shape[-1]), torch.ones((), dtype=var.dtype, device=var.device)).rsqrt_()
+    return r64.to(dtype), (r64 * LOG2E).to(dtype), positive
+
+
+class _ExactPairLogSum(torch.autograd.Function):
+    r"""``log sum_j exp(LN0(a_i + b_j))`` over the allowed keys j of one block of queries, ``[B, C, h]``
+    (``-inf`` for a query with no allowed key), from the centred inputs ``ac`` ``[B, C, h]``, ``bc``
+    ``[B, S, h]`` (and their float64 copies and squared norms, see :class:`_Centred`).
+
+    ``LN0(a_i + b_j) = r_ij (ac_i + bc_j)`` (:func:`_pair_scales`): its entries lie in
+    ``[-sqrt(h - 1), sqrt(h - 1)]``, so, shifted by ``sqrt(h - 1)``, every term of the sum is in
+    ``[exp(-2 sqrt(h - 1)), 1]``, which float32 holds without underflow up to h of about 1,900
+    (beyond, a vanishing term may round to 0, and a feature whose terms all do gets ``-inf``, which
+    the normalisation after it maps to 0).
+
+    Nothing of size ``[B, C, S]`` or larger is kept: backward forms the scales and the pairs again,
+    and its terms are written out. With ``W_ijk`` the softmax over j of the pairs and
+    ``G = d loss / d out``,
+
+        d ac_ik  = G_ik sum_j r_ij W_ijk                    (a batched matrix product)
+        d r_ij   = sum_k W_ijk G_ik (ac_ik + bc_jk)          (a matrix product and a reduction)
+        d bc_jk  = sum_i r_ij G_ik W_ijk                    (a sum over the block's queries)
+        d var_ij = -r_ij^3 d r_ij / 2, which reaches ac and bc through two more small products.
+
+    Pairs that are not allowed have ``W = 0`` and pass no gradient.
     """
-    pair = layer_norm0(a_block.unsqueeze(2) + b_all.unsqueeze(1))
-    pair = pair.masked_fill(~allowed.unsqueeze(-1), MASKED_LOG_WEIGHT)
-    return _normalised_exp(torch.logsumexp(pair, dim=2))
+
+    @staticmethod
+    def forward(ctx, ac, bc, a64, b64, a_sq, b_sq, allowed):
+        shift = math.sqrt(max(ac.shape[-1] - 1, 0))
+        _, r2, _ = _pair_scales(a64, b64, a_sq, b_sq, ac.dtype)
+        first = _first_masked_key(allowed)
+        out = _exp2_pairs(ac, bc, r2, shift * LOG2E, allowed, first).sum(dim=2).log_().add_(shift)
+        ctx.save_for_backward(ac, bc, a64, b64, a_sq, b_sq, allowed, out)
+        ctx.first = first
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ac, bc, a64, b64, a_sq, b_sq, allowed, out = ctx.saved_tensors
+        r, r2, positive = _pair_scales(a64, b64, a_sq, b_sq, ac.dtype)
+        # W = exp(pair - out); where out is -inf (no term survived) W is 0 and so is the gradient
+        norm2 = torch.where(torch.isfinite(out), out * LOG2E, float("inf")).unsqueeze(2)
+        w = _exp2_pairs(ac, bc, r2, norm2, allowed, ctx.first)
+        B, C, S, h = w.shape
+        flat = w.view(B * C, S, h)
+        d_ac = grad * torch.bmm(r.reshape(B * C, 1, S), flat).view(B, C, h)
+        d_r = torch.bmm(flat, (grad * ac).reshape(B * C, h, 1)).view(B, C, S)
+        w.mul_(grad.unsqueeze(2))
+        d_r += (w * bc.unsqueeze(1)).sum(-1)
+        d_bc = w[:, 0] * r[:, 0].unsqueeze(-1)
+        for i in range(1, C):  # the sum over queries, one slice at a time: much faster than .sum(1)
+            d_bc.addcmul_(w[:, i], r[:, i].unsqueeze(-1))
+        del w, flat
+        # through the variance: var_ij = (|ac_i|^2 + |bc_j|^2 + 2 ac_i . bc_j) / h
+        d_var = torch.where(positive, d_r * r.pow(3) * (-1.0 / h), r.new_zeros(()))
+        d_ac += d_var.sum(2, keepdim=True) * ac + torch.bmm(d_var, bc)
+        d_bc += d_var.sum(1).unsqueeze(-1) * bc + torch.bmm(d_var.transpose(1, 2), ac)
+        return d_ac, d_bc, None, None, None, None, None
+
+
+def _pair_pool_block(a: _Centred, b: _Centred, allowed: torch.Tensor) -> torch.Tensor:
+    """``LN0`` of ``sum_j exp(LN0(a_i + b_j))`` over the allowed keys, for one block of queries:
+    ``a`` ``[B, C, h]``, ``b`` ``[B, S, h]``, ``allowed`` bool ``[B, C, S]``. A query with no allowed
+    key gets zeros."""
+    log_u = _ExactPairLogSum.apply(a.x, b.x, a.x64, b.x64, a.sq, b.sq, allowed)
+    has_key = allowed.any(dim=-1, keepdim=True)
+    return _normalised_exp(torch.where(has_key, log_u, torch.zeros((), dtype=log_u.dtype, device=log_u.device)))
 
 
 def check_ablation(prenorm: str, activation: str) -> None:
@@ -256,7 +382,8 @@ def causal_rn_quadratic(
         a, b, mask, causal: as in :func:`causal_rn_linear`.
         chunk_size: queries per block (>= 1), or ``"auto"`` (the default: from
             :data:`AUTO_BLOCK_BYTES`).
-        recompute: checkpoint each block (None: when autograd records a graph).
+        recompute: checkpoint each block (None: when autograd records a graph). The default cell
+            (exact + exp) never keeps a block's pairs: its backward forms them again.
         prenorm, activation: the ablation cell (default ``exact`` + ``exp``, the form above).
 
     Returns ``[B, T, h]`` in the dtype of ``a``; zero at padded positions.
@@ -275,15 +402,20 @@ def causal_rn_quadratic(
         zero = torch.zeros((), dtype=cdt, device=a.device)
         a = torch.where(mask.unsqueeze(-1), a, zero)
         b = torch.where(mask.unsqueeze(-1), b, zero)
-    block_fn = _pair_pool_block
-    if not _is_default(prenorm, activation):
-        if prenorm == "approx":
-            a, b = layer_norm0(a), layer_norm0(b)
-        block_fn = partial(_ablation_pool_block, prenorm=prenorm, activation=activation)
     if recompute is None:
         recompute = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     key_ok = torch.ones(B, T, dtype=torch.bool, device=a.device) if mask is None else mask
     positions = torch.arange(T, device=a.device)
+    default = _is_default(prenorm, activation)
+    if default:
+        block_fn = _pair_pool_block
+        a, b = _Centred.of(a), _Centred.of(b)
+        rows = _Centred.rows
+    else:
+        if prenorm == "approx":
+            a, b = layer_norm0(a), layer_norm0(b)
+        block_fn = partial(_ablation_pool_block, prenorm=prenorm, activation=activation)
+        rows = _tensor_rows
     blocks = []
     for start in range(0, T, chunk_size):
         stop = min(start + chunk_size, T)
@@ -291,13 +423,17 @@ def causal_rn_quadratic(
         allowed = key_ok[:, None, :n_keys].expand(B, stop - start, n_keys)
         if causal:
             allowed = allowed & (positions[None, :n_keys] <= positions[start:stop, None]).unsqueeze(0)
-        args = (a[:, start:stop], b[:, :n_keys], allowed)
-        if recompute:
+        args = (rows(a, start, stop), rows(b, 0, n_keys), allowed)
+        if recompute and not default:  # the default block keeps no pairs for backward in any case
             blocks.append(checkpoint(block_fn, *args, use_reentrant=False))
         else:
             blocks.append(block_fn(*args))
     out = torch.cat(blocks, dim=1)
     return padded_rows_to_zero(out, mask).to(out_dtype)
+
+
+def _tensor_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return x[:, start:stop]
 
 
 def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor, *, prenorm: str = "exact",
@@ -314,7 +450,7 @@ def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor, *, prenor
     B, t, _ = b_cache.shape
     allowed = torch.ones(B, 1, t, dtype=torch.bool, device=a_t.device)
     if _is_default(prenorm, activation):
-        out = _pair_pool_block(a_t.to(cdt).unsqueeze(1), b_cache.to(cdt), allowed)
+        out = _pair_pool_block(_Centred.of(a_t.to(cdt).unsqueeze(1)), _Centred.of(b_cache.to(cdt)), allowed)
     else:
         a_t, b_all = a_t.to(cdt), b_cache.to(cdt)
         if prenorm == "approx":
