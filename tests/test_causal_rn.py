@@ -123,7 +123,9 @@ def test_quadratic_stable_equals_naive(causal, padded):
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_quadratic_float32_matches_float64_reference_with_left_padding_and_holes(causal):
+@pytest.mark.parametrize("cell", [("exact", "exp"), ("none", "exp"), ("approx", "gelu"), ("exact", "relu"),
+                                  ("none", "elu")])
+def test_quadratic_float32_matches_float64_reference_with_left_padding_and_holes(causal, cell):
     """The float32 path (pairs scaled for a base-2 power, variances from small products) against the
     float64 reference: left padding (the first real queries of a causal row see no real key before
     themselves only through their own position), a padded key in the middle of a row, and NaN in
@@ -138,8 +140,9 @@ def test_quadratic_float32_matches_float64_reference_with_left_padding_and_holes
                for x in (a64, b64)]
     dirty = [torch.where(mask.unsqueeze(-1), x.detach().float(), torch.tensor(float("nan"))).requires_grad_()
              for x in (a64, b64)]
-    fast = causal_rn_quadratic(*dirty, mask=mask, causal=causal, chunk_size=4)
-    ref = causal_rn_quadratic_reference(*clean64, mask=mask, causal=causal)
+    prenorm, activation = cell
+    fast = causal_rn_quadratic(*dirty, mask=mask, causal=causal, chunk_size=4, prenorm=prenorm, activation=activation)
+    ref = causal_rn_quadratic_reference(*clean64, mask=mask, causal=causal, prenorm=prenorm, activation=activation)
     assert torch.isfinite(fast).all()
     assert (fast[~mask] == 0).all()
     torch.testing.assert_close(fast.double(), ref, rtol=2e-5, atol=2e-5)
@@ -209,9 +212,9 @@ def test_quadratic_never_builds_the_full_pair_tensor(monkeypatch):
     seen = []
     original = ops._pair_pool_block
 
-    def spy(a_block, b_all, allowed):
+    def spy(a_block, b_all, *rest):
         seen.append((a_block.shape[1], b_all.shape[1]))
-        return original(a_block, b_all, allowed)
+        return original(a_block, b_all, *rest)
 
     monkeypatch.setattr(ops, "_pair_pool_block", spy)
     a, b = pair_inputs(B=1, T=10, h=3)

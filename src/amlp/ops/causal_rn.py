@@ -49,12 +49,10 @@ Half-precision inputs are computed in float32 and returned in their own dtype.
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from ._checks import check_mask, compute_dtype, padded_rows_to_zero
 
@@ -191,34 +189,28 @@ def _first_masked_key(allowed: torch.Tensor) -> int | None:
     return int(cols[0, 0]) if cols.numel() else None
 
 
-def _exp2_pairs(ac, bc, r2, shift2, allowed, first: int | None) -> torch.Tensor:
-    """``2^(r2_ij (ac_i + bc_j) - shift2)`` for every pair of the block, ``[B, C, S, h]``, exactly 0
-    where a pair is not allowed (selected out before the power, so nothing is computed from it)."""
-    pair = ac.unsqueeze(2) + bc.unsqueeze(1)
-    pair.mul_(r2.unsqueeze(-1)).sub_(shift2)
-    if first is not None:
-        pair[:, :, first:].masked_fill_(~allowed[:, :, first:].unsqueeze(-1), float("-inf"))
-    return pair.exp2_()
-
-
 class _Centred(NamedTuple):
-    """Pair-function inputs centred over their features, ``[B, T, h]``, with what the pair variances
-    need: the same in float64, so that the expansion of ``|ac_i + bc_j|^2`` cannot cancel, and its
-    squared norms ``[B, T]`` (neither of these two records a graph). Formed once per call; the blocks
-    take views of it."""
+    """Pair-function inputs, ``[B, T, h]``: ``x`` as the pairs use it (centred over the features for
+    the exact pre-norm) and, for the exact pre-norm only, what the pair variances need: ``x`` in
+    float64, so that the expansion of ``|ac_i + bc_j|^2`` cannot cancel, and its squared norms
+    ``[B, T]`` (neither records a graph). Formed once per call; the blocks take views of it."""
 
     x: torch.Tensor
-    x64: torch.Tensor
-    sq: torch.Tensor
+    x64: torch.Tensor | None = None
+    sq: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> "_Centred":
+    def of(cls, x: torch.Tensor, prenorm: str = "exact") -> "_Centred":
+        if prenorm == "approx":
+            return cls(layer_norm0(x))
+        if prenorm == "none":
+            return cls(x)
         centred = x - x.mean(dim=-1, keepdim=True)
         x64 = centred.detach().double()
         return cls(centred, x64, x64.square().sum(-1))
 
     def rows(self, start: int, stop: int) -> "_Centred":
-        return _Centred(self.x[:, start:stop], self.x64[:, start:stop], self.sq[:, start:stop])
+        return _Centred(*(None if t is None else t[:, start:stop] for t in self))
 
     @property
     def shape(self) -> torch.Size:
@@ -231,82 +223,157 @@ class _Centred(NamedTuple):
 CONSTANT_PAIR = 1e-14
 
 
-def _pair_scales(a64, b64, a_sq, b_sq, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(r, r log2 e, not constant)``, ``[B, C, S]``: ``r_ij = 1 / sqrt(var_ij)`` from the pair
-    variance ``var_ij = (|ac_i|^2 + |bc_j|^2 + 2 ac_i . bc_j) / h``, computed in float64. A constant pair
-    (see :data:`CONSTANT_PAIR`) gets r = 1, as :func:`layer_norm0` treats a zero variance: its
-    centred sum is 0, so LN0 gives zeros, and no gradient goes through r."""
+def _pair_scales(a64, b64, a_sq, b_sq, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, not constant)``, ``[B, C, S]``: ``r_ij = 1 / sqrt(var_ij)`` from the pair variance
+    ``var_ij = (|ac_i|^2 + |bc_j|^2 + 2 ac_i . bc_j) / h``, computed in float64 and returned in
+    ``dtype``. A constant pair (see :data:`CONSTANT_PAIR`) gets r = 1, as :func:`layer_norm0` treats a
+    zero variance: its centred sum is 0, so LN0 gives zeros, and no gradient goes through r."""
     norms = a_sq.unsqueeze(2) + b_sq.unsqueeze(1)
     var = torch.baddbmm(norms, a64, b64.transpose(1, 2), alpha=2.0)
     positive = var > norms.mul_(CONSTANT_PAIR)
     r64 = torch.where(positive, var.div_(a64.shape[-1]), torch.ones((), dtype=var.dtype, device=var.device)).rsqrt_()
-    return r64.to(dtype), (r64 * LOG2E).to(dtype), positive
+    return r64.to(dtype), positive
 
 
-class _ExactPairLogSum(torch.autograd.Function):
-    r"""``log sum_j exp(LN0(a_i + b_j))`` over the allowed keys j of one block of queries, ``[B, C, h]``
-    (``-inf`` for a query with no allowed key), from the centred inputs ``ac`` ``[B, C, h]``, ``bc``
-    ``[B, S, h]`` (and their float64 copies and squared norms, see :class:`_Centred`).
+def _pairs(x, y, scale, allowed, first: int | None, fill: float) -> torch.Tensor:
+    """``scale_ij (x_i + y_j)`` for every pair of the block, ``[B, C, S, h]`` (``scale`` ``[B, C, S]``
+    or a number), with ``fill`` where a pair is not allowed (selected, so nothing is computed from
+    what a masked pair holds). A new tensor: the callers work on it in place."""
+    pair = x.unsqueeze(2) + y.unsqueeze(1)
+    if isinstance(scale, torch.Tensor):
+        pair.mul_(scale.unsqueeze(-1))
+    elif scale != 1.0:
+        pair.mul_(scale)
+    if first is not None:
+        pair[:, :, first:].masked_fill_(~allowed[:, :, first:].unsqueeze(-1), fill)
+    return pair
 
-    ``LN0(a_i + b_j) = r_ij (ac_i + bc_j)`` (:func:`_pair_scales`): its entries lie in
-    ``[-sqrt(h - 1), sqrt(h - 1)]``, so, shifted by ``sqrt(h - 1)``, every term of the sum is in
-    ``[exp(-2 sqrt(h - 1)), 1]``, which float32 holds without underflow up to h of about 1,900
-    (beyond, a vanishing term may round to 0, and a feature whose terms all do gets ``-inf``, which
-    the normalisation after it maps to 0).
+
+def _sum_over_queries(w: torch.Tensor, r: torch.Tensor | None) -> torch.Tensor:
+    """``sum_i r_ij w_ijk`` (or ``sum_i w_ijk`` without ``r``), ``[B, S, h]``: one slice of queries at
+    a time, which runs several times faster than a reduction over the second dimension."""
+    out = w[:, 0] * r[:, 0].unsqueeze(-1) if r is not None else w[:, 0].clone()
+    for i in range(1, w.shape[1]):
+        if r is not None:
+            out.addcmul_(w[:, i], r[:, i].unsqueeze(-1))
+        else:
+            out.add_(w[:, i])
+    return out
+
+
+def _activation_vjp(grad: torch.Tensor, pair: torch.Tensor, activation: str) -> torch.Tensor:
+    """``grad * act'(pair)`` for relu, gelu (exact) and elu (alpha 1), fused by the backward kernels."""
+    if activation == "relu":
+        return torch.ops.aten.threshold_backward(grad, pair, 0)
+    if activation == "gelu":  # the oneDNN kernel does not broadcast its gradient
+        return torch.ops.aten.gelu_backward(grad.expand_as(pair).contiguous(), pair)
+    return torch.ops.aten.elu_backward(grad, 1.0, 1.0, 1.0, False, pair)
+
+
+class _PairPool(torch.autograd.Function):
+    r"""The pool of one block of queries, ``[B, C, h]``, over the allowed keys j of each query i:
+
+    * ``activation == "exp"``: ``log sum_j exp(N_ij)`` (``-inf`` for a query with no allowed key);
+    * otherwise: ``sum_j act(N_ij)``;
+
+    with ``N_ij`` the pre-activation of the pair: ``LN0(a_i + b_j) = r_ij (ac_i + bc_j)`` for the
+    exact pre-norm (``r`` from :func:`_pair_scales`, ``ac``, ``bc`` the centred inputs), ``a_i + b_j``
+    otherwise (the inputs already normalised for the approx pre-norm); see :class:`_Centred`.
+
+    Exponentials are taken as powers of 2, which the CPU kernels compute several times faster, with
+    ``log2(e)`` folded into the scale. Every term is shifted by a bound of the largest one: for the
+    exact pre-norm the bound of LN0, ``sqrt(h - 1)``, so every term is in ``[exp(-2 sqrt(h - 1)), 1]``,
+    which float32 holds without underflow up to h of about 1,900 (beyond, a vanishing term may
+    round to 0, and a feature whose terms all do gets ``-inf``, which the normalisation after it
+    maps to 0); otherwise the largest allowed pre-activation of the query.
 
     Nothing of size ``[B, C, S]`` or larger is kept: backward forms the scales and the pairs again,
-    and its terms are written out. With ``W_ijk`` the softmax over j of the pairs and
-    ``G = d loss / d out``,
+    and its terms are written out. With ``D_ijk = G_ik act'(N_ijk)`` (for exp, ``G_ik`` times the
+    softmax over j of the pairs), ``G = d loss / d out``,
 
-        d ac_ik  = G_ik sum_j r_ij W_ijk                    (a batched matrix product)
-        d r_ij   = sum_k W_ijk G_ik (ac_ik + bc_jk)          (a matrix product and a reduction)
-        d bc_jk  = sum_i r_ij G_ik W_ijk                    (a sum over the block's queries)
-        d var_ij = -r_ij^3 d r_ij / 2, which reaches ac and bc through two more small products.
+        d x_ik   = sum_j r_ij D_ijk                      (a batched matrix product)
+        d y_jk   = sum_i r_ij D_ijk                      (a sum over the block's queries)
+        d r_ij   = sum_k D_ijk (ac_ik + bc_jk)           (a matrix product and a reduction)
+        d var_ij = -r_ij^3 d r_ij / (2 h), which reaches ac and bc through two more small products,
 
-    Pairs that are not allowed have ``W = 0`` and pass no gradient.
+    (r = 1 and no ``d r`` without the exact pre-norm). Pairs that are not allowed pass no gradient.
     """
 
     @staticmethod
-    def forward(ctx, ac, bc, a64, b64, a_sq, b_sq, allowed):
-        shift = math.sqrt(max(ac.shape[-1] - 1, 0))
-        _, r2, _ = _pair_scales(a64, b64, a_sq, b_sq, ac.dtype)
+    def forward(ctx, x, y, x64, y64, x_sq, y_sq, allowed, activation):
+        exact = x64 is not None
         first = _first_masked_key(allowed)
-        out = _exp2_pairs(ac, bc, r2, shift * LOG2E, allowed, first).sum(dim=2).log_().add_(shift)
-        ctx.save_for_backward(ac, bc, a64, b64, a_sq, b_sq, allowed, out)
-        ctx.first = first
+        ctx.first, ctx.activation = first, activation
+        r = _pair_scales(x64, y64, x_sq, y_sq, x.dtype)[0] if exact else None
+        if activation != "exp":
+            # a pair that is not allowed is 0 before the activation, and act(0) = 0 for relu, gelu, elu
+            ctx.save_for_backward(x, y, x64, y64, x_sq, y_sq, allowed)
+            return _ACTIVATION_FNS[activation](_pairs(x, y, 1.0 if r is None else r, allowed, first, 0.0)).sum(2)
+        if exact:
+            shift = math.sqrt(max(x.shape[-1] - 1, 0))
+            pair = _pairs(x, y, r * LOG2E, allowed, first, float("-inf")).sub_(shift * LOG2E)
+        else:
+            pair = _pairs(x, y, LOG2E, allowed, first, float("-inf"))
+            shift2 = pair.amax(dim=(2, 3), keepdim=True)
+            shift2 = torch.where(torch.isfinite(shift2), shift2, 0.0)  # a query with no key at all
+            pair.sub_(shift2)
+            shift = shift2.view(shift2.shape[:2] + (1,)) / LOG2E
+        out = pair.exp2_().sum(2).log_().add_(shift)
+        ctx.save_for_backward(x, y, x64, y64, x_sq, y_sq, allowed, out)
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        ac, bc, a64, b64, a_sq, b_sq, allowed, out = ctx.saved_tensors
-        r, r2, positive = _pair_scales(a64, b64, a_sq, b_sq, ac.dtype)
-        # W = exp(pair - out); where out is -inf (no term survived) W is 0 and so is the gradient
-        norm2 = torch.where(torch.isfinite(out), out * LOG2E, float("inf")).unsqueeze(2)
-        w = _exp2_pairs(ac, bc, r2, norm2, allowed, ctx.first)
-        B, C, S, h = w.shape
-        flat = w.view(B * C, S, h)
-        d_ac = grad * torch.bmm(r.reshape(B * C, 1, S), flat).view(B, C, h)
-        d_r = torch.bmm(flat, (grad * ac).reshape(B * C, h, 1)).view(B, C, S)
-        w.mul_(grad.unsqueeze(2))
-        d_r += (w * bc.unsqueeze(1)).sum(-1)
-        d_bc = w[:, 0] * r[:, 0].unsqueeze(-1)
-        for i in range(1, C):  # the sum over queries, one slice at a time: much faster than .sum(1)
-            d_bc.addcmul_(w[:, i], r[:, i].unsqueeze(-1))
-        del w, flat
+        x, y, x64, y64, x_sq, y_sq, allowed, *out = ctx.saved_tensors
+        exact = x64 is not None
+        r, positive = _pair_scales(x64, y64, x_sq, y_sq, x.dtype) if exact else (None, None)
+        if ctx.activation == "exp":
+            out = out[0]
+            # D = G exp(pair - out); where out is -inf (no term survived) the weights are 0
+            norm2 = torch.where(torch.isfinite(out), out * LOG2E, float("inf")).unsqueeze(2)
+            w = _pairs(x, y, LOG2E if r is None else r * LOG2E, allowed, ctx.first, float("-inf"))
+            w.sub_(norm2).exp2_()
+            if exact:  # two contractions before G enters, while w holds the softmax weights
+                B, C, S, h = w.shape
+                flat = w.view(B * C, S, h)
+                d_x = grad * torch.bmm(r.reshape(B * C, 1, S), flat).view(B, C, h)
+                d_r = torch.bmm(flat, (grad * x).reshape(B * C, h, 1)).view(B, C, S)
+            w.mul_(grad.unsqueeze(2))
+        else:
+            pair = _pairs(x, y, 1.0 if r is None else r, allowed, ctx.first, 0.0)
+            w = _activation_vjp(grad.unsqueeze(2), pair, ctx.activation)
+            del pair
+            if ctx.first is not None:
+                w[:, :, ctx.first:].masked_fill_(~allowed[:, :, ctx.first:].unsqueeze(-1), 0.0)
+            if exact:
+                B, C, S, h = w.shape
+                d_x = torch.bmm(r.reshape(B * C, 1, S), w.view(B * C, S, h)).view(B, C, h)
+                d_r = torch.bmm(w.view(B * C, S, h), x.reshape(B * C, h, 1)).view(B, C, S)
+        d_y = _sum_over_queries(w, r)
+        if not exact:
+            return w.sum(2), d_y, None, None, None, None, None, None
+        d_r += (w * y.unsqueeze(1)).sum(-1)
+        del w
         # through the variance: var_ij = (|ac_i|^2 + |bc_j|^2 + 2 ac_i . bc_j) / h
-        d_var = torch.where(positive, d_r * r.pow(3) * (-1.0 / h), r.new_zeros(()))
-        d_ac += d_var.sum(2, keepdim=True) * ac + torch.bmm(d_var, bc)
-        d_bc += d_var.sum(1).unsqueeze(-1) * bc + torch.bmm(d_var.transpose(1, 2), ac)
-        return d_ac, d_bc, None, None, None, None, None
+        d_var = torch.where(positive, d_r * r.pow(3) * (-1.0 / x.shape[-1]), r.new_zeros(()))
+        d_x += d_var.sum(2, keepdim=True) * x + torch.bmm(d_var, y)
+        d_y += d_var.sum(1).unsqueeze(-1) * y + torch.bmm(d_var.transpose(1, 2), x)
+        return d_x, d_y, None, None, None, None, None, None
 
 
-def _pair_pool_block(a: _Centred, b: _Centred, allowed: torch.Tensor) -> torch.Tensor:
-    """``LN0`` of ``sum_j exp(LN0(a_i + b_j))`` over the allowed keys, for one block of queries:
-    ``a`` ``[B, C, h]``, ``b`` ``[B, S, h]``, ``allowed`` bool ``[B, C, S]``. A query with no allowed
-    key gets zeros."""
-    log_u = _ExactPairLogSum.apply(a.x, b.x, a.x64, b.x64, a.sq, b.sq, allowed)
-    has_key = allowed.any(dim=-1, keepdim=True)
-    return _normalised_exp(torch.where(has_key, log_u, torch.zeros((), dtype=log_u.dtype, device=log_u.device)))
+def _pair_pool_block(a: _Centred, b: _Centred, allowed: torch.Tensor, activation: str = "exp") -> torch.Tensor:
+    """``LN0`` of ``(1/n_i) sum_j act(N_pre(a_i, b_j))`` over the allowed keys, for one block of
+    queries: ``a`` ``[B, C, h]``, ``b`` ``[B, S, h]`` (prepared for the pre-norm, see :class:`_Centred`),
+    ``allowed`` bool ``[B, C, S]``. A query with no allowed key gets zeros. With exp the pool is
+    formed in the log domain, shifted per position, and not divided by n_i: the post-LN0 cancels
+    positive factors per position exactly."""
+    pooled = _PairPool.apply(a.x, b.x, a.x64, b.x64, a.sq, b.sq, allowed, activation)
+    zero = torch.zeros((), dtype=pooled.dtype, device=pooled.device)
+    if activation == "exp":
+        return _normalised_exp(torch.where(allowed.any(dim=-1, keepdim=True), pooled, zero))
+    n_keys = allowed.sum(-1, keepdim=True).clamp_min(1).to(pooled.dtype)  # [B, C, 1]
+    return layer_norm0(pooled / n_keys)
 
 
 def check_ablation(prenorm: str, activation: str) -> None:
@@ -316,38 +383,6 @@ def check_ablation(prenorm: str, activation: str) -> None:
         raise ValueError(f"prenorm must be one of {', '.join(map(repr, PRENORMS))}, got {prenorm!r}")
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
-
-
-def _is_default(prenorm: str, activation: str) -> bool:
-    return prenorm == "exact" and activation == "exp"
-
-
-def _ablation_pool_block(a_block: torch.Tensor, b_all: torch.Tensor, allowed: torch.Tensor, prenorm: str,
-                         activation: str) -> torch.Tensor:
-    """``LN0`` of ``(1/n_i) sum_j act(N_pre(a_i, b_j))`` over the allowed keys, for one block of
-    queries (any cell of the ablation grid; with ``approx`` the inputs are already ``LN0(a)``, ``LN0(b)``).
-
-    ``a_block`` ``[B, C, h]``, ``b_all`` ``[B, S, h]``, ``allowed`` bool ``[B, C, S]``. Pairs that are
-    not allowed are selected out before the activation (their pre-activation becomes 0, so nothing
-    non-finite is computed from them, in forward or backward) and after it (their value becomes 0).
-    With exp, each query's terms are divided by ``exp(M_i)``, ``M_i`` the largest allowed
-    pre-activation of the query (detached): the post-LN0 cancels this positive factor exactly.
-    """
-    keep = allowed.unsqueeze(-1)
-    zero = torch.zeros((), dtype=a_block.dtype, device=a_block.device)
-    pair = torch.where(keep, a_block.unsqueeze(2) + b_all.unsqueeze(1), zero)
-    if prenorm == "exact":
-        pair = layer_norm0(pair)
-    if activation == "exp":
-        lowest = torch.full((), float("-inf"), dtype=pair.dtype, device=pair.device)
-        shift = torch.where(keep, pair.detach(), lowest).amax(dim=(2, 3), keepdim=True)
-        shift = torch.where(torch.isfinite(shift), shift, zero)  # a query with no key at all
-        act = torch.exp(pair - shift)
-    else:
-        act = _ACTIVATION_FNS[activation](pair)
-    act = torch.where(keep, act, zero)
-    n_keys = allowed.sum(-1, keepdim=True).clamp_min(1).to(act.dtype)  # [B, C, 1]
-    return layer_norm0(act.sum(dim=2) / n_keys)
 
 
 def causal_rn_quadratic(
@@ -367,9 +402,9 @@ def causal_rn_quadratic(
     computed stably as ``LN0(exp(logsumexp_j LN0(a_i + b_j) - m_i))`` (spec 3.4). O(T^2 h) time.
 
     Queries run in blocks of ``chunk_size``; a block of queries meets only the keys it may see, so
-    the largest tensor is ``[B, chunk_size, T, h]``, never ``[B, T, T, h]``. With ``recompute`` (the
-    default whenever a gradient is needed) each block is recomputed in backward instead of being
-    kept, so training memory stays at one block as well.
+    the largest tensor is ``[B, chunk_size, T, h]``, never ``[B, T, T, h]``, and backward forms each
+    block's pairs again instead of keeping them (:class:`_PairPool`), so training memory stays at one
+    block as well.
 
     The ablation grid of spec 3.10 (``u_i = (1/n_i) sum_{j <= i} act(N_pre(a_i, b_j))``, every cell
     quadratic, see the module docstring):
@@ -382,8 +417,8 @@ def causal_rn_quadratic(
         a, b, mask, causal: as in :func:`causal_rn_linear`.
         chunk_size: queries per block (>= 1), or ``"auto"`` (the default: from
             :data:`AUTO_BLOCK_BYTES`).
-        recompute: checkpoint each block (None: when autograd records a graph). The default cell
-            (exact + exp) never keeps a block's pairs: its backward forms them again.
+        recompute: accepted for compatibility and without effect: no block keeps its pairs for
+            backward (backward forms them again), so training memory stays at one block.
         prenorm, activation: the ablation cell (default ``exact`` + ``exp``, the form above).
 
     Returns ``[B, T, h]`` in the dtype of ``a``; zero at padded positions.
@@ -402,20 +437,9 @@ def causal_rn_quadratic(
         zero = torch.zeros((), dtype=cdt, device=a.device)
         a = torch.where(mask.unsqueeze(-1), a, zero)
         b = torch.where(mask.unsqueeze(-1), b, zero)
-    if recompute is None:
-        recompute = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
     key_ok = torch.ones(B, T, dtype=torch.bool, device=a.device) if mask is None else mask
     positions = torch.arange(T, device=a.device)
-    default = _is_default(prenorm, activation)
-    if default:
-        block_fn = _pair_pool_block
-        a, b = _Centred.of(a), _Centred.of(b)
-        rows = _Centred.rows
-    else:
-        if prenorm == "approx":
-            a, b = layer_norm0(a), layer_norm0(b)
-        block_fn = partial(_ablation_pool_block, prenorm=prenorm, activation=activation)
-        rows = _tensor_rows
+    a, b = _Centred.of(a, prenorm), _Centred.of(b, prenorm)
     blocks = []
     for start in range(0, T, chunk_size):
         stop = min(start + chunk_size, T)
@@ -423,17 +447,9 @@ def causal_rn_quadratic(
         allowed = key_ok[:, None, :n_keys].expand(B, stop - start, n_keys)
         if causal:
             allowed = allowed & (positions[None, :n_keys] <= positions[start:stop, None]).unsqueeze(0)
-        args = (rows(a, start, stop), rows(b, 0, n_keys), allowed)
-        if recompute and not default:  # the default block keeps no pairs for backward in any case
-            blocks.append(checkpoint(block_fn, *args, use_reentrant=False))
-        else:
-            blocks.append(block_fn(*args))
+        blocks.append(_pair_pool_block(a.rows(start, stop), b.rows(0, n_keys), allowed, activation))
     out = torch.cat(blocks, dim=1)
     return padded_rows_to_zero(out, mask).to(out_dtype)
-
-
-def _tensor_rows(x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    return x[:, start:stop]
 
 
 def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor, *, prenorm: str = "exact",
@@ -449,13 +465,8 @@ def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor, *, prenor
     cdt = compute_dtype(a_t.dtype)
     B, t, _ = b_cache.shape
     allowed = torch.ones(B, 1, t, dtype=torch.bool, device=a_t.device)
-    if _is_default(prenorm, activation):
-        out = _pair_pool_block(_Centred.of(a_t.to(cdt).unsqueeze(1)), _Centred.of(b_cache.to(cdt)), allowed)
-    else:
-        a_t, b_all = a_t.to(cdt), b_cache.to(cdt)
-        if prenorm == "approx":
-            a_t, b_all = layer_norm0(a_t), layer_norm0(b_all)
-        out = _ablation_pool_block(a_t.unsqueeze(1), b_all, allowed, prenorm, activation)
+    out = _pair_pool_block(_Centred.of(a_t.to(cdt).unsqueeze(1), prenorm), _Centred.of(b_cache.to(cdt), prenorm),
+                           allowed, activation)
     return out[:, 0].to(out_dtype)
 
 
