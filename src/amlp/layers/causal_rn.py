@@ -150,9 +150,10 @@ class CausalRNQuadratic(_RelationNetwork):
       the same function as ``causal-rn``, computed pair by pair); ``"none"`` ``a_i + b_j``.
     * ``activation``: ``"exp"`` (default), ``"relu"``, ``"gelu"`` (exact, erf) or ``"elu"`` (alpha 1).
 
-    The defaults are the form above, computed exactly as before the options existed. Future and
-    padded pairs are selected out after the activation (and their pre-activation is replaced by 0
-    before it), never filled with -inf, which GELU and ELU do not map to 0. The parameters are the
+    The defaults are the form above. Future and padded pairs add nothing to a pool and receive no
+    gradient: their pre-activation is replaced, by selection, with -inf for exp (whose value there
+    is exactly 0) and with 0 for the other activations (relu, gelu and elu all map 0 to 0; -inf
+    would give GELU NaN and ELU -1), and their gradient is selected out. The parameters are the
     same for every cell.
 
     Args:

@@ -26,11 +26,13 @@ Ablations (spec 3.10): :func:`causal_rn_quadratic` also computes the other cells
 grid, ``prenorm`` in {exact, approx, none} x ``activation`` in {exp, relu, gelu, elu}, quadratically
 (the default, exact + exp, is the path described above). The pooled vector is the mean of the
 activated pairs over the keys a query may see, then LN0. Future and padded pairs are removed by
-selection on both sides of the activation (their pre-activation is replaced by 0, their activated
-value by 0 before the sum), never by a fill of -inf before it: ``GELU(-inf)`` is NaN and
-``ELU(-inf) = -1`` would add the number of masked keys to the pool. With exp and a pre-norm other
-than exact, each query's terms are divided by ``exp(M_i)``, ``M_i`` its largest allowed
-pre-activation (detached), which the post-normalisation cancels; the other activations need no shift.
+selection before the activation: their pre-activation becomes -inf for exp (exactly 0 after it)
+and 0 for relu, gelu and elu (which map 0 to 0; a fill of -inf would not do for them:
+``GELU(-inf)`` is NaN and ``ELU(-inf) = -1`` would add the number of masked keys to the pool), and
+their gradient is selected out in backward. With exp and a pre-norm other than exact, each query's
+terms are divided by ``exp(M_i)``, ``M_i`` its largest allowed pre-activation, which the
+post-normalisation cancels; the other activations need no shift. Every cell runs through the same
+pair pool (:class:`_PairPool`), whose backward forms the pairs again instead of keeping them.
 
 Numerical stability (spec 3.4): both forms work in the log domain. The post-normalisation is
 invariant to a positive factor per position (exactly, since eps = 0), so each position's pooled
