@@ -341,6 +341,22 @@ def spike_inputs(h, T, dtype):
     return a.requires_grad_(), b.requires_grad_()
 
 
+def assert_finite_and_close_to_float64(fast_fn, ref_fn, inputs32, inputs64, grad_atol):
+    """``fast_fn`` in float32 is finite and matches ``ref_fn`` in float64, in value and gradient
+    (``grad_atol`` None: 1e-5 of the largest reference gradient)."""
+    stable = fast_fn(*inputs32)
+    assert torch.isfinite(stable).all()
+    ref64 = ref_fn(*inputs64)
+    torch.testing.assert_close(stable.double(), ref64, rtol=1e-4, atol=1e-4)
+    w = torch.randn(ref64.shape, dtype=F64)
+    g32 = torch.autograd.grad((stable.double() * w).sum(), inputs32)
+    g64 = torch.autograd.grad((ref64 * w).sum(), inputs64)
+    for x32, x64 in zip(g32, g64):
+        assert torch.isfinite(x32).all()
+        atol = 1e-5 * float(x64.abs().max()) if grad_atol is None else grad_atol
+        torch.testing.assert_close(x32.double(), x64, rtol=1e-3, atol=atol)
+
+
 def test_stable_forms_survive_where_the_naive_exp_overflows():
     h, T = 4096, 5
     a32, b32 = spike_inputs(h, T, torch.float32)
@@ -349,16 +365,8 @@ def test_stable_forms_survive_where_the_naive_exp_overflows():
     a64, b64 = spike_inputs(h, T, F64)
     for fast_fn, ref_fn in ((causal_rn_linear, causal_rn_linear_reference),
                             (causal_rn_quadratic, causal_rn_quadratic_reference)):
-        stable = fast_fn(a32, b32)  # ... the stable form does not, and agrees with float64
-        assert torch.isfinite(stable).all()
-        ref64 = ref_fn(a64, b64)
-        torch.testing.assert_close(stable.double(), ref64, rtol=1e-4, atol=1e-4)
-        w = torch.randn(1, T, h, dtype=F64)
-        g32 = torch.autograd.grad((stable.double() * w).sum(), (a32, b32))
-        g64 = torch.autograd.grad((ref64 * w).sum(), (a64, b64))
-        for x32, x64 in zip(g32, g64):
-            assert torch.isfinite(x32).all()
-            torch.testing.assert_close(x32.double(), x64, rtol=1e-3, atol=1e-3)
+        # ... the stable form does not, and agrees with float64
+        assert_finite_and_close_to_float64(fast_fn, ref_fn, (a32, b32), (a64, b64), grad_atol=1e-3)
 
 
 def test_quadratic_survives_terms_that_underflow_float32():
@@ -369,17 +377,9 @@ def test_quadratic_survives_terms_that_underflow_float32():
     a32, b32 = (-x.detach() for x in spike_inputs(h, T, torch.float32))
     a32.requires_grad_(), b32.requires_grad_()
     a64, b64 = (x.detach().double().requires_grad_() for x in (a32, b32))
-    stable = causal_rn_quadratic(a32, b32)
-    ref64 = causal_rn_quadratic_reference(a64, b64)
-    assert torch.isfinite(stable).all()
-    torch.testing.assert_close(stable.double(), ref64, rtol=1e-4, atol=1e-4)
-    w = torch.randn(1, T, h, dtype=F64)
-    g32 = torch.autograd.grad((stable.double() * w).sum(), (a32, b32))
-    g64 = torch.autograd.grad((ref64 * w).sum(), (a64, b64))
-    for x32, x64 in zip(g32, g64):
-        assert torch.isfinite(x32).all()
-        # float32 rounding of pairs of size ~64 against gradients of size ~10^4
-        torch.testing.assert_close(x32.double(), x64, rtol=1e-3, atol=1e-5 * float(x64.abs().max()))
+    # float32 rounding of pairs of size ~64 against gradients of size ~10^4: a relative tolerance
+    assert_finite_and_close_to_float64(causal_rn_quadratic, causal_rn_quadratic_reference, (a32, b32), (a64, b64),
+                                       grad_atol=None)
 
 
 def test_quadratic_is_finite_with_large_inputs_in_bfloat16():
