@@ -289,8 +289,8 @@ class _PairPool(torch.autograd.Function):
     round to 0, and a feature whose terms all do gets ``-inf``, which the normalisation after it
     maps to 0); otherwise the largest allowed pre-activation of the query.
 
-    Nothing of size ``[B, C, S]`` or larger is kept: backward forms the scales and the pairs again,
-    and its terms are written out. With ``D_ijk = G_ik act'(N_ijk)`` (for exp, ``G_ik`` times the
+    No pair is kept, and of the ``[B, C, S]`` tensors only the mask: backward forms the scales and
+    the pairs again, and its terms are written out. With ``D_ijk = G_ik act'(N_ijk)`` (for exp, ``G_ik`` times the
     softmax over j of the pairs), ``G = d loss / d out``,
 
         d x_ik   = sum_j r_ij D_ijk                      (a batched matrix product)
