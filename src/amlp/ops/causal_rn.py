@@ -191,7 +191,7 @@ def _first_masked_key(allowed: torch.Tensor) -> int | None:
     return int(cols[0, 0]) if cols.numel() else None
 
 
-class _Centred(NamedTuple):
+class _PairInputs(NamedTuple):
     """Pair-function inputs, ``[B, T, h]``: ``x`` as the pairs use it (centred over the features for
     the exact pre-norm) and, for the exact pre-norm only, what the pair variances need: ``x`` in
     float64, so that the expansion of ``|ac_i + bc_j|^2`` cannot cancel, and its squared norms
@@ -202,7 +202,7 @@ class _Centred(NamedTuple):
     sq: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, x: torch.Tensor, prenorm: str = "exact") -> "_Centred":
+    def of(cls, x: torch.Tensor, prenorm: str = "exact") -> "_PairInputs":
         if prenorm == "approx":
             return cls(layer_norm0(x))
         if prenorm == "none":
@@ -211,8 +211,8 @@ class _Centred(NamedTuple):
         x64 = centred.detach().double()
         return cls(centred, x64, x64.square().sum(-1))
 
-    def rows(self, start: int, stop: int) -> "_Centred":
-        return _Centred(*(None if t is None else t[:, start:stop] for t in self))
+    def rows(self, start: int, stop: int) -> "_PairInputs":
+        return _PairInputs(*(None if t is None else t[:, start:stop] for t in self))
 
     @property
     def shape(self) -> torch.Size:
@@ -280,7 +280,7 @@ class _PairPool(torch.autograd.Function):
 
     with ``N_ij`` the pre-activation of the pair: ``LN0(a_i + b_j) = r_ij (ac_i + bc_j)`` for the
     exact pre-norm (``r`` from :func:`_pair_scales`, ``ac``, ``bc`` the centred inputs), ``a_i + b_j``
-    otherwise (the inputs already normalised for the approx pre-norm); see :class:`_Centred`.
+    otherwise (the inputs already normalised for the approx pre-norm); see :class:`_PairInputs`.
 
     Exponentials are taken as powers of 2, which the CPU kernels compute several times faster, with
     ``log2(e)`` folded into the scale. Every term is shifted by a bound of the largest one: for the
@@ -290,8 +290,8 @@ class _PairPool(torch.autograd.Function):
     maps to 0); otherwise the largest allowed pre-activation of the query.
 
     No pair is kept, and of the ``[B, C, S]`` tensors only the mask: backward forms the scales and
-    the pairs again, and its terms are written out. With ``D_ijk = G_ik act'(N_ijk)`` (for exp, ``G_ik`` times the
-    softmax over j of the pairs), ``G = d loss / d out``,
+    the pairs again, and its terms are written out. With ``G = d loss / d out`` and
+    ``D_ijk = G_ik act'(N_ijk)`` (for exp, ``G_ik`` times the softmax over j of the pairs),
 
         d x_ik   = sum_j r_ij D_ijk                      (a batched matrix product)
         d y_jk   = sum_i r_ij D_ijk                      (a sum over the block's queries)
@@ -364,9 +364,9 @@ class _PairPool(torch.autograd.Function):
         return d_x, d_y, None, None, None, None, None, None
 
 
-def _pair_pool_block(a: _Centred, b: _Centred, allowed: torch.Tensor, activation: str = "exp") -> torch.Tensor:
+def _pair_pool_block(a: _PairInputs, b: _PairInputs, allowed: torch.Tensor, activation: str = "exp") -> torch.Tensor:
     """``LN0`` of ``(1/n_i) sum_j act(N_pre(a_i, b_j))`` over the allowed keys, for one block of
-    queries: ``a`` ``[B, C, h]``, ``b`` ``[B, S, h]`` (prepared for the pre-norm, see :class:`_Centred`),
+    queries: ``a`` ``[B, C, h]``, ``b`` ``[B, S, h]`` (prepared for the pre-norm, see :class:`_PairInputs`),
     ``allowed`` bool ``[B, C, S]``. A query with no allowed key gets zeros. With exp the pool is
     formed in the log domain, shifted per position, and not divided by n_i: the post-LN0 cancels
     positive factors per position exactly."""
@@ -441,7 +441,7 @@ def causal_rn_quadratic(
         b = torch.where(mask.unsqueeze(-1), b, zero)
     key_ok = torch.ones(B, T, dtype=torch.bool, device=a.device) if mask is None else mask
     positions = torch.arange(T, device=a.device)
-    a, b = _Centred.of(a, prenorm), _Centred.of(b, prenorm)
+    a, b = _PairInputs.of(a, prenorm), _PairInputs.of(b, prenorm)
     blocks = []
     for start in range(0, T, chunk_size):
         stop = min(start + chunk_size, T)
@@ -467,7 +467,7 @@ def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor, *, prenor
     cdt = compute_dtype(a_t.dtype)
     B, t, _ = b_cache.shape
     allowed = torch.ones(B, 1, t, dtype=torch.bool, device=a_t.device)
-    out = _pair_pool_block(_Centred.of(a_t.to(cdt).unsqueeze(1), prenorm), _Centred.of(b_cache.to(cdt), prenorm),
+    out = _pair_pool_block(_PairInputs.of(a_t.to(cdt).unsqueeze(1), prenorm), _PairInputs.of(b_cache.to(cdt), prenorm),
                            allowed, activation)
     return out[:, 0].to(out_dtype)
 
