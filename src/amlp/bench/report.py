@@ -273,7 +273,7 @@ def plot_ops(rows: list[dict], out_dir: str, title: str) -> list[str]:
             ax.set_title(name)
             ax.grid(True, which="both", alpha=0.3)
         axes[0].set_ylabel(ylabel)
-        if drawn:
+        if drawn and axes[0].get_legend_handles_labels()[0]:  # the forward panel may have no series
             axes[0].legend()
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
