@@ -40,10 +40,11 @@ vector is divided by ``exp(m_i)`` with ``m_i`` its largest log-entry (detached) 
 exponential; the division by ``n_i`` is cancelled by the same argument and is not performed. The
 outputs are then finite whatever the length and the scale of the inputs.
 
-Padding: ``mask`` (``[B, T]``, True = real token) removes padded keys from every pool (their log
-weight is far below any reachable value, so their ``exp`` is exactly zero; in the quadratic form
-padded tokens are also replaced by zeros, by selection, before anything is computed from them, so
-whatever they hold reaches no real output or gradient); in the bidirectional
+Padding: ``mask`` (``[B, T]``, True = real token) removes padded keys from every pool (in the
+linear form their log weight is far below any reachable value, so their ``exp`` is exactly zero; in
+the quadratic form padded tokens are replaced by zeros, by selection, before anything is computed
+from them, and their pairs are selected out as above, so whatever they hold reaches no real output
+or gradient); in the bidirectional
 form each pool is the mean over the real tokens of its row. Outputs at padded positions are zero.
 Half-precision inputs are computed in float32 and returned in their own dtype.
 """
