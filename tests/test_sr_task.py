@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from amlp.cli import app
-from amlp.tasks.super_resolution.study import (SRStudyConfig, load_sr_study, run_sr_study, study_cells)
+from amlp.tasks.super_resolution.study import (SRStudyConfig, _checks, load_sr_study, run_sr_study,
+                                                 study_cells)
 from amlp.train import load_config, run_experiment
 from amlp.train.config import from_dict
 from amlp.train.loop import evaluate_checkpoint
@@ -95,6 +96,28 @@ def test_study_grid_of_the_cpu_study():
     with pytest.raises(ValueError, match="more_seeds"):
         from_dict(SRStudyConfig, {"config": "x.yaml", "mechanisms": ["softmax"],
                                   "more_seeds": {"mechanisms": ["abc"]}}).validate()
+
+
+def test_report_checks_compare_softmax_with_bicubic_and_amlp_cov_with_softmax():
+    study = from_dict(SRStudyConfig, {"config": "x.yaml", "mechanisms": ["softmax", "amlp-cov:form=official"]})
+
+    def rec(mech, seed, psnr, ssim, bicubic_ssim=0.76):
+        return {"finished": True, "mechanism": mech, "seed": seed,
+                "test": {"psnr": psnr, "ssim": ssim, "bicubic_ssim": bicubic_ssim}}
+
+    assert _checks({}, study) == []  # nothing before a softmax cell
+    results = {"a": rec("softmax", 0, 26.0, 0.80), "b": rec("softmax", 1, 26.2, 0.82)}
+    lines = "\n".join(_checks(results, study))
+    assert "0.810 against 0.760 (2 seed(s))" in lines and "holds" in lines and "does not hold" not in lines
+    assert "AMLP-Cov" not in lines  # no AMLP-Cov cell yet
+    results.update(c=rec("amlp-cov:form=official", 0, 26.5, 0.79), d=rec("amlp-cov:form=official", 1, 26.7, 0.81))
+    lines = "\n".join(_checks(results, study))
+    # PSNR +0.50 against seed stds of 0.14 each: beyond; SSIM -0.010 against 0.014: within
+    assert "PSNR +0.50, beyond the larger seed std (0.14)" in lines
+    assert "SSIM -0.010, within the larger seed std (0.014)" in lines
+    assert "PSNR +0.10, SSIM +0.009" in lines  # the paper's differences, Table 3
+    worse = {"a": rec("softmax", 0, 25.0, 0.70)}
+    assert "does not hold" in "\n".join(_checks(worse, study))
 
 
 @needs_orl

@@ -36,7 +36,7 @@ import torch
 from ...train.config import from_dict, load_config, read_yaml
 from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, report_path,
                                    torch_threads)
-from ...train.study_forecasting import _read_results, _record, mechanism_dir, parse_mechanism
+from ...train.study_forecasting import _mean_std, _read_results, _record, mechanism_dir, parse_mechanism
 
 #: the paper's CelebA-HQ (PSNR, SSIM) (AMLP paper Table 3; "vanilla" is softmax), quoted beside our rows
 PAPER = {"softmax": (23.18, 0.675), "local": (23.33, 0.682), "gmlp": (23.24, 0.679), "xca": (23.08, 0.670),
@@ -220,6 +220,7 @@ def write_sr_report(path: Path, results: dict, *, study: SRStudyConfig, command:
         cells += [f"{paper[0]:.2f}", f"{paper[1]:.3f}"] if paper else ["—", "—"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
+    lines += _checks(results, study)
     if figure:
         lines += _figure(results, study, root / "docs" / "figures" / "sr_faces.png", path)
     lines += _protocol(any_rec, study)
@@ -227,6 +228,37 @@ def write_sr_report(path: Path, results: dict, *, study: SRStudyConfig, command:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _checks(results: dict, study: SRStudyConfig) -> list[str]:
+    """The protocol's requirement (softmax above bicubic on SSIM) and the paper's claim (AMLP-Cov above
+    softmax in PSNR and SSIM), each from the means over the finished seeds; nothing before a softmax cell."""
+    by_name = {m.split(":")[0]: m for m in study.mechanisms}
+    if "softmax" not in by_name or not _recs(results, by_name["softmax"]):
+        return []
+    soft = _recs(results, by_name["softmax"])
+    ssim = float(np.mean([r["test"]["ssim"] for r in soft]))
+    bicubic = float(np.mean([r["test"]["bicubic_ssim"] for r in soft]))
+    held = "holds" if ssim > bicubic else "does not hold"
+    lines = ["## Checks", "",
+             f"- SR3 with softmax against bicubic upsampling, SSIM on the test people: {ssim:.3f} against "
+             f"{bicubic:.3f} ({len(soft)} seed(s)); the CPU protocol must beat bicubic: {held}."]
+    cov = _recs(results, by_name["amlp-cov"]) if "amlp-cov" in by_name else []
+    if cov:
+        parts = []
+        for metric, digits in (("psnr", 2), ("ssim", 3)):
+            a = [r["test"][metric] for r in cov]
+            b = [r["test"][metric] for r in soft]
+            (mean_a, std_a), (mean_b, std_b) = _mean_std(a), _mean_std(b)
+            diff = mean_a - mean_b
+            spread = max(std_a, std_b) if len(a) > 1 and len(b) > 1 else None
+            within = "" if spread is None else (
+                f", {'within' if abs(diff) <= spread else 'beyond'} the larger seed std ({spread:.{digits}f})")
+            parts.append(f"{metric.upper()} {diff:+.{digits}f}{within}")
+        paper = PAPER["amlp-cov"][0] - PAPER["softmax"][0], PAPER["amlp-cov"][1] - PAPER["softmax"][1]
+        lines.append(f"- AMLP-Cov minus softmax ({len(cov)} and {len(soft)} seed(s)): {'; '.join(parts)}. The "
+                     f"paper has AMLP-Cov above softmax in both (PSNR {paper[0]:+.2f}, SSIM {paper[1]:+.3f}).")
+    return lines + [""]
 
 
 def _figure(results: dict, study: SRStudyConfig, out: Path, doc: Path) -> list[str]:
