@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from amlp.cli import app
 from amlp.tasks.lm.matching import match_params, model_options
 from amlp.tasks.lm.study import (LMStudyConfig, check_causal_mechanism, load_lm_study, mechanism_overrides,
-                                 run_lm_study, study_cells, training_throughput)
+                                 report_checks, run_lm_study, study_cells, training_throughput)
 from amlp.tasks.mad import MAD_TASK_NAMES
 from amlp.tasks.mad.study import (PAPER_ROWS, PAPER_TABLE1_MAD, MADStudyConfig, load_mad_study, mad_row_score,
                                   run_mad_study, study_tasks)
@@ -54,6 +54,34 @@ def test_lm_study_grid():
     assert mechanism_overrides("amlp-cov:form=stable,landmarks=16") == [
         "model.mixer=amlp-cov", 'model.mixer_options.amlp-cov.form="stable"',
         "model.mixer_options.amlp-cov.landmarks=16"]
+
+
+def test_lm_report_checks_the_softmax_target_in_nats_and_states_the_claims():
+    study = load_lm_study(LM_STUDY)
+    assert report_checks({}, study) == []
+
+    def rec(size, mech, seed, bpc):
+        return {f"{size}/{mech}/seed{seed}": {"finished": True, "size": size, "mechanism": mech, "seed": seed,
+                                              "bpc": bpc}}
+
+    results = {}
+    # 2.3 bits = 1.594 nats (held in nats, not in bits); 2.4 bits = 1.664 nats (held in neither)
+    for seed, bpc in enumerate([2.29, 2.30, 2.31]):
+        results |= rec(830000, "softmax", seed, bpc)
+    results |= rec(400000, "softmax", 0, 2.4)
+    for seed, bpc in enumerate([2.40, 2.41, 2.42]):
+        results |= rec(830000, "linear", seed, bpc) | rec(830000, "causal-rn", seed, bpc - 0.005)
+    results |= rec(830000, "hyper-mlp", 0, 2.20)
+    text = "\n".join(report_checks(results, study))
+    assert "Softmax at 830,000 parameters: 1.594 nats per character (2.300 bits, 3 seed(s)): held in nats, " \
+           "not held in bits." in text
+    assert "Softmax at 400,000 parameters: 1.664 nats per character (2.400 bits, 1 seed(s)): not held in nats, " \
+           "not held in bits." in text
+    # -0.005 bits = -0.003 nats, inside the seeds' std of 0.01 bits = 0.007 nats
+    assert "CausalRN (linear form) minus linear attention, validation loss per character: 830,000: -0.003 nats " \
+           "(3 and 3 seed(s); within the larger seed std, 0.007)" in text
+    assert "HyperMLP minus softmax, validation loss per character: 830,000: -0.069 nats (1 and 3 seed(s))." in text
+    assert "HyperGLU minus" not in text  # no finished HyperGLU cell, no line
 
 
 def test_every_lm_row_is_matched_at_each_size():
