@@ -388,11 +388,18 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     assert "21.98" in text  # the paper's GLAT (ABC) En-De score beside the row
     # NAR cells are also scored with repeated-token runs collapsed, beside the single pass
     assert set(glat["tests_collapsed"]) == {"test2016"} and "tests_collapsed" not in teacher
-    assert "runs collapsed²" in text
+    assert "runs collapsed²" in text and "## Examples" not in text  # examples only in the tracked document
     logged.clear()
     run_translation_study(study, command="amlp study translation", write_doc=True, log=logged.append)
     assert sum("done before, skipped" in line for line in logged) == 2
-    assert (tmp_path / "doc.md").is_file()
+    doc = (tmp_path / "doc.md").read_text()
+    # the tracked document shows test sentences as every row's model translates them
+    examples = doc[doc.index("## Examples"):doc.index("## Protocol")]
+    sources, references = read_split("test2016", "en", "de", data_dir)
+    for i in (0, round((len(sources) - 1) / 2), len(sources) - 1):
+        assert f"Sentence {i + 1} of {len(sources)}:" in examples and f"| reference | {references[i]} |" in examples
+    for label in ("Tr (softmax)", "Tr (local, cross softmax)", "GLAT (abc)"):
+        assert examples.count(f"| {label} | ") == 3
     # rescoring: the finished cells are scored again from their checkpoints, nothing is trained
     before = json.loads((tmp_path / "runs" / "results.json").read_text())
     logged.clear()
@@ -431,6 +438,16 @@ def test_study_command_names_unknown_rows_and_directions():
     assert res.exit_code == 1 and "--directions: 'fr-en'" in res.output
     res = runner.invoke(app, ["study", "translation", "--seeds", "a", "--report-only"])
     assert res.exit_code == 2 and "--seeds" in res.output
+
+
+def test_study_file_refuses_a_negative_number_of_examples():
+    from amlp.tasks.translation.study import load_translation_study
+
+    study = load_translation_study(Path(__file__).resolve().parents[1] / "configs/translation/study/cpu.yaml")
+    assert study.examples == 3
+    study.examples = -1
+    with pytest.raises(ValueError, match="'examples' must be >= 0"):
+        study.validate()
 
 
 def test_report_checks_state_the_protocol_requirements():

@@ -34,6 +34,7 @@ A study file::
     run_root: runs/study/translation-cpu
     doc: docs/results/translation.md
     overrides: []
+    examples: 3                  # test sentences shown translated by every row in the tracked document
 """
 
 from __future__ import annotations
@@ -107,6 +108,9 @@ class TranslationStudyConfig:
     run_root: str = "runs/study/translation-cpu"
     doc: str = "docs/results/translation.md"
     overrides: list[str] = field(default_factory=list)
+    #: sentences of the first test set shown in the tracked document as every row translates them (the
+    #: first direction, each row's first seed), evenly spaced through the set; 0 shows none
+    examples: int = 3
 
     def validate(self) -> None:
         unknown = sorted(set(self.configs) - set(ARCHS))
@@ -131,6 +135,8 @@ class TranslationStudyConfig:
                 raise ValueError(f"study key 'more_seeds.rows' names rows that are not in 'rows': {missing}")
         if any(b < 1 for b in self.latency.batch_sizes) or self.latency.sentences < 1:
             raise ValueError("study key 'latency': batch sizes and sentences must be >= 1")
+        if self.examples < 0:
+            raise ValueError(f"study key 'examples' must be >= 0, got {self.examples}")
 
 
 def load_translation_study(path: str | Path) -> TranslationStudyConfig:
@@ -302,7 +308,7 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
         doc = root / study.doc
     else:
         doc = run_root / "report.md"
-    write_translation_report(doc, results, study=study, command=command)
+    write_translation_report(doc, results, study=study, command=command, examples_root=root if write_doc else None)
     log(f"report written to {doc}")
     return doc
 
@@ -333,7 +339,10 @@ def _cell_values(results: dict, direction: str, row: str, get) -> list[float]:
     return out
 
 
-def write_translation_report(path: Path, results: dict, *, study: TranslationStudyConfig, command: str) -> None:
+def write_translation_report(path: Path, results: dict, *, study: TranslationStudyConfig, command: str,
+                             examples_root: Path | None = None) -> None:
+    """The report in the layout of the paper's Tables 2 and 10; with ``examples_root`` (the folder the
+    recorded checkpoint paths are relative to) also the example translations (:func:`example_translations`)."""
     from .task import bleu_signature, chrf_signature
 
     lines = [f"# {study.title}", "",
@@ -381,11 +390,58 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
               "post-processing of Lee et al. 2018 and later NAR work); the other columns are the single pass "
               "as decoded, as the GLAT and AMLP papers report it.", ""]
     lines += _requirements(results, study)
+    if examples_root is not None:
+        lines += example_translations(results, study, examples_root)
     lines += _protocol(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell."""
+    return text.replace("\\", "\\\\").replace("|", "\\|") or "(empty)"
+
+
+def example_translations(results: dict, study: TranslationStudyConfig, root: Path) -> list[str]:
+    """The "Examples" section: ``study.examples`` sentences of the first test set, evenly spaced through
+    it, as each row's model of the first direction translates them (its first finished seed, the tested
+    checkpoint, decoded as the scores were: beam search for AR, the single parallel pass for GLAT with
+    no post-processing), under the source and the reference. Empty when no row has a finished cell."""
+    from ...train.loop import load_trained_model
+    from .data import read_split
+    from .task import translate_lines
+
+    direction, split = study.directions[0], study.test_sets[0]
+    chosen = {}
+    for row in study.rows:
+        recs = sorted((r for r in results.values() if r.get("finished") and r.get("direction") == direction
+                       and r.get("row") == row.key), key=lambda r: r["seed"])
+        if recs:
+            chosen[row.key] = recs[0]
+    if study.examples < 1 or not chosen:
+        return []
+    data = next(iter(chosen.values()))["data"]
+    sources, references = read_split(split, *direction.split("-"), data.get("data_dir"), data.get("files"))
+    count = min(study.examples, len(sources))
+    picks = [round(i * (len(sources) - 1) / max(1, count - 1)) for i in range(count)]
+    outputs = {}
+    with torch_threads(1):
+        for key, rec in chosen.items():
+            ckpt = Path(rec["checkpoint"])
+            _, task, model = load_trained_model(ckpt if ckpt.is_absolute() else root / ckpt, device="cpu")
+            outputs[key] = translate_lines(task, model, [sources[i] for i in picks], batch_size=count)
+    lines = ["## Examples", "",
+             f"Sentences of {split} ({direction.replace('-', ' → ')}), evenly spaced through it, as each row's "
+             "model translates them (its first seed; beam search for AR, the single parallel pass for GLAT as "
+             "decoded, without collapsing repeats).", ""]
+    for n, i in enumerate(picks):
+        lines += [f"Sentence {i + 1} of {len(sources)}:", "", "| | translation |", "|---|---|",
+                  f"| source | {_cell(sources[i])} |", f"| reference | {_cell(references[i])} |"]
+        lines += [f"| {_label(row)} | {_cell(outputs[row.key][n])} |" for row in study.rows if row.key in outputs]
+        lines.append("")
+    return lines
 
 
 def _mean(values: list[float]) -> float | None:
