@@ -185,6 +185,10 @@ def test_lm_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
     text = report.read_text()
     assert "## 6,000 parameters" in text and "| softmax |" in text and "| HyperGLU ¹ | — |" in text
     assert "1 of 2" in text and "tokens / s" in text
+    # the text each model wrote, after its prompt (HyperGLU has no finished cell: not shown)
+    samples = text[text.index("## Generated text"):text.index("## Protocol")]
+    assert f"softmax:\n\n```text\nHAMLET:{rec['generation']['text']}\n```" in samples
+    assert "HyperGLU" not in samples
     # the second run skips the finished cell
     logs.clear()
     run_lm_study(study, command="amlp study lm", mechanisms=["softmax"], seeds=[0], root=tmp_path, log=logs.append)

@@ -326,6 +326,7 @@ def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command:
               "(NanoGPT on OpenWebText2, pre-training on FineWeb-Edu) are another data set and scale, and their "
               "per-model values are not in the project's sources.", ""]
     lines += report_checks(results, study)
+    lines += _samples(results, study)
     if figure:
         lines += _figure(results, study, root / "docs" / "figures" / FIGURE, path, root)
     lines += _protocol(finished, study)
@@ -391,6 +392,24 @@ def report_checks(results: dict, study: LMStudyConfig) -> list[str]:
             lines.append(f"- {what}, validation loss per character: {'; '.join(parts)}."
                          + (f" For comparison, {paper}." if paper else ""))
     return lines + [""]
+
+
+def _samples(results: dict, study: LMStudyConfig) -> list[str]:
+    """The "Generated text" section: the text each mixer's model of the largest size (first seed) wrote in
+    the generation measurement, after its prompt; empty when no such cell has finished."""
+    size, seed = max(study.sizes), study.seeds[0]
+    shown = [(mech, rec) for mech in study.mechanisms for rec in _recs(results, size, mech)
+             if rec["seed"] == seed and rec.get("generation", {}).get("text") is not None]
+    if not shown:
+        return []
+    g = study.generation
+    lines = ["## Generated text", "",
+             f"What each model of {size:,} parameters (seed {seed}) wrote in the generation measurement: "
+             f"{g.new_tokens} characters, greedy, after the prompt {json.dumps(g.prompt)} (shown first).", ""]
+    for mech, rec in shown:
+        lines += [f"{mechanism_label(mech)}:", "", "```text", rec["generation"].get("prompt", g.prompt)
+                  + rec["generation"]["text"], "```", ""]
+    return lines
 
 
 def _curve(rec: dict, root: Path) -> list[list[float]]:
