@@ -1,5 +1,6 @@
 """HyperMLP / HyperGLU: lag layout, DPLR identity, dense = chunked = per-token loop, truncation
-invariance, reduction to ReLU attention, recurrent step, causality, lags beyond the bank."""
+invariance, reduction to ReLU attention, recurrent step, causality, lags beyond the bank, and the
+absolute-layout ablation."""
 
 import pytest
 import torch
@@ -263,6 +264,8 @@ def test_lags_beyond_the_bank_equal_zero_padded_banks(kind):
     {"vo_gate": False, "sequence_mixing": "qk", "chunk_size": 2},
     {"sequence_mixing": "vo", "max_lag": 3, "bias": True},
     {"sequence_mixing": "none", "conv_kernel": 1, "vo_rank": 8},
+    {"layout": "absolute"},
+    {"layout": "absolute", "max_lag": 4, "chunk_size": 3},
 ])
 def test_layer_fast_path_equals_reference_loop(name, options):
     m = build(name, **options)
@@ -294,39 +297,92 @@ def test_layer_dense_equals_chunked_with_gradients(name):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("max_lag", [16, 4])
-def test_truncation_invariance(name, max_lag):
-    """y(x[:, :t]) == y(x)[:, :t] for every t, also when t passes the last lag with parameters."""
-    m = build(name, max_lag=max_lag, chunk_size=3)
+@pytest.mark.parametrize("layout", ["lag", "absolute"])
+def test_truncation_invariance(name, max_lag, layout):
+    """y(x[:, :t]) == y(x)[:, :t] for every t, also when t passes the last lag (or position) with
+    parameters."""
+    m = build(name, max_lag=max_lag, chunk_size=3, layout=layout)
     x = torch.randn(2, 10, 12, dtype=F64)
     full = m(x)
     for t in range(1, 11):
         torch.testing.assert_close(m(x[:, :t]), full[:, :t], rtol=1e-10, atol=1e-12)
 
 
-def test_absolute_position_banks_would_break_truncation_invariance():
-    """Guard for the test above: indexing the bank by absolute key position (row j for key j)
-    instead of by lag changes the output at t when the sequence grows, so the test can fail."""
+def test_banks_sliced_from_the_window_end_would_break_truncation_invariance():
+    """Guard for the test above: slicing the banks from the end of the sequence (key j of a length-T
+    sequence on row M - T + j, the official code's non-lag aligner) changes the output at t when the
+    sequence grows, so the test can fail; the lag layout and the start-aligned absolute layout do not."""
     q, k, v, opts = op_inputs("relu", Tq=8, Tk=8, M=8, seed=3)
 
-    def absolute_layout(qq, kk, vv):
-        # key j at lag l = t - j would use row T - 1 - l in an absolute layout; emulate by flipping
-        # the bank rows of the first T entries
-        T = qq.shape[1]
-        flipped = dict(opts)
-        for n in ("qk_p", "vo_p"):
-            flipped[n] = opts[n][:, :T].flip(1)
-        for n in ("qk_a", "qk_b", "vo_a", "vo_b"):
-            flipped[n] = opts[n][:, :T].flip(1)
-        for n in ("s_qk", "s_vo"):
-            flipped[n] = opts[n][:, :T]
-        return hyper_attention(qq, kk, vv, **flipped)
+    def end_aligned(T):
+        sliced = dict(opts, s_qk=opts["s_qk"][:, :T], s_vo=opts["s_vo"][:, :T])
+        for n in ("qk_p", "vo_p", "qk_a", "qk_b", "vo_a", "vo_b"):
+            sliced[n] = opts[n][:, 8 - T:]
+        return hyper_attention(q[:, :T], k[:, :T], v[:, :T], layout="absolute", **sliced)
 
-    full = absolute_layout(q, k, v)
-    short = absolute_layout(q[:, :5], k[:, :5], v[:, :5])
-    assert (short - full[:, :5]).abs().max() > 1e-6
-    lag = hyper_attention(q, k, v, **opts)
+    assert (end_aligned(5) - end_aligned(8)[:, :5]).abs().max() > 1e-6
     short_opts = dict(opts, s_qk=opts["s_qk"][:, :5], s_vo=opts["s_vo"][:, :5])
-    torch.testing.assert_close(hyper_attention(q[:, :5], k[:, :5], v[:, :5], **short_opts), lag[:, :5])
+    for layout in ("lag", "absolute"):
+        full = hyper_attention(q, k, v, layout=layout, **opts)
+        torch.testing.assert_close(hyper_attention(q[:, :5], k[:, :5], v[:, :5], layout=layout, **short_opts),
+                                   full[:, :5])
+
+
+# -- the absolute layout (ablation) ------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("T,M,chunk", [(7, 9, None), (9, 4, 2), (10, 10, 3)])
+def test_absolute_layout_equals_per_token_loop_with_gradients(kind, T, M, chunk):
+    q, k, v, opts = op_inputs(kind, Tq=T, Tk=T, M=M, seed=5)
+    leaves = [q, k, v] + [opts[n] for n in ("s_qk", "s_vo", "qk_p", "qk_a", "qk_b", "vo_p", "vo_a", "vo_b")]
+    for t in leaves:
+        t.requires_grad_(True)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, T - 3:] = False
+    fast = hyper_attention(q, k, v, q_mask=mask, kv_mask=mask, chunk_size=chunk, layout="absolute", **opts)
+    ref = hyper_attention_reference(q, k, v, q_mask=mask, kv_mask=mask, layout="absolute", **opts)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    assert fast[1, T - 3:].abs().max() == 0
+    weight = torch.randn_like(fast)
+    for a, b in zip(_grads(ref, leaves, weight), _grads(fast, leaves, weight)):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+    # the layouts differ once the banks are not the identity
+    assert (hyper_attention(q, k, v, q_mask=mask, kv_mask=mask, **opts) - fast).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_absolute_layout_is_the_lag_layout_with_the_bank_rows_reversed_for_the_last_query(kind):
+    """For the query at position t, slot j (absolute) is slot t - j (lag): absolute with bank rows
+    0..t equals lag with those rows reversed."""
+    t = 6
+    q, k, v, opts = op_inputs(kind, Tq=1, Tk=t + 1, M=t + 1, seed=7)
+    reversed_rows = dict(opts)
+    for n in ("qk_p", "vo_p", "qk_a", "qk_b", "vo_a", "vo_b"):
+        reversed_rows[n] = opts[n].flip(1)
+    torch.testing.assert_close(hyper_attention(q, k, v, layout="absolute", **opts),
+                               hyper_attention(q, k, v, **reversed_rows), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_absolute_layout_is_causal(chunk):
+    q, k, v, opts = op_inputs("glu", Tq=8, Tk=8, M=8, seed=2)
+    base = hyper_attention(q, k, v, layout="absolute", chunk_size=chunk, **opts)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, 5:] = float("nan")  # future scores are selected out
+    v2[:, 5:] += 3.0
+    out = hyper_attention(q, k2, v2, layout="absolute", chunk_size=chunk, **opts)
+    torch.testing.assert_close(out[:, :5], base[:, :5], rtol=0, atol=0)
+    assert (out[:, 5:] - base[:, 5:]).isnan().all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_absolute_layout_layer_keeps_a_poisoned_future_out_of_the_past(name):
+    m = build(name, layout="absolute", chunk_size=4)
+    x = torch.randn(2, 10, 12, dtype=F64)
+    clean = m(x)
+    x[:, 6] = float("nan")
+    poisoned = m(x)
+    torch.testing.assert_close(poisoned[:, :6], clean[:, :6], rtol=0, atol=0)
+    assert poisoned[:, 6:].isnan().all()
 
 
 def test_reduces_to_normalised_relu_attention():
@@ -352,8 +408,9 @@ def test_reduces_to_normalised_relu_attention():
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("max_lag", [16, 3])
-def test_step_equals_forward(name, max_lag):
-    m = build(name, max_lag=max_lag, chunk_size=4)
+@pytest.mark.parametrize("layout", ["lag", "absolute"])
+def test_step_equals_forward(name, max_lag, layout):
+    m = build(name, max_lag=max_lag, chunk_size=4, layout=layout)
     x = torch.randn(2, 9, 12, dtype=F64)
     stepped, state = run_steps(m, x)
     torch.testing.assert_close(stepped, m(x), rtol=1e-10, atol=1e-12)
@@ -493,6 +550,9 @@ def test_default_ranks_and_option_errors():
         HyperMLP(16, 2, causal=True, sequence_mixing="all")
     with pytest.raises(ValueError, match="max_lag"):
         HyperMLP(16, 2, causal=True, max_lag=0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        HyperGLU(16, 2, causal=True, layout="position")
+    assert "layout='absolute'" in repr(HyperGLU(16, 2, causal=True, layout="absolute"))
     m = HyperMLP(16, 2, causal=True)
     with pytest.raises(ValueError, match="x_t"):
         m.step(torch.randn(2, 1, 16), m.init_state(2))
@@ -514,3 +574,5 @@ def test_op_input_errors():
         hyper_attention(q, k, v, kv_mask=torch.ones(2, 4, dtype=torch.bool), **opts)
     with pytest.raises(ValueError, match="chunk_size"):
         hyper_attention(q, k, v, chunk_size=-1, **opts)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        hyper_attention(q, k, v, layout="lags", **opts)

@@ -105,10 +105,11 @@ def test_mad_study_grid():
     tasks = study_tasks(study, ROOT)
     assert list(tasks) == list(MAD_TASK_NAMES)
     cells = mad_cells(study, list(tasks))
-    assert len(study.mechanisms) == 12 and len(study.ablations) == 5
-    assert len(cells) == 17 * 6 * 1 == 102
+    assert len(study.mechanisms) == 12 and len(study.ablations) == 7
+    assert len(cells) == 19 * 6 * 1 == 114
     assert {s for _, _, s in cells} == {0}
     assert "hyper-mlp:sequence_mixing=none" in study.ablations and "hyper-glu:sequence_mixing=qk" in study.ablations
+    assert "hyper-mlp:layout=absolute" in study.ablations and "hyper-glu:layout=absolute" in study.ablations
     assert all(m.split(":")[0] in ("hyper-mlp", "hyper-glu") for m in study.ablations)
     assert PAPER_TABLE1_MAD == {"R-cg-q": 66.78, "R-cg-q-12o": 81.01}
     assert set(PAPER_ROWS) <= set(study.rows)
@@ -231,7 +232,7 @@ def test_mad_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
     text = report.read_text()
     assert "| softmax |" in text and "in-context recall" in text
     assert "| HyperGLU `sequence_mixing=none` | — |" in text
-    assert "66.78" in text and "81.01" in text and "Table 1" in text and "no switch for the lag" in text
+    assert "66.78" in text and "81.01" in text and "Table 1" in text and "removing the lag layout" in text
     logs.clear()
     run_mad_study(study, command="amlp study mad", mechanisms=["softmax"], root=tmp_path, log=logs.append)
     assert any("in-context-recall/softmax/seed0: done before, skipped" in line for line in logs)

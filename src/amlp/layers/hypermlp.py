@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.hypermlp import KINDS, hyper_attention, hyper_attention_reference
+from ..ops.hypermlp import KINDS, LAYOUTS, hyper_attention, hyper_attention_reference
 from .base import Capabilities, Mixer
 from .registry import register_mixer
 
@@ -47,6 +47,9 @@ class HyperHead(Mixer):
         kv_conv, qk_gate, vo_gate: switch the convolutions / the QK gate / the VO gate on or off.
         sequence_mixing: which operators are learned: ``"both"`` (R^(1) and R^(2)), ``"qk"``,
             ``"vo"`` or ``"none"`` (the others are the identity).
+        layout: how the operators' slots are indexed: ``"lag"`` (the default, the paper's design:
+            bank row l for the token l steps back) or ``"absolute"``, an ablation (bank row j for the
+            token at position j; ``max_lag`` then counts positions). See :mod:`amlp.ops.hypermlp`.
         chunk_size: queries per block of the chunked form; ``"auto"`` (the default) sizes the blocks
             from a memory budget (:data:`amlp.ops.hypermlp.AUTO_BLOCK_BYTES`), ``None`` is the dense form.
         dropout: dropout on the layer output. bias: biases on the q/k/v/output projections
@@ -68,7 +71,7 @@ class HyperHead(Mixer):
                  qk_rank: int | None = None, vo_rank: int | None = None, rank: int = 16, max_lag: int = 2048,
                  conv_kernel: int = 4, kv_conv: bool = True, qk_gate: bool = True, vo_gate: bool = True,
                  sequence_mixing: str = "both", chunk_size: int | str | None = "auto", dropout: float = 0.0,
-                 bias: bool = False):
+                 bias: bool = False, layout: str = "lag"):
         super().__init__(dim, heads, causal=causal, cross=cross)
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -88,6 +91,8 @@ class HyperHead(Mixer):
             raise ValueError(f"vo_rank must be divisible by heads, got vo_rank={vo_rank}, heads={heads}")
         if sequence_mixing not in SEQUENCE_MIXING:
             raise ValueError(f"sequence_mixing must be one of {SEQUENCE_MIXING}, got {sequence_mixing!r}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         if chunk_size != "auto" and chunk_size is not None and (
                 not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
             raise ValueError(f"chunk_size must be a positive int, None or 'auto', got {chunk_size!r}")
@@ -95,7 +100,7 @@ class HyperHead(Mixer):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.kind, self.qk_heads, self.qk_rank, self.vo_rank = kind, qk_heads, qk_rank, vo_rank
         self.rank, self.max_lag, self.conv_kernel, self.chunk_size = rank, max_lag, conv_kernel, chunk_size
-        self.sequence_mixing = sequence_mixing
+        self.sequence_mixing, self.layout = sequence_mixing, layout
         self.qk_dim, self.vo_dim = qk_rank // qk_heads, vo_rank // heads
 
         self.q_proj = nn.Linear(dim, qk_rank, bias=bias)
@@ -163,7 +168,7 @@ class HyperHead(Mixer):
 
     def _op_options(self, xq):
         B, Tq, _ = xq.shape
-        opts = dict(kind=self.kind)
+        opts = dict(kind=self.kind, layout=self.layout)
         if self.qk_p is not None:
             s = torch.sigmoid(self.qk_control(xq)).view(B, Tq, self.qk_heads, self.rank)
             opts.update(s_qk=s, qk_p=self.qk_p, qk_a=self.qk_a, qk_b=self.qk_b)
@@ -235,7 +240,7 @@ class HyperHead(Mixer):
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, kind={self.kind!r}, qk_rank={self.qk_rank}, "
                 f"vo_rank={self.vo_rank}, rank={self.rank}, max_lag={self.max_lag}, "
-                f"sequence_mixing={self.sequence_mixing!r}, chunk_size={self.chunk_size}")
+                f"sequence_mixing={self.sequence_mixing!r}, layout={self.layout!r}, chunk_size={self.chunk_size}")
 
 
 @register_mixer("hyper-mlp", description="HyperMLP: causal head as a dynamic MLP, ReLU/L2 with lag-indexed DPLR "

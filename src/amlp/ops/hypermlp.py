@@ -26,6 +26,14 @@ on those slots. They still take part in the scores, the low-rank projection ``y 
 and the activation's norm counts them: the head keeps attending to old tokens as plain ReLU / GLU
 attention. Any length runs, and truncation invariance still holds.
 
+**Absolute layout (ablation).** ``layout="absolute"`` indexes the slots by key position instead of
+lag, oldest first: slot j is the key at position j and uses bank row j (positions ``j >= M`` have
+no parameters). The operator of a prefix is still the top-left block of the operator of a longer
+sequence, so the parallel form still equals token-by-token decoding, but a slot no longer means
+"this far back": what R learns for slot j applies to whatever token sits at position j. At a full
+window (T = M) this is the non-lag ablation of the paper's Table 1 (its code's identity aligner,
+which slices the banks from the end of the window).
+
 **Layouts.** Scores are computed in the standard layout (query row, key column) by one matmul,
 moved into the lag layout by a row-dependent shift (:func:`to_lag_layout`; no index tensor, a
 pad-and-reshape), mixed there, and moved back (:func:`from_lag_layout`) for the readout matmul.
@@ -52,6 +60,9 @@ from torch.autograd.function import once_differentiable
 from ._checks import check_mask, compute_dtype, padded_rows_to_zero
 
 KINDS = ("relu", "glu")
+#: how the slots of the sequence-mixing operators are indexed: by lag (newest first, the paper's
+#: design) or by absolute key position (oldest first, the ablation)
+LAYOUTS = ("lag", "absolute")
 NORM_EPS = 1e-12
 #: memory of one ``[B, H_qk, C, L]`` block of scores under ``chunk_size="auto"``: the block's passes
 #: (shifts, sequence mixing, activation and their gradients) then run on data a CPU cache can hold,
@@ -212,9 +223,11 @@ def _check_bank(name, bank, heads, device):
     return M, a.shape[2]
 
 
-def _check_inputs(q, k, v, kind, s_qk, s_vo, qk_bank, vo_bank, q_mask, kv_mask):
+def _check_inputs(q, k, v, kind, s_qk, s_vo, qk_bank, vo_bank, q_mask, kv_mask, layout="lag"):
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -264,12 +277,22 @@ def _activate(h: torch.Tensor, kind: str, heads: int) -> torch.Tensor:
 
 
 # -- the fast forms --------------------------------------------------------------------------------
-def _block(q, k, v, s_qk, s_vo, qk_p, qk_a, qk_b, vo_p, vo_a, vo_b, kind: str):
+def _block(q, k, v, s_qk, s_vo, qk_p, qk_a, qk_b, vo_p, vo_a, vo_b, kind: str, layout: str = "lag"):
     """Query rows ``q`` ``[B, Hqk, C, Dk]`` at the last C of the ``L`` key positions of ``k``
     ``[B, Hqk, L, Dk]`` and ``v`` ``[B, H, L, Dv]``; returns ``[B, H, C, Dv]``."""
     C, L = q.shape[2], k.shape[2]
     H = v.shape[1]
     invalid = ~valid_lags(C, L, q.device)
+    if layout == "absolute":
+        # slots are key positions, in the standard layout: the mask of invalid lags is the mask of
+        # future keys (column j is invalid for row c when j > i0 + c)
+        z = torch.matmul(q, k.transpose(-1, -2)).masked_fill_(invalid, 0.0)
+        if qk_p is not None:
+            z = dplr_apply(z, qk_p, qk_a, qk_b, s_qk).masked_fill_(invalid, 0.0)
+        w = _activate(z, kind, H)
+        if vo_p is not None:
+            w = dplr_apply(w, vo_p, vo_a, vo_b, s_vo).masked_fill_(invalid, 0.0)
+        return torch.matmul(w, v)
     # with the keys in reverse order, the lag layout is a row-dependent left shift of the scores
     # (no flip of a C x L tensor): z[c, l] = q_c . k_{i0 + c - l}
     z = _ShiftLeft.apply(torch.matmul(q, k.flip(2).transpose(-1, -2)))  # [B, Hqk, C, L], zero at invalid lags
@@ -286,28 +309,28 @@ class _RecomputedBlock(torch.autograd.Function):
     block's scores there, so the chunked form never holds more than one block of scores."""
 
     @staticmethod
-    def forward(ctx, kind, *inputs):
-        ctx.kind = kind
+    def forward(ctx, kind, layout, *inputs):
+        ctx.kind, ctx.layout = kind, layout
         ctx.present = [t is not None for t in inputs]
         ctx.save_for_backward(*[t for t in inputs if t is not None])
         with torch.no_grad():
-            return _block(*inputs, kind)
+            return _block(*inputs, kind, layout)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         saved = iter(ctx.saved_tensors)
         inputs = [next(saved).detach().requires_grad_(need) if present else None
-                  for present, need in zip(ctx.present, ctx.needs_input_grad[1:])]
+                  for present, need in zip(ctx.present, ctx.needs_input_grad[2:])]
         wanted = [t for t in inputs if t is not None and t.requires_grad]
         grads = iter(())
         if wanted:
             with torch.enable_grad():
-                out = _block(*inputs, ctx.kind)
+                out = _block(*inputs, ctx.kind, ctx.layout)
                 # a scalar objective: the same vector-Jacobian product without explicit grad_outputs
                 grads = iter(torch.autograd.grad((out * grad).sum(), wanted, allow_unused=True))
         result = [next(grads) if t is not None and t.requires_grad else None for t in inputs]
-        return (None, *result)
+        return (None, None, *result)
 
 
 def hyper_attention(
@@ -327,6 +350,7 @@ def hyper_attention(
     q_mask: torch.Tensor | None = None,
     kv_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
+    layout: str = "lag",
 ) -> torch.Tensor:
     """Causal HyperMLP (``kind="relu"``) or HyperGLU (``kind="glu"``) heads.
 
@@ -344,12 +368,14 @@ def hyper_attention(
         chunk_size: None computes all queries at once; an int processes query blocks of that size
             against their key prefix only; ``"auto"`` picks the block from :data:`AUTO_BLOCK_BYTES`
             (all queries at once when they fit).
+        layout: ``"lag"`` (bank row l for lag l, the paper's design) or ``"absolute"`` (bank row j for
+            the key at position j, the ablation; see the module docstring).
 
     Returns ``[B, Tq, H, D_v]`` in the dtype of ``q``.
     """
     qk_bank = None if qk_p is None else (qk_p, qk_a, qk_b)
     vo_bank = None if vo_p is None else (vo_p, vo_a, vo_b)
-    _check_inputs(q, k, v, kind, s_qk, s_vo, qk_bank, vo_bank, q_mask, kv_mask)
+    _check_inputs(q, k, v, kind, s_qk, s_vo, qk_bank, vo_bank, q_mask, kv_mask, layout)
     if chunk_size != "auto" and chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, None or 'auto', got {chunk_size!r}")
     out_dtype = q.dtype
@@ -379,22 +405,23 @@ def hyper_attention(
         args = (qh[:, :, i0:i1], kh[:, :, :offset + i1], vh[:, :, :offset + i1],
                 None if sq is None else sq[:, :, i0:i1], None if sv is None else sv[:, :, i0:i1], *params)
         if recompute:
-            outs.append(_RecomputedBlock.apply(kind, *args))
+            outs.append(_RecomputedBlock.apply(kind, layout, *args))
         else:
-            outs.append(_block(*args, kind))
+            outs.append(_block(*args, kind, layout))
     out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
     out = padded_rows_to_zero(out.transpose(1, 2), q_mask)
     return out.to(out_dtype)
 
 
 def hyper_attention_reference(q, k, v, *, kind="relu", s_qk=None, s_vo=None, qk_p=None, qk_a=None, qk_b=None,
-                              vo_p=None, vo_a=None, vo_b=None, q_mask=None, kv_mask=None, chunk_size=None):
-    """Per-token loop over the lag-ordered prefix with explicitly built t-by-t operators
-    ``R = I + Diag(p) + A Diag(s_t) B^T`` (same contract as :func:`hyper_attention`;
-    ``chunk_size`` is ignored)."""
+                              vo_p=None, vo_a=None, vo_b=None, q_mask=None, kv_mask=None, chunk_size=None,
+                              layout="lag"):
+    """Per-token loop over the lag-ordered prefix (the position-ordered prefix with
+    ``layout="absolute"``) with explicitly built t-by-t operators ``R = I + Diag(p) + A Diag(s_t) B^T``
+    (same contract as :func:`hyper_attention`; ``chunk_size`` is ignored)."""
     qk_bank = None if qk_p is None else (qk_p, qk_a, qk_b)
     vo_bank = None if vo_p is None else (vo_p, vo_a, vo_b)
-    _check_inputs(q, k, v, kind, s_qk, s_vo, qk_bank, vo_bank, q_mask, kv_mask)
+    _check_inputs(q, k, v, kind, s_qk, s_vo, qk_bank, vo_bank, q_mask, kv_mask, layout)
     out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)
     B, Tq, Hqk, _ = q.shape
@@ -408,6 +435,8 @@ def hyper_attention_reference(q, k, v, *, kind="relu", s_qk=None, s_vo=None, qk_
         t = i + Tk - Tq  # absolute position of this query
         keys_lag = k[:, : t + 1].flip(1)  # [B, t+1, Hqk, Dk], row l = key at lag l
         values_lag = v[:, : t + 1].flip(1)
+        if layout == "absolute":  # row j = key at position j
+            keys_lag, values_lag = k[:, : t + 1], v[:, : t + 1]
         z = torch.einsum("bhd,blhd->bhl", q[:, i], keys_lag)
         if qk_p is not None:
             R1 = dplr_matrix(qk_p.to(cdt), qk_a.to(cdt), qk_b.to(cdt), s_qk[:, i].to(cdt), t + 1)

@@ -222,14 +222,16 @@ def write_mad_report(path: Path, results: dict, *, study: MADStudyConfig, tasks:
                   "`sequence_mixing` chooses which lag-indexed sequence-mixing operators are learned (`both`, the "
                   "default; `qk`: R^(1) only; `vo`: R^(2) only; `none`: neither, leaving ReLU / GLU attention with "
                   "the gates and convolutions), `kv_conv=false` drops the causal convolutions on the key and "
-                  "value inputs, `qk_gate` / `vo_gate` the gates. The models are not re-matched: a row without "
-                  "sequence mixing has fewer parameters than the full layer.", ""]
+                  "value inputs, `qk_gate` / `vo_gate` the gates, and `layout=absolute` indexes the operators' "
+                  "slots by key position instead of by lag (the paper's variants without `o`; at a full window, "
+                  "as here, it equals the identity aligner of the paper's code). The models are not re-matched: "
+                  "a row without sequence mixing has fewer parameters than the full layer.", ""]
         lines += _table(results, hyper + list(study.ablations), tasks, paper=True)
     else:
         lines += ["No ablation rows in this study.", ""]
-    lines += ["The layer has no switch for the lag (reverse-offset) layout: its sequence-mixing operators are always "
-              "indexed by lag, so the paper's ablation without the lag layout (`R-12!` against `R-12o!`) has no row "
-              "here.", "",
+    lines += ["The paper reports that removing the lag layout collapses performance (`R-12!` against `R-12o!` in "
+              "its Table 1, numbers not available here); the `layout=absolute` rows are that ablation on this "
+              "protocol.", "",
               "### The paper's numbers", "",
               "The HyperMLP paper (arXiv 2602.12601) reports its design study on MAD in Table 1. Two of its "
               "numbers are quoted here, the MAD averages of R-cg-q (66.78) and of R-cg-q-12o (81.01), as they are "
