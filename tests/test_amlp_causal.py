@@ -83,6 +83,30 @@ def test_chunk_size_and_recompute_do_not_change_the_result(chunk_size, recompute
         torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
 
 
+def test_batch_rows_in_groups_give_the_same_outputs_state_and_gradients(monkeypatch):
+    """A memory budget smaller than one block of the batch runs the rows in groups (here one row at a
+    time): outputs, the final state and every gradient equal the whole batch at once."""
+    from amlp.ops import amlp_causal
+
+    q, k, v, cq, ck, tau = inputs(seed=4)
+    mask = right_padded()
+    with torch.no_grad():
+        start = amlp_cov_causal(q[:, :3], k[:, :3], v[:, :3], cq, ck, temperature=tau, return_state=True)[1]
+    opts = dict(q_mask=mask, kv_mask=mask, temperature=tau, initial_state=start, return_state=True)
+    whole, whole_state = amlp_cov_causal(q, k, v, cq, ck, chunk_size=T, **opts)
+    assert amlp_causal._group_rows(B, H, D, 8, amlp_causal.BLOCK_TOKENS) == B
+    monkeypatch.setattr(amlp_causal, "CHUNK_BYTES", 1)
+    assert amlp_causal._group_rows(B, H, D, 8, amlp_causal.BLOCK_TOKENS) == 1
+    grouped, grouped_state = amlp_cov_causal(q, k, v, cq, ck, **opts)
+    torch.testing.assert_close(grouped, whole, rtol=1e-12, atol=1e-13)
+    for a, b in zip(grouped_state, whole_state):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    w = torch.randn_like(whole)
+    every = (q, k, v, cq, ck, tau)
+    for a, b in zip(grads(grouped, every, w), grads(whole, every, w)):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-12)
+
+
 @pytest.mark.parametrize("form", ["paper", "stable"])
 def test_every_position_equals_the_non_causal_op_on_its_prefix(form):
     q, k, v, cq, ck, tau = inputs(seed=2)
