@@ -356,4 +356,28 @@ def test_study_with_ablation_rows_and_a_budget_writes_widths_and_the_grid(tmp_pa
     assert f"| causal-rn-quadratic:prenorm=none,activation=relu | {width} |" in text
     assert "CausalRN ablation" in text and "| pre-norm | exp | relu |" in text
     assert "| none | — | " in text and "| exact | " in text
+    assert "## Checks (copying, S = 2, test hard accuracy)" in text and "the best of the other 1 ablation" in text
     assert (tmp_path / "docs" / "figures" / "long" / "recall_copying_vs_S.png").is_file()
+
+
+def test_copying_checks_state_the_causal_rn_claims_at_the_longest_length():
+    from amlp.train.study_recall import copying_checks
+
+    def entry(*accs):
+        return {"acc": list(accs), "soft": list(accs), "params": 1000, "state": 10}
+
+    table = {("copying", "softmax", 32, 64): entry(1.0, 1.0, 1.0), ("copying", "softmax", 16, 64): entry(1.0),
+             ("copying", "causal-rn-quadratic", 32, 64): entry(0.9, 1.0, 0.95),
+             ("copying", "causal-rn", 32, 64): entry(0.25),
+             ("copying", "linear", 16, 64): entry(0.5),  # not at the longest S: not stated
+             ("copying", "causal-rn-quadratic:prenorm=approx,activation=exp", 32, 64): entry(0.4, 0.2),
+             ("copying", "causal-rn-quadratic:prenorm=none,activation=relu", 32, 64): entry(0.1),
+             ("mqar", "softmax", 64, 64): entry(1.0)}
+    text = "\n".join(copying_checks(table))
+    assert text.startswith("## Checks (copying, S = 32, test hard accuracy)")
+    assert "- softmax: 1.000 ± 0.000 (3 seed(s))." in text
+    assert "causal-rn-quadratic: 0.950 ± 0.050 (3 seed(s))." in text
+    assert "and linear attention do not. causal-rn: 0.250 (1 seed(s))." in text and "linear:" not in text
+    assert ("exact + exp: 0.950; the best of the other 2 ablation cells: approx + exp, 0.300 (means over seeds)."
+            in text)
+    assert copying_checks({("mqar", "softmax", 64, 64): entry(1.0)}) == []

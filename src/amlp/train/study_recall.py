@@ -17,7 +17,8 @@ language model's matched-parameter rule), the copying table gives each row's wid
 where the rule chose one) and parameter count at the longest S. When the mechanisms include several
 cells of the CausalRN ablation (``causal-rn-quadratic:prenorm=...,activation=...``; the plain
 ``causal-rn-quadratic`` is the exact + exp cell), the report adds one pre-norm x activation table
-per S.
+per S. A "Checks" section puts the CausalRN paper's copying claims beside the recorded accuracies
+at the longest S (:func:`copying_checks`).
 
 A study file::
 
@@ -393,6 +394,46 @@ def _ablation_lines(table: dict, task: str) -> list[str]:
     return lines
 
 
+def copying_checks(table: dict) -> list[str]:
+    """The "Checks" section: the CausalRN paper's copying claims against the recorded cells at the longest
+    S that softmax reached (the widest model when there are several): the quadratic form copies like a
+    Transformer, the linear form and linear attention do not, and copying needs both the exp
+    activation and exact pre-activation normalisation. Numbers only; empty without a softmax cell."""
+    soft_keys = [k for k in table if k[0] == "copying" and k[1] == "softmax"]
+    if not soft_keys:
+        return []
+    value = max(k[2] for k in soft_keys)
+    dim = max(k[3] for k in soft_keys if k[2] == value)
+
+    def acc(mech: str) -> str | None:
+        entry = table.get(("copying", mech, value, dim))
+        if entry is None or not entry["acc"]:
+            return None
+        mean, std = _mean_std(entry["acc"])
+        return f"{mean:.3f}" + (f" ± {std:.3f}" if len(entry["acc"]) > 1 else "") + f" ({len(entry['acc'])} seed(s))"
+
+    lines = [f"## Checks (copying, S = {value}, test hard accuracy)", "",
+             f"- softmax: {acc('softmax')}."]
+    quadratic = acc("causal-rn-quadratic")
+    if quadratic:
+        lines.append(f"- CausalRN: its quadratic form copies like a Transformer. causal-rn-quadratic: {quadratic}.")
+    weak = [f"{m}: {a}" for m in ("causal-rn", "linear") if (a := acc(m))]
+    if weak:
+        lines.append("- CausalRN: its linear form and linear attention do not. " + "; ".join(weak) + ".")
+    cells = {}
+    for key, entry in table.items():
+        cell = _ablation_cell(key[1]) if key[0] == "copying" and key[2] == value and key[3] == dim else None
+        if cell is not None and entry["acc"]:
+            cells[cell] = _mean_std(entry["acc"])[0]
+    others = {c: a for c, a in cells.items() if c != ("exact", "exp")}
+    if ("exact", "exp") in cells and others:
+        best = max(others, key=others.get)
+        lines.append(f"- CausalRN: copying needs both the exp activation and exact pre-activation normalisation. "
+                     f"exact + exp: {cells[('exact', 'exp')]:.3f}; the best of the other {len(others)} ablation "
+                     f"cells: {best[0]} + {best[1]}, {others[best]:.3f} (means over seeds).")
+    return lines + [""]
+
+
 def write_recall_report(path: Path, results: dict, *, study: RecallStudyConfig, command: str, requested: list[str],
                         unavailable: list[str], figures_dir: Path) -> None:
     table = summarise_recall(results)
@@ -456,6 +497,8 @@ def write_recall_report(path: Path, results: dict, *, study: RecallStudyConfig, 
                              f" | {'—' if state is None or not math.isfinite(state) else f'{int(state):,}'} | {seeds} |")
         lines += [""]
         lines += _ablation_lines(table, task)
+        if task == "copying":
+            lines += copying_checks(table)
     if table:
         lines += ["## Plots", "", "State size is the number of floats a mixer keeps per sequence to decode the next "
                   "token (its `state_size(length)` at the task's longest input, summed over blocks): it grows with the "
