@@ -17,8 +17,8 @@ from amlp.tasks.lm.matching import match_params, model_options
 from amlp.tasks.lm.study import (LMStudyConfig, check_causal_mechanism, load_lm_study, mechanism_overrides,
                                  report_checks, run_lm_study, study_cells, training_throughput)
 from amlp.tasks.mad import MAD_TASK_NAMES
-from amlp.tasks.mad.study import (PAPER_ROWS, PAPER_TABLE1_MAD, MADStudyConfig, load_mad_study, mad_row_score,
-                                  run_mad_study, study_tasks)
+from amlp.tasks.mad.study import (PAPER_ROWS, PAPER_TABLE1_MAD, MADStudyConfig, load_mad_study, mad_checks,
+                                  mad_row_score, run_mad_study, study_tasks)
 from amlp.tasks.mad.study import study_cells as mad_cells
 from amlp.train.config import from_dict, load_config, read_yaml
 
@@ -134,6 +134,26 @@ def test_mad_row_score_needs_all_six_tasks():
     assert mad_row_score(results, "softmax", list(MAD_TASK_NAMES)) == pytest.approx(35.0)
     del results["memorization/softmax/seed0"]
     assert mad_row_score(results, "softmax", list(MAD_TASK_NAMES)) is None
+
+
+def test_mad_checks_compare_the_rows_of_each_paper_finding():
+    study = load_mad_study(MAD_STUDY)
+    tasks = list(MAD_TASK_NAMES)
+    assert mad_checks({}, study, tasks) == []
+
+    def row(mech, acc, only=None):
+        return {f"{t}/{mech}/seed0": {"finished": True, "mechanism": mech, "task": t, "seed": 0, "test": {"acc": acc}}
+                for t in (only or tasks)}
+
+    results = (row("hyper-mlp", 0.9) | row("hyper-mlp:sequence_mixing=none", 0.7) | row("hyper-mlp:layout=absolute", 0.5)
+               | row("hyper-glu", 0.8) | row("hyper-glu:layout=absolute", 0.85, only=tasks[:5]))
+    text = "\n".join(mad_checks(results, study, tasks))
+    assert "- The paper: sequence mixing is the dominant gain (R-cg-q 66.78 to R-cg-q-12o 81.01). Here: HyperMLP " \
+           "90.00 against HyperMLP `sequence_mixing=none` 70.00 (+20.00)." in text
+    assert "removing the lag layout collapses performance. Here: HyperMLP 90.00 against HyperMLP " \
+           "`layout=absolute` 50.00 (+40.00)." in text
+    # HyperGLU without the lag layout lacks a task: no score, no comparison; no pair at all: no line
+    assert "HyperGLU `layout=absolute`" not in text and "two-sided" not in text
 
 
 def test_training_throughput_reads_the_logged_windows(tmp_path):

@@ -203,6 +203,42 @@ def _table(results: dict, rows: list[str], tasks: list[str], paper: bool) -> lis
     return lines + [""]
 
 
+#: the HyperMLP paper's Table 1 findings that this study's rows can test: (finding, [(row, row it is
+#: compared with)]); the first row of a pair is the paper's better variant
+PAPER_FINDINGS = (
+    ("sequence mixing is the dominant gain (R-cg-q 66.78 to R-cg-q-12o 81.01)",
+     [("hyper-mlp", "hyper-mlp:sequence_mixing=none"), ("hyper-glu", "hyper-glu:sequence_mixing=none")]),
+    ("removing the lag layout collapses performance",
+     [("hyper-mlp", "hyper-mlp:layout=absolute"), ("hyper-glu", "hyper-glu:layout=absolute")]),
+    ("two-sided mixing beats one-sided (G-cg-q-12o against G-cg-q-1o)",
+     [("hyper-glu", "hyper-glu:sequence_mixing=qk"), ("hyper-glu", "hyper-glu:sequence_mixing=vo")]),
+    ("variants without the convolution (R-g-q-12o) still beat the baselines",
+     [("hyper-mlp:kv_conv=false", "softmax")]),
+)
+
+
+def mad_checks(results: dict, study: MADStudyConfig, tasks: list[str]) -> list[str]:
+    """The "Checks" section: each finding of the paper's Table 1 that the study's rows can test, with
+    the MAD scores of the rows it compares (pairs whose two rows both have a score; empty when none)."""
+    rows = set(study.rows)
+    lines = []
+    for finding, pairs in PAPER_FINDINGS:
+        parts = []
+        for better, other in pairs:
+            if better not in rows or other not in rows:
+                continue
+            a, b = mad_row_score(results, better, tasks), mad_row_score(results, other, tasks)
+            if a is not None and b is not None:
+                parts.append(f"{mechanism_label(better)} {a:.2f} against {mechanism_label(other)} {b:.2f} "
+                             f"({a - b:+.2f})")
+        if parts:
+            lines.append(f"- The paper: {finding}. Here: {'; '.join(parts)}.")
+    if not lines:
+        return []
+    return ["## Checks", "", "MAD scores (%) of the rows each finding of the paper's Table 1 compares, the paper's "
+            "better variant first:", ""] + lines + [""]
+
+
 def write_mad_report(path: Path, results: dict, *, study: MADStudyConfig, tasks: list[str], command: str) -> None:
     finished = [r for r in results.values() if r.get("finished")]
     lines = [f"# {study.title}", "",
@@ -241,6 +277,7 @@ def write_mad_report(path: Path, results: dict, *, study: MADStudyConfig, tasks:
               "layer's default; 12o: both operators in the lag layout), R-cg-q-12o is `hyper-mlp` and R-cg-q is "
               "`hyper-mlp:sequence_mixing=none`. The paper's protocol (sizes, settings, sweep) differs from this "
               "one.", ""]
+    lines += mad_checks(results, study, tasks)
     lines += _protocol(finished, tasks)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
