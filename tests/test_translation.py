@@ -384,7 +384,7 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     assert list((tmp_path / "runs" / "en-de" / "transformer" / "softmax" / "seed0" / "distilled").glob("*.txt"))
     assert set(glat["latency"]["batch_sizes"]) == {"1", "4"}
     text = report.read_text()
-    assert "GLAT (abc)" in text and "Tr (local, cross softmax) | —" in text and "nrefs:1" in text
+    assert "GLAT (ABC)" in text and "Tr (local, cross softmax) | —" in text and "nrefs:1" in text
     assert "21.98" in text  # the paper's GLAT (ABC) En-De score beside the row
     # NAR cells are also scored with repeated-token runs collapsed, beside the single pass
     assert set(glat["tests_collapsed"]) == {"test2016"} and "tests_collapsed" not in teacher
@@ -398,7 +398,7 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     sources, references = read_split("test2016", "en", "de", data_dir)
     for i in (0, round((len(sources) - 1) / 2), len(sources) - 1):
         assert f"Sentence {i + 1} of {len(sources)}:" in examples and f"| reference | {references[i]} |" in examples
-    for label in ("Tr (softmax)", "Tr (local, cross softmax)", "GLAT (abc)"):
+    for label in ("Tr (softmax)", "Tr (local, cross softmax)", "GLAT (ABC)"):
         assert examples.count(f"| {label} | ") == 3
     # rescoring: the finished cells are scored again from their checkpoints, nothing is trained
     before = json.loads((tmp_path / "runs" / "results.json").read_text())

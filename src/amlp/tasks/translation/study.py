@@ -324,9 +324,12 @@ def _refusal(study: TranslationStudyConfig, missing: list[str]) -> str:
 
 # -- the report -----------------------------------------------------------------------------------------------
 def _label(row: StudyRow) -> str:
+    """``Tr (ABC)``, ``GLAT (AMLP-PQuery `form=official,landmarks=16`)``, ``Tr (local, cross softmax)``."""
+    from ..lm.study import mechanism_label
+
     name = "Tr" if row.arch == "transformer" else "GLAT"
-    cross = f", cross {row.cross}" if row.cross else ""
-    return f"{name} ({row.mechanism}{cross})"
+    cross = f", cross {mechanism_label(row.cross)}" if row.cross else ""
+    return f"{name} ({mechanism_label(row.mechanism)}{cross})"
 
 
 def _cell_values(results: dict, direction: str, row: str, get) -> list[float]:
