@@ -476,3 +476,27 @@ def test_report_checks_state_the_protocol_requirements():
     # without the GLAT softmax row there is nothing to check
     del results["c"], results["d"]
     assert _requirements(results, study) == []
+
+
+def test_report_states_the_papers_comparisons_beside_the_study_means():
+    from amlp.tasks.translation.study import StudyRow, TranslationStudyConfig, _paper_comparisons
+
+    rows = [StudyRow("glat", "softmax"), StudyRow("glat", "abc"),
+            StudyRow("glat", "amlp-pquery:form=official,landmarks=16,ema=0.99")]
+    study = TranslationStudyConfig(configs={"glat": "g.yaml"}, rows=rows, directions=["en-de", "de-en"],
+                                   test_sets=["test2016"])
+
+    def record(direction, row, seed, bleu):
+        return {f"{direction}/{row}/{seed}": {"finished": True, "direction": direction, "row": row, "seed": seed,
+                                              "tests": {"test2016": {"bleu": bleu}}}}
+
+    pquery = rows[2].key
+    results = (record("en-de", "glat/softmax", 0, 26.0) | record("en-de", pquery, 0, 24.0)
+               | record("en-de", pquery, 1, 25.0) | record("de-en", "glat/abc", 0, 20.0))
+    text = "\n".join(_paper_comparisons(results, study))
+    assert text.startswith("## The paper's comparisons (test2016 BLEU, means over seeds)")
+    assert ("- en → de: GLAT (AMLP-PQuery `form=official,landmarks=16,ema=0.99`) 24.50 against GLAT (softmax) 26.00 "
+            "(-1.50; 2 and 1 seed(s)); the paper on WMT14: 25.00 against 26.24 (-1.24).") in text
+    # a pair with one row unfinished is left out: no en-de ABC cell, no de-en AMLP-PQuery cell
+    assert "GLAT (ABC)" not in text and "de → en" not in text
+    assert _paper_comparisons({}, study) == []

@@ -393,6 +393,7 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
               "post-processing of Lee et al. 2018 and later NAR work); the other columns are the single pass "
               "as decoded, as the GLAT and AMLP papers report it.", ""]
     lines += _requirements(results, study)
+    lines += _paper_comparisons(results, study)
     if examples_root is not None:
         lines += example_translations(results, study, examples_root)
     lines += _protocol(results)
@@ -478,6 +479,40 @@ def _requirements(results: dict, study: TranslationStudyConfig) -> list[str]:
             out.append(f"- Decoding at batch {b}: GLAT {nar_s:.1f} sentences/s against beam search {ar_s:.1f} "
                        f"({nar_s / ar_s:.1f}×).")
     return out + [""]
+
+
+#: the AMLP paper's claims about its MT rows (Table 2): (row, row it is compared with), the paper's
+#: WMT14 BLEU of each from PAPER_BLEU
+PAPER_COMPARISONS = (("glat/amlp-pquery", "glat/softmax"), ("glat/amlp-pquery", "glat/abc"))
+
+
+def _paper_comparisons(results: dict, study: TranslationStudyConfig) -> list[str]:
+    """The paper's MT comparisons (GLAT with AMLP-PQuery against GLAT with softmax, about 1.2-1.7 BLEU
+    behind, and against GLAT with ABC, about 3 BLEU ahead) on this study's test2016 means, beside
+    the paper's WMT14 differences; empty until both rows of a pair have a finished cell."""
+    test = study.test_sets[0]
+    by_name = {}
+    for row in study.rows:
+        by_name.setdefault(f"{row.arch}/{row.mechanism.split(':')[0]}", row)
+    lines = []
+    for direction in study.directions:
+        column = 0 if direction == "en-de" else 1
+        for a, b in PAPER_COMPARISONS:
+            if a not in by_name or b not in by_name:
+                continue
+            ra, rb = by_name[a], by_name[b]
+            bleu = lambda r: (r["tests"].get(test) or {}).get("bleu")  # noqa: E731
+            va, vb = (_cell_values(results, direction, r.key, bleu) for r in (ra, rb))
+            if not va or not vb:
+                continue
+            ma, mb = _mean(va), _mean(vb)
+            pa, pb = PAPER_BLEU[a][column], PAPER_BLEU[b][column]
+            lines.append(f"- {direction.replace('-', ' → ')}: {_label(ra)} {ma:.2f} against {_label(rb)} {mb:.2f} "
+                         f"({ma - mb:+.2f}; {len(va)} and {len(vb)} seed(s)); the paper on WMT14: {pa:.2f} against "
+                         f"{pb:.2f} ({pa - pb:+.2f}).")
+    if not lines:
+        return []
+    return [f"## The paper's comparisons ({test} BLEU, means over seeds)", ""] + lines + [""]
 
 
 def _protocol(results: dict) -> list[str]:
