@@ -1,5 +1,12 @@
 """Pure functions on per-head tensors ``[B, T, H, D]``: one mechanism per module, each with a plain
-reference beside its fast form."""
+reference beside its fast form.
+
+Padding masks select inside the ops: a padded row, NaN included, reaches no real output. Causality
+is a weight of zero, not a selection: a non-finite value at a future position of a causal op reaches
+earlier outputs through its zero weight (0 x NaN is NaN), as in any attention computed by matrix
+products. The mixer layers (:mod:`amlp.layers`) select non-finite tokens out before they mix, so a
+layer keeps the causal contract whole; call the layers where the inputs may hold non-finite values.
+"""
 
 from .abc import abc_attention, abc_attention_reference, abc_step
 from .amlp import amlp_cov, amlp_cov_reference, amlp_pquery, amlp_pquery_reference
