@@ -410,6 +410,22 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     assert after["en-de/glat/abc/seed0"]["tests"] == before["en-de/glat/abc/seed0"]["tests"]
     assert "rescored_at" in after["en-de/transformer/local/seed0"]
     assert not any("training" in line for line in logged)
+    assert "timed when its training finished" in report.read_text()
+    # retiming: every finished cell's decoding is timed again in one pass, nothing is trained or scored
+    with pytest.raises(ValueError, match="separate passes"):
+        run_translation_study(study, command="amlp study translation", rescore=True, retime=True, log=logged.append)
+    logged.clear()
+    run_translation_study(study, command="amlp study translation", retime=True, log=logged.append)
+    timed = json.loads((tmp_path / "runs" / "results.json").read_text())
+    passes = {r["latency"]["pass"] for r in timed.values()}
+    assert len(passes) == 1 and len(timed) == 3
+    assert all(timed[k]["tests"] == after[k]["tests"] for k in timed)
+    assert all(set(r["latency"]["batch_sizes"]) == {"1", "4"} for r in timed.values())
+    assert not any("training" in line or "scoring" in line for line in logged)
+    assert f"timed again in one pass, one after another (`amlp study translation --retime`, started {passes.pop()})" \
+        in (tmp_path / "runs" / "report.md").read_text()
+    run_translation_study(study, command="amlp study translation", rows=["glat/abc"], retime=True, log=logged.append)
+    assert "timed in 2 separate passes" in (tmp_path / "runs" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("name", ["softmax", "performer", "abc", "cosformer", "linear"])

@@ -616,6 +616,9 @@ def study_translation_command(
     write_doc: bool = _WRITE_DOC,
     rescore: bool = typer.Option(False, "--rescore", help="score the finished cells again from their checkpoints "
                                                           "with the current code, instead of training"),
+    retime: bool = typer.Option(False, "--retime", help="time the finished cells' decoding again, one after "
+                                                        "another in one pass (on a quiet machine), instead of "
+                                                        "training"),
 ) -> None:
     """Run the translation study (AR and GLAT rows x directions x seeds; the NAR rows distil from the AR
     softmax teacher, trained first), resuming where it stopped, and write its report next to the
@@ -627,7 +630,7 @@ def study_translation_command(
     _run_study(lambda: run_translation_study(
         load_translation_study(config), command=command, rows=_split_list(rows, ";"),
         directions=_split_list(directions), seeds=seed_list, extra_overrides=list(overrides or []), log=_literal,
-        doc_only=doc_only, write_doc=write_doc, rescore=rescore))
+        doc_only=doc_only, write_doc=write_doc, rescore=rescore, retime=retime))
 
 
 @study_app.command("tts")

@@ -45,8 +45,10 @@ def load_note(measurements: Iterable[dict]) -> str:
     loads = [m["load_average_1min"] for m in measurements if m.get("load_average_1min") is not None]
     if not loads:
         return ""
+    # a single-threaded measurement holds the load near 1 by itself
+    beside = " (other processes ran beside them)" if max(loads) > 1.5 else ""
     return (f" The machine has {measurements[0].get('cpus')} CPUs; the 1-minute load average at the measurements "
-            f"was {min(loads):.1f} to {max(loads):.1f} (other processes ran beside them).")
+            f"was {min(loads):.1f} to {max(loads):.1f}{beside}.")
 
 
 @contextlib.contextmanager

@@ -14,7 +14,9 @@ direction), so teacher cells run first. After training, each cell is scored on e
 the study (BLEU and chrF from sacrebleu; the signature is printed in the report) and its decoding is
 timed on the first ``latency.sentences`` sentences of the test split (test2016) at every batch size of
 ``latency.batch_sizes`` (sentences per second, wall clock, with the run's threads; peak memory the
-decoding added: resident-set high-water mark on CPU, ``max_memory_allocated`` on CUDA).
+decoding added: resident-set high-water mark on CPU, ``max_memory_allocated`` on CUDA). Cells timed
+as they finish share the machine with whatever else runs; ``--retime`` times every finished cell
+again in one pass, so that the rows' speeds compare under one load.
 
 A study file::
 
@@ -220,13 +222,16 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
                           directions: list[str] | None = None, seeds: list[int] | None = None,
                           extra_overrides: list[str] | None = None, root: Path | None = None,
                           log: Callable[[str], None] = print, doc_only: bool = False,
-                          write_doc: bool = False, rescore: bool = False) -> Path:
+                          write_doc: bool = False, rescore: bool = False, retime: bool = False) -> Path:
     """Run every unfinished cell (restricted to ``rows`` / ``directions`` / ``seeds`` when given), then
     write the report to ``<run_root>/report.md``, or with ``write_doc`` to the study's ``doc``, only
     from a complete grid (else ``ValueError`` listing the missing cells, before any work).
 
     ``rescore`` scores the finished cells of the selection again on every test set from their tested
-    checkpoints, with the code as it is now (after a change to decoding), instead of training."""
+    checkpoints, with the code as it is now (after a change to decoding), instead of training.
+    ``retime`` times the decoding of the finished cells of the selection again, one after another in
+    this one process, instead of training: run it on a quiet machine once the grid is complete, so
+    that every row's speed (and the NAR-against-beam ratios) comes from one pass under one load."""
     from ...train.loop import evaluate_checkpoint, run_experiment
 
     study.validate()
@@ -245,7 +250,28 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
         outside = [k for k in missing_cells(study, _read_results(results_path)) if k not in {c.key for c in cells}]
         if outside:
             raise ValueError(_refusal(study, outside))
-    if rescore and not doc_only:
+    if rescore and retime:
+        raise ValueError("--rescore and --retime are separate passes: run one, then the other")
+    if retime and not doc_only:
+        started = _dt.datetime.now().isoformat(sep=" ", timespec="milliseconds")  # names the pass
+        load = machine()["load_average_1min"]
+        if load is not None and load > 1.5:
+            log(f"warning: the 1-minute load average is {load:.1f}; other processes will slow the timings "
+                "(the report states the load)")
+        for i, cell in enumerate(cells, 1):
+            record = _read_results(results_path).get(cell.key, {})
+            if not record.get("finished"):
+                log(f"({i}/{len(cells)}) {cell.key}: not finished, nothing to time")
+                continue
+            ckpt = root / record["checkpoint"]
+            log(f"({i}/{len(cells)}) {cell.key}: timing decoding again at batch sizes {study.latency.batch_sizes}")
+            latency = measure_latency(ckpt, study.latency.batch_sizes, study.latency.sentences,
+                                      record.get("train", {}).get("threads"))
+            record.update(latency={**latency, "pass": started})
+            _record(results_path, cell.key, record)
+            log(f"    {cell.key}: " + ", ".join(f"{v['sentences_per_s']:.1f} sentences/s at batch {b}"
+                                               for b, v in latency["batch_sizes"].items()))
+    elif rescore and not doc_only:
         for i, cell in enumerate(cells, 1):
             record = _read_results(results_path).get(cell.key, {})
             if not record.get("finished"):
@@ -540,5 +566,18 @@ def _protocol(results: dict) -> list[str]:
     load = load_note(r["latency"] for r in recs)
     out += [f"- Decoding speed: the first {lat['sentences']} sentences of the test split on {lat['device']} with "
             f"{lat['threads']} thread(s), wall clock including subword encoding and decoding; peak memory is "
-            f"what decoding added (resident-set high-water mark on CPU, max_memory_allocated on CUDA).{load}", ""]
+            f"what decoding added (resident-set high-water mark on CPU, max_memory_allocated on CUDA). "
+            f"{_timing_passes(recs)}{load}", ""]
     return out
+
+
+def _timing_passes(recs: list[dict]) -> str:
+    """How the rows' decoding was timed: in one ``--retime`` pass, or as each cell finished."""
+    passes = {r["latency"].get("pass") for r in recs}
+    if passes == {None}:
+        return "Each cell was timed when its training finished, so rows were timed at different loads."
+    if len(passes) == 1:
+        return (f"Every cell was timed again in one pass, one after another (`amlp study translation --retime`, "
+                f"started {passes.pop()}).")
+    return (f"The cells were timed in {len(passes)} separate passes (as cells finished, or by "
+            "`amlp study translation --retime` on part of the grid), so rows were timed at different loads.")
