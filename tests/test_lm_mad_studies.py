@@ -164,6 +164,23 @@ def test_training_throughput_reads_the_logged_windows(tmp_path):
     assert training_throughput(tmp_path, 8, 2) == 160
 
 
+def test_measure_training_times_the_steps_it_is_asked_for_and_refuses_what_it_cannot_time(tmp_path):
+    from amlp.train.study_common import measure_training
+
+    data = tmp_path / "data" / "tinyshakespeare"
+    data.mkdir(parents=True)
+    (data / "input.txt").write_text(_text())
+    cfg = load_config(ROOT / "configs/lm/cpu/softmax.yaml", [f"data.data_dir={tmp_path / 'data'}", *LM_TINY])
+    timing = measure_training(cfg, steps=3, warmup=2)
+    assert timing["steps"] == 3 and timing["warmup"] == 2 and timing["seconds_per_step"] > 0 and timing["threads"] == 1
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        measure_training(cfg, steps=3, warmup=0)
+    big = load_config(ROOT / "configs/lm/cpu/softmax.yaml",
+                      [f"data.data_dir={tmp_path / 'data'}", *LM_TINY, "train.batch_size=64"])
+    with pytest.raises(ValueError, match="needs an epoch of at least that many batches"):
+        measure_training(big, steps=400, warmup=1)
+
+
 # -- one tiny cell of each, end to end ------------------------------------------------------------------------
 def _text(n_lines=150, seed=0) -> str:
     rng = random.Random(seed)
@@ -210,6 +227,19 @@ def test_lm_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
     samples = text[text.index("## Generated text"):text.index("## Protocol")]
     assert f"softmax:\n\n```text\nHAMLET:{rec['generation']['text']}\n```" in samples
     assert "HyperGLU" not in samples
+    assert "timed when its training finished" in text and "logged windows" in text
+    # retiming: the finished cell's speeds are measured again in one pass, nothing is trained
+    logs.clear()
+    run_lm_study(study, command="amlp study lm", root=tmp_path, retime=True, log=logs.append)
+    timed = json.loads((tmp_path / "runs/lm/results.json").read_text())["6000/softmax/seed0"]
+    assert timed["during_training"]["train_chars_per_s"] == rec["train_chars_per_s"]
+    assert timed["train_chars_per_s"] > 0 and timed["train_machine"]["steps"] == 20
+    assert timed["generation"]["tokens_per_second"] > 0 and timed["bpc"] == rec["bpc"] and timed["steps"] == 4
+    assert not any("training in" in line for line in logs)
+    assert any("hyper-glu/seed0: not finished, nothing to time" in line for line in logs)
+    text = report.read_text()
+    assert f"timed again in one pass, one after another (`amlp study lm --retime`, started {timed['timing_pass']})" in text
+    assert "20 steps of each cell's config" in text
     # the second run skips the finished cell
     logs.clear()
     run_lm_study(study, command="amlp study lm", mechanisms=["softmax"], seeds=[0], root=tmp_path, log=logs.append)

@@ -687,6 +687,9 @@ def study_lm_command(
     overrides: list[str] = _STUDY_SET,
     doc_only: bool = _REPORT_ONLY,
     write_doc: bool = _WRITE_DOC,
+    retime: bool = typer.Option(False, "--retime", help="time the finished cells' training steps and generation "
+                                                        "again, one after another in one pass (on a quiet "
+                                                        "machine), instead of training"),
 ) -> None:
     """Run the language-modelling study (causal mixers x matched sizes x seeds on tiny Shakespeare),
     resuming where it stopped, and write its report next to the results, or with --write-doc
@@ -697,7 +700,8 @@ def study_lm_command(
     command = _study_command("lm", config)
     _run_study(lambda: run_lm_study(
         load_lm_study(config), command=command, mechanisms=_split_list(mechanisms, ";"), sizes=size_list,
-        seeds=seed_list, extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
+        seeds=seed_list, extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc,
+        retime=retime))
 
 
 @study_app.command("mad")

@@ -1,12 +1,16 @@
 """What the grid studies of the tasks share: the record of a finished cell, where the report goes (and
-when the tracked document is refused), thread budgets for measurements, and the report's formatting."""
+when the tracked document is refused), thread budgets for measurements, the timing of training steps,
+and the report's formatting."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import math
 import os
+import tempfile
+import time
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -49,6 +53,18 @@ def load_note(measurements: Iterable[dict]) -> str:
     beside = " (other processes ran beside them)" if max(loads) > 1.5 else ""
     return (f" The machine has {measurements[0].get('cpus')} CPUs; the 1-minute load average at the measurements "
             f"was {min(loads):.1f} to {max(loads):.1f}{beside}.")
+
+
+def timing_passes(passes: Iterable[str | None], command: str, what: str = "cell") -> str:
+    """A sentence on how the speeds of a report were measured: each ``what`` as its training finished
+    (pass None), in one ``command`` pass (named by its start), or in several."""
+    passes = set(passes)
+    if passes == {None}:
+        return f"Each {what} was timed when its training finished, so they were timed at different loads."
+    if len(passes) == 1:
+        return f"Every {what} was timed again in one pass, one after another (`{command}`, started {passes.pop()})."
+    return (f"The {what}s were timed in {len(passes)} separate passes (as they finished, or by `{command}` on part "
+            "of the grid), so they were timed at different loads.")
 
 
 @contextlib.contextmanager
@@ -95,3 +111,42 @@ def cell_record(cfg, result, *, root: Path, config: str, overrides: list[str], r
             "tested_step": result.tested_step, "val": result.val_metrics, "run_dir": rel(run_dir),
             "checkpoint": rel(checkpoint), "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
             "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
+
+
+class _Timed(Exception):
+    """Raised from the step callback once the timed steps are done (ends the run without a checkpoint
+    or an evaluation)."""
+
+
+def measure_training(config, steps: int = 20, warmup: int = 3) -> dict:
+    """Time ``steps`` optimiser steps of ``config`` (after ``warmup`` >= 1 untimed ones, the first of
+    which builds what the loop builds once) with the training loop itself, from a fresh model in a
+    temporary run folder that is removed afterwards (nothing is validated or saved): the mean seconds
+    per step, with the run's threads, and the machine's load."""
+    from .loop import Trainer
+
+    if steps < 1 or warmup < 1:
+        raise ValueError(f"steps and warmup must be >= 1, got {steps} and {warmup}")
+    total = warmup + steps
+    marks: list[float] = []
+
+    def on_step_end(trainer, step, loss):
+        marks.append(time.perf_counter())
+        if step >= total:
+            raise _Timed
+
+    train = dataclasses.replace(config.train, max_steps=max(config.train.max_steps or 0, total), progress=False,
+                                test_at_end=False, eval_every=0, checkpoint_every=0)
+    config = dataclasses.replace(config, train=train)
+    with tempfile.TemporaryDirectory(prefix="amlp-timing-") as tmp:
+        trainer = Trainer(config, tmp, on_step_end=on_step_end)
+        if trainer.steps_per_epoch < total:
+            raise ValueError(f"timing {total} steps needs an epoch of at least that many batches; the training "
+                             f"split gives {trainer.steps_per_epoch}")
+        try:
+            trainer.fit()
+        except _Timed:
+            pass
+    seconds = (marks[-1] - marks[warmup - 1]) / steps
+    return {"seconds_per_step": seconds, "steps": len(marks) - warmup, "warmup": warmup,
+            "threads": train.threads or torch.get_num_threads(), **machine()}

@@ -19,6 +19,10 @@ After training, each cell records
   with ``generation.threads`` thread(s) on the CPU, after a short warm-up,
 * the validation curve (step, bits per character) of its ``eval_log.csv``, and the machine's load.
 
+Both speeds are measured beside whatever else the machine runs; ``amlp study lm --retime`` times
+every finished cell again in one pass (training steps of its config, and the generation), so that
+the mixers' speeds compare under one load.
+
 A study file::
 
     title: "..."
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import csv
 import json
+import datetime as _dt
 import math
 import os
 import statistics
@@ -47,8 +52,8 @@ from typing import Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_yaml
-from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, record_values,
-                                   report_path, torch_threads)
+from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, measure_training,
+                                   record_values, report_path, timing_passes, torch_threads)
 from ...train.study_forecasting import _mean_std, _read_results, _record, mechanism_dir, parse_mechanism
 
 LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Performer", "cosformer": "cosFormer",
@@ -221,11 +226,18 @@ def measure_generation(checkpoint: Path, prompt: str, new_tokens: int, threads: 
 def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | None = None,
                  sizes: list[int] | None = None, seeds: list[int] | None = None,
                  extra_overrides: list[str] | None = None, root: Path | None = None,
-                 log: Callable[[str], None] = print, doc_only: bool = False, write_doc: bool = False) -> Path:
+                 log: Callable[[str], None] = print, doc_only: bool = False, write_doc: bool = False,
+                 retime: bool = False) -> Path:
     """Run every unfinished cell (restricted to ``mechanisms`` / ``sizes`` / ``seeds`` when given), then
     write the report to ``<run_root>/report.md``, or with ``write_doc`` to the study's ``doc`` and its
     learning-curve figure, only from a complete grid (else ``ValueError`` listing the missing cells,
-    before any work)."""
+    before any work).
+
+    ``retime`` measures the speeds of the finished cells of the selection again, one after another in
+    this one process, instead of training: :data:`TIMING_STEPS` training steps of the cell's config
+    from a fresh model (:func:`amlp.train.study_common.measure_training`) and the generation. Run it
+    on a quiet machine once the grid is complete, so that every mixer's speeds come from one pass
+    under one load; the numbers measured during training are kept in the record."""
     from ...train.loop import run_experiment
     from ..translation.study import _tested_checkpoint
 
@@ -244,7 +256,9 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     if write_doc:
         check_doc_selection(study.doc, missing_cells(study, _read_results(results_path)),
                             (cell_key(*c) for c in cells))
-    if not doc_only:
+    if retime and not doc_only:
+        _retime(study, cells, root, results_path, overrides, log)
+    elif not doc_only:
         g = study.generation
         for i, (size, mech, seed) in enumerate(cells, 1):
             key = cell_key(size, mech, seed)
@@ -277,6 +291,39 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     return doc
 
 
+#: training steps timed by ``--retime``, after the warm-up steps
+TIMING_STEPS, TIMING_WARMUP = 20, 3
+
+
+def _retime(study: LMStudyConfig, cells, root: Path, results_path: Path, overrides: list[str],
+            log: Callable[[str], None]) -> None:
+    g = study.generation
+    started = _dt.datetime.now().isoformat(sep=" ", timespec="milliseconds")  # names the pass
+    load = machine()["load_average_1min"]
+    if load is not None and load > 1.5:
+        log(f"warning: the 1-minute load average is {load:.1f}; other processes will slow the timings "
+            "(the report states the load)")
+    for i, (size, mech, seed) in enumerate(cells, 1):
+        key = cell_key(size, mech, seed)
+        record = _read_results(results_path).get(key, {})
+        if not record.get("finished"):
+            log(f"({i}/{len(cells)}) {key}: not finished, nothing to time")
+            continue
+        log(f"({i}/{len(cells)}) {key}: timing {TIMING_STEPS} training steps and {g.new_tokens} generated characters")
+        cfg = load_config(root / study.config, record["overrides"])
+        timing = measure_training(cfg, TIMING_STEPS, TIMING_WARMUP)
+        generation = measure_generation(root / record["checkpoint"], g.prompt, g.new_tokens, g.threads,
+                                        g.warmup_tokens)
+        record.setdefault("during_training", {
+            "train_chars_per_s": record.get("train_chars_per_s"), "train_machine": record.get("train_machine"),
+            "generation": record.get("generation")})
+        record.update(train_chars_per_s=cfg.train.batch_size * cfg.data.seq_len / timing["seconds_per_step"],
+                      train_machine=timing, generation=generation, timing_pass=started)
+        _record(results_path, key, record)
+        log(f"    {key}: {record['train_chars_per_s']:.0f} characters/s training, "
+            f"{generation['tokens_per_second']:.1f} tokens/s generating")
+
+
 # -- the report ------------------------------------------------------------------------------------------------
 def _recs(results: dict, size: int, mech: str) -> list[dict]:
     return sorted((r for r in results.values() if r.get("finished") and r.get("size") == size
@@ -301,8 +348,8 @@ def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command:
              "Validation bits per character over the whole validation text at the last step, mean ± sample "
              "standard deviation over seeds (¹: a single seed). Every model of a table is sized to the same "
              "parameter budget by the matched-parameter rule (`model.match_params`; the count reached and how "
-             "are in the parameters column). Training throughput is characters per second of training (median "
-             "over the logged windows of the run's train log); generation is "
+             "are in the parameters column). Training throughput is characters per second of training (as the "
+             "Protocol says how it was timed); generation is "
              f"{g.new_tokens} characters decoded greedily after the prompt {json.dumps(g.prompt)} through each "
              f"mixer's recurrent step, on the CPU with {g.threads} thread(s), in new characters per second.", ""]
     more = set(study.more_seeds.mechanisms) if study.more_seeds else set()
@@ -462,6 +509,16 @@ def _protocol(recs: list[dict], study: LMStudyConfig) -> list[str]:
     options = {k: v for k, v in m["mixer_options"].items()
                if k in {parse_mechanism(x, "causal")[0] for x in study.mechanisms}}
     load = load_note([x["train_machine"] for x in recs if x.get("train_machine")] + [x["generation"] for x in recs])
+    passes = [x.get("timing_pass") for x in recs]
+    if None in passes:
+        how = ("the median, over the logged windows of a run's train log, of its samples per second times the "
+               "window length")
+    else:
+        how = (f"{TIMING_STEPS} steps of each cell's config from a fresh model after {TIMING_WARMUP} warm-up steps "
+               "(`amlp.train.study_common.measure_training`)")
+    speed = f"- Speeds: training characters per second are {how}. {timing_passes(passes, 'amlp study lm --retime')}"
+    if set(passes) != {None} and None in passes:
+        speed += " Cells not yet timed again keep the speeds measured during their training."
     return ["## Protocol", "",
             f"- Config `{r['config']}` with `model.mixer` and `model.match_params` set per cell: {m['n_layers']} "
             f"decoder blocks, {m['heads']} heads, windows of {d['seq_len']} characters (the first "
@@ -477,4 +534,5 @@ def _protocol(recs: list[dict], study: LMStudyConfig) -> list[str]:
             f"- Generation: {study.generation.new_tokens} new characters, greedy, after a "
             f"{study.generation.warmup_tokens}-character warm-up; past the model's "
             f"{m.get('max_length') or d['seq_len']} learned positions the context is cut to its last half and "
-            f"fed again (`amlp.models.generation.generate`), for every mixer alike.{load}", ""]
+            f"fed again (`amlp.models.generation.generate`), for every mixer alike.",
+            speed + load, ""]

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_yaml, to_plain
-from ...train.study_common import fmt_seeds, load_note, machine, torch_threads
+from ...train.study_common import fmt_seeds, load_note, machine, timing_passes, torch_threads
 from ...train.study_forecasting import _read_results, _record, grid_refusal, mechanism_dir, parse_mechanism
 
 ARCHS = ("transformer", "glat")
@@ -573,11 +573,4 @@ def _protocol(results: dict) -> list[str]:
 
 def _timing_passes(recs: list[dict]) -> str:
     """How the rows' decoding was timed: in one ``--retime`` pass, or as each cell finished."""
-    passes = {r["latency"].get("pass") for r in recs}
-    if passes == {None}:
-        return "Each cell was timed when its training finished, so rows were timed at different loads."
-    if len(passes) == 1:
-        return (f"Every cell was timed again in one pass, one after another (`amlp study translation --retime`, "
-                f"started {passes.pop()}).")
-    return (f"The cells were timed in {len(passes)} separate passes (as cells finished, or by "
-            "`amlp study translation --retime` on part of the grid), so rows were timed at different loads.")
+    return timing_passes((r["latency"].get("pass") for r in recs), "amlp study translation --retime")
