@@ -265,8 +265,10 @@ def test_resume_continues_exactly(data_dir, tmp_path):
     whole = run_experiment(tiny_config(data_dir, "train.max_steps=4", "train.checkpoint_every=2"), tmp_path / "a")
     first = tiny_config(data_dir, "train.max_steps=2", "train.checkpoint_every=2")
     run_experiment(first, tmp_path / "b")
+    seen = []
     run_experiment(tiny_config(data_dir, "train.max_steps=4", "train.checkpoint_every=2"), tmp_path / "b",
-                   resume=True)
+                   resume=True, on_step_end=lambda trainer, step, loss: seen.append(step))
+    assert seen == [3, 4]  # continued after step 2, not started again
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "step-00000004").model
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step-00000004").model
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -25,13 +25,26 @@ def weights(run_dir, name=None):
     return load_file(str(path / "model.safetensors"))
 
 
+def _steps_seen():
+    """An ``on_step_end`` that records the steps the run takes (a resumed run must start after its
+    checkpoint's step: seeded training restarted from step 0 would reach the same weights)."""
+    seen = []
+
+    def on_step_end(trainer, step, loss):
+        seen.append(step)
+    on_step_end.seen = seen
+    return on_step_end
+
+
 def test_resume_continues_exactly(tmp_path):
     # 22 steps straight vs 9 steps, then resumed for 13 more (crossing an epoch boundary at 16);
     # the model has dropout, so the torch RNG must be restored too
     full = Trainer(toy_config(max_steps=22), tmp_path / "full").fit()
     Trainer(toy_config(max_steps=9), tmp_path / "split").fit()
     assert latest_checkpoint(tmp_path / "split" / "checkpoints").name == "step-00000009"
-    resumed = Trainer(toy_config(max_steps=22), tmp_path / "split", resume=True).fit()
+    seen = _steps_seen()
+    resumed = Trainer(toy_config(max_steps=22), tmp_path / "split", resume=True, on_step_end=seen).fit()
+    assert seen.seen == list(range(10, 23))
     assert full.step == resumed.step == 22
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
     assert a.keys() == b.keys()
@@ -70,7 +83,9 @@ def test_sigint_saves_a_checkpoint_and_resume_finishes(tmp_path):
         Trainer(toy_config(max_steps=12), tmp_path / "r", on_step_end=interrupt).fit()
     assert latest_checkpoint(tmp_path / "r" / "checkpoints").name == "step-00000005"
     # the interrupted run resumes to the same weights as an uninterrupted one
-    Trainer(toy_config(max_steps=12), tmp_path / "r", resume=True).fit()
+    seen = _steps_seen()
+    Trainer(toy_config(max_steps=12), tmp_path / "r", resume=True, on_step_end=seen).fit()
+    assert seen.seen == list(range(6, 13))
     Trainer(toy_config(max_steps=12), tmp_path / "ref").fit()
     a, b = weights(tmp_path / "r"), weights(tmp_path / "ref")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -247,7 +262,9 @@ def test_resume_keeps_the_best_so_far(tmp_path):
     full = Trainer(toy_config(max_steps=20, **cfg), tmp_path / "full").fit()
     assert full.best["step"] == 17  # the resume below happens after it
     Trainer(toy_config(max_steps=18, **cfg), tmp_path / "split").fit()
-    resumed = Trainer(toy_config(max_steps=20, **cfg), tmp_path / "split", resume=True).fit()
+    seen = _steps_seen()
+    resumed = Trainer(toy_config(max_steps=20, **cfg), tmp_path / "split", resume=True, on_step_end=seen).fit()
+    assert seen.seen == [19, 20]
     assert resumed.best == full.best
     assert load_checkpoint(tmp_path / "split" / "checkpoints" / "best").step == full.best["step"]
 
@@ -318,7 +335,9 @@ def test_task_batches_are_used_and_resume_exactly(tmp_path):
     assert set(full_task.seen) == {3, 5, 7, 11, 16}  # the task's batches, not train.batch_size
     assert (latest_checkpoint(tmp_path / "full" / "checkpoints") / "notes.txt").read_bytes() == b"kept with the weights"
     Trainer(toy_config(max_steps=6), tmp_path / "split", task=_PlannedToyTask(cfg)).fit()
-    resumed = Trainer(cfg, tmp_path / "split", resume=True, task=_PlannedToyTask(cfg)).fit()
+    seen = _steps_seen()
+    resumed = Trainer(cfg, tmp_path / "split", resume=True, task=_PlannedToyTask(cfg), on_step_end=seen).fit()
+    assert seen.seen == list(range(7, 14))
     a, b = weights(tmp_path / "full"), weights(tmp_path / "split")
     for k in a:
         assert torch.equal(a[k], b[k]), k
