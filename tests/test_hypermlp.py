@@ -137,6 +137,31 @@ def test_dense_lag_layout_equals_per_token_loop(kind, T, M):
     assert fast[1, T - 3:].abs().max() == 0  # padded queries
 
 
+@pytest.mark.parametrize("layout", ["lag", "absolute"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_poisoned_padding_reaches_no_real_output_or_gradient(kind, layout):
+    """NaN in the padded rows of q, k, v and of the controls: selected out at the op's entry, so no
+    real output and no gradient changes (the readout's zero weights would carry 0 x NaN)."""
+    q, k, v, opts = op_inputs(kind, Tq=9, Tk=9, M=6)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 6:] = False
+    clean = [t.clone().requires_grad_() for t in (q, k, v, opts.pop("s_qk"), opts.pop("s_vo"))]
+    bad = [t.detach().clone() for t in clean]
+    for t in bad:
+        t[~mask] = float("nan")
+    bad = [t.requires_grad_() for t in bad]
+
+    def run(q, k, v, s_qk, s_vo):
+        return hyper_attention(q, k, v, s_qk=s_qk, s_vo=s_vo, q_mask=mask, kv_mask=mask, layout=layout, **opts)
+    y_clean, y_bad = run(*clean), run(*bad)
+    assert torch.isfinite(y_bad).all() and (y_bad[~mask] == 0).all()
+    torch.testing.assert_close(y_bad, y_clean, rtol=0, atol=0)
+    probe = torch.randn_like(y_clean)
+    for a, b in zip(torch.autograd.grad((y_clean * probe).sum(), clean), torch.autograd.grad((y_bad * probe).sum(), bad)):
+        assert torch.isfinite(b).all() and (b[~mask] == 0).all()
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_queries_end_aligned_to_keys(kind):
     """Tq < Tk: the queries are the last Tq positions (the decoding case)."""

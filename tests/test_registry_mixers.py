@@ -356,3 +356,56 @@ def test_a_mixer_without_a_default_form_says_so():
 
     with pytest.raises(ValueError, match="AMLP has no default form"):
         AMLP(DIM, HEADS, variant="cov")
+
+
+# --- the ops themselves select padding (not only the layers, which zero padded tokens first) ----------
+def _has_heads_op(name):
+    from amlp.layers.base import ProjectedMixer
+
+    cls = type(build(name, causal=default_causal(name)))
+    return issubclass(cls, ProjectedMixer) and cls.mix_heads is not ProjectedMixer.mix_heads
+
+
+HEADS_OPS = [n for n in ALL_MIXERS if caps(n).padding and _has_heads_op(n)]
+
+
+def _heads_of(m, x, mask):
+    """The per-head q, k, v the layer hands its op for ``x``."""
+    seen = {}
+    original = m.mix_heads
+
+    def record(q, k, v, q_mask, kv_mask):
+        seen["qkv"] = (q, k, v)
+        return original(q, k, v, q_mask, kv_mask)
+    m.mix_heads = record
+    try:
+        m(x, x_mask=mask)
+    finally:
+        del m.mix_heads
+    return [t.detach() for t in seen["qkv"]]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("name", HEADS_OPS)
+def test_the_op_selects_poisoned_padding_out(name, causal):
+    if (causal and not caps(name).causal) or (not causal and not caps(name).noncausal):
+        pytest.skip("no such form")
+    torch.manual_seed(0)
+    m = build(name, causal=causal)
+    T, n_real = 12, 8
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, n_real:] = False
+    clean = [t.clone().requires_grad_() for t in _heads_of(m, torch.randn(2, T, DIM, dtype=torch.float64), mask)]
+    bad = [t.detach().clone() for t in clean]
+    for t, poison in zip(bad, (float("nan"), float("inf"), float("nan"))):
+        t[~mask] = poison
+    bad = [t.requires_grad_() for t in bad]
+    y_clean, y_bad = m.mix_heads(*clean, mask, mask), m.mix_heads(*bad, mask, mask)
+    assert torch.isfinite(y_bad).all()
+    torch.testing.assert_close(y_bad[mask], y_clean[mask], rtol=1e-9, atol=1e-10)
+    probe = torch.randn_like(y_clean)
+    g_clean = torch.autograd.grad((y_clean * probe).sum(), clean)
+    g_bad = torch.autograd.grad((y_bad * probe).sum(), bad)
+    for which, a, b in zip("qkv", g_clean, g_bad):
+        assert torch.isfinite(b).all(), which
+        torch.testing.assert_close(b[mask], a[mask], rtol=1e-8, atol=1e-10, msg=which)

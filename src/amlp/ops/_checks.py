@@ -80,3 +80,11 @@ def real_counts(mask: torch.Tensor | None, batch: int, length: int, dtype, devic
     if mask is None:
         return torch.full((batch,), float(length), dtype=dtype, device=device)
     return mask.sum(1).to(dtype)
+
+
+def select_real_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mask: torch.Tensor | None,
+                     kv_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q``, ``k``, ``v`` with their padded rows set to zero by selection, at an op's entry: a NaN or
+    inf there (uninitialised memory, say) then reaches no statistic, no real output and no gradient,
+    whatever the op multiplies by a zero weight afterwards."""
+    return padded_rows_to_zero(q, q_mask), padded_rows_to_zero(k, kv_mask), padded_rows_to_zero(v, kv_mask)

@@ -72,7 +72,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_landmarks, check_mask, check_qkv, compute_dtype, padded_rows_to_zero, real_counts
+from ._checks import (check_landmarks, check_mask, check_qkv, compute_dtype, padded_rows_to_zero, real_counts,
+                      select_real_rows)
 from . import _sequence_passes as passes
 from ._common import activate, check_activation, column_scale
 
@@ -108,12 +109,6 @@ def _norm_rows(l_t, ln_w, ln_b):
 
 def _split_norm(l_norm, dtype):
     return (None, None) if l_norm is None else (l_norm[0].to(dtype), l_norm[1].to(dtype))
-
-
-def _select_inputs(q, k, v, q_mask, kv_mask):
-    """Padded rows set to zero by selection at the entry, so that a NaN or inf there (uninitialised
-    memory, say) reaches no statistic, no real output and no gradient."""
-    return padded_rows_to_zero(q, q_mask), padded_rows_to_zero(k, kv_mask), padded_rows_to_zero(v, kv_mask)
 
 
 def _temperatures(temperature, H, dtype, device):
@@ -278,7 +273,7 @@ def amlp_cov(
     out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)
     tau = _temperatures(temperature, H, cdt, q.device)
-    q, k, v = _select_inputs(q, k, v, q_mask, kv_mask)
+    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
     out = _AMLPCovFunction.apply(q.to(cdt), k.to(cdt), v.to(cdt), cq.to(cdt), ck.to(cdt), tau,
                                  *_split_norm(l_norm, cdt), q_mask, kv_mask, activation, form, eps, scale)
     return _finish(out, q_mask, kv_mask, out_dtype)
@@ -436,7 +431,7 @@ def amlp_pquery(
     cdt = compute_dtype(q.dtype)
     tau = _temperatures(temperature, H, cdt, q.device)
     bias = None if w_bias is None else w_bias.to(cdt)
-    q, k, v = _select_inputs(q, k, v, q_mask, kv_mask)
+    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
     out = _AMLPPQueryFunction.apply(q.to(cdt), k.to(cdt), v.to(cdt), cq.to(cdt), ck.to(cdt), w.to(cdt), bias,
                                     *_split_norm(l_norm, cdt), tau, q_mask, kv_mask, activation, form, eps, scale)
     return _finish(out, q_mask, kv_mask, out_dtype)
