@@ -5,6 +5,7 @@ import torch
 
 import amlp
 from amlp.layers import AMLP
+from amlp.layers.check import randomise_affine_parameters
 from amlp.ops.amlp import FORMS
 
 
@@ -15,6 +16,7 @@ def test_layer_equals_its_reference(variant, form, options):
     if variant == "cov" and "shared_w" in options:
         pytest.skip("W exists only in PQuery")
     m = AMLP(24, 3, variant=variant, form=form, **options).double().eval()
+    randomise_affine_parameters(m, torch.Generator().manual_seed(1))  # padded keys project to nonzero k, v
     x = torch.randn(2, 13, 24, dtype=torch.float64)
     ctx = torch.randn(2, 6, 24, dtype=torch.float64)
     mask = torch.ones(2, 6, dtype=torch.bool)

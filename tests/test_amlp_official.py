@@ -5,6 +5,7 @@ the released layer is: padded rows are zero-filled before the statistics, featur
 L2-normalised over the sequence axis, and so on. It shares no code with :mod:`amlp.ops.amlp`.
 """
 
+import copy
 import math
 
 import pytest
@@ -95,7 +96,7 @@ def scramble(m):
         for name, p in m.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-            elif name.endswith("norm.bias"):
+            elif name.endswith("bias"):  # norms' and projections' (padded tokens then project to nonzero q, k, v)
                 p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
         if m.ema is not None:
             m.ema_mean.copy_(0.3 * torch.randn(m.ema_mean.shape, generator=g, dtype=m.ema_mean.dtype))
@@ -184,15 +185,23 @@ def test_ema_buffer_is_detached_updated_in_training_only_over_real_positions():
 
 
 def test_conv_branch_ignores_padded_queries():
+    """The padded queries that reach the conv are nonzero (random projection biases: the layer's
+    zeroing of padded tokens alone would hide a conv without its mask), and the conv changes the
+    output of the same weights without it."""
     torch.manual_seed(0)
-    m = AMLP(16, 2, variant="cov", form="official", conv_kernel_size=3).eval()
-    x = torch.randn(1, 7, 16)
+    m = scramble(AMLP(16, 2, variant="cov", form="official", conv_kernel_size=3).double().eval())
+    x = torch.randn(1, 7, 16, dtype=F64)
     mask = torch.ones(1, 7, dtype=torch.bool)
     mask[0, 5:] = False
-    junk = x.clone()
-    junk[0, 5:] = 1e3
-    torch.testing.assert_close(m(junk, x_mask=mask)[0, :5], m(x, x_mask=mask)[0, :5])
-    assert not torch.allclose(m(x), AMLP(16, 2, variant="cov", form="official").eval()(x))
+    unmasked = m(x)  # positions 5 and 6 as real tokens: the conv at 4 reads position 5
+    padded = m(x, x_mask=mask)
+    assert not torch.allclose(unmasked[0, 4], padded[0, 4])
+    # what the conv of a padded sequence reads is the queries of the real tokens only: the same as
+    # a sequence cut at the padding
+    torch.testing.assert_close(padded[0, :5], m(x[:, :5])[0], rtol=1e-10, atol=1e-12)
+    without = copy.deepcopy(m)
+    without.conv = None
+    assert not torch.allclose(m(x[:, :5]), without(x[:, :5]))
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -6,7 +6,7 @@ import torch
 
 import amlp
 from amlp.layers import get_mixer_info
-from amlp.layers.check import check_mixer
+from amlp.layers.check import check_mixer, randomise_affine_parameters
 
 from conftest import ALL_MIXERS, chosen, default_causal
 
@@ -14,8 +14,11 @@ DIM, HEADS = 24, 3
 
 
 def build(name, **kw):
+    """The mixer in float64, with random biases and norm parameters (so that padded tokens project
+    to nonzero queries, keys and values, as in a trained model)."""
     kw.setdefault("causal", default_causal(name))
-    return amlp.build_mixer(name, dim=DIM, heads=HEADS, **{**chosen(name), **kw}).double().eval()
+    m = amlp.build_mixer(name, dim=DIM, heads=HEADS, **{**chosen(name), **kw}).double().eval()
+    return randomise_affine_parameters(m, torch.Generator().manual_seed(1))
 
 
 def caps(name):

@@ -32,6 +32,22 @@ def _runs(name: str, options: dict, forms: list[bool] | None = None) -> list[tup
     return runs
 
 
+def randomise_affine_parameters(module: torch.nn.Module, generator: torch.Generator | None = None,
+                                scale: float = 0.5) -> torch.nn.Module:
+    """Give every bias and every normalisation's scale and shift random values (in place), as training
+    would: with the zero biases and unit scales of initialisation, a padded token (zeroed by the
+    layer) projects to zero queries, keys and values, and a mixer built from sums would look right
+    whether or not its padding mask reached the op."""
+    with torch.no_grad():
+        for mod in module.modules():
+            is_norm = isinstance(mod, (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm))
+            for pname, p in mod.named_parameters(recurse=False):
+                if pname == "bias" or (is_norm and pname == "weight"):
+                    noise = torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+                    p.copy_((1.0 if is_norm and pname == "weight" else 0.0) + scale * noise)
+    return module
+
+
 def check_mixer(name: str, *, dim: int = 24, heads: int = 3, length: int = 13, batch: int = 2,
                 tolerance: float = 1e-8, seed: int = 0, **options) -> CheckResult:
     """Run mixer ``name`` and its reference in float64 on a small random input (with padding where
@@ -51,6 +67,7 @@ def check_mixer(name: str, *, dim: int = 24, heads: int = 3, length: int = 13, b
         try:
             torch.manual_seed(seed)
             mixer = build_mixer(name, dim=dim, heads=heads, causal=causal, **options, **combo).double().eval()
+            randomise_affine_parameters(mixer, gen)
             x = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64, requires_grad=True)
             mask = None
             if caps.padding and batch > 1:
