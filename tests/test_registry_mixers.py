@@ -66,10 +66,25 @@ def test_half_precision_returns_input_dtype(name):
 def test_cross_mixing_or_refusal(name):
     if caps(name).cross:
         m = build(name, cross=True)
-        x = torch.randn(2, 7, DIM, dtype=torch.float64)
-        ctx = torch.randn(2, 12, DIM, dtype=torch.float64)
+        x = torch.randn(2, 7, DIM, dtype=torch.float64, requires_grad=True)
+        ctx = torch.randn(2, 12, DIM, dtype=torch.float64, requires_grad=True)
         y = m(x, ctx)
         assert y.shape == x.shape and torch.isfinite(y).all()
+        # against the reference, with a padded context (and a padded query row) ...
+        x_mask, ctx_mask = torch.ones(2, 7, dtype=torch.bool), torch.ones(2, 12, dtype=torch.bool)
+        x_mask[1, 5:], ctx_mask[0, 8:] = False, False
+        fast = m(x, ctx, x_mask=x_mask, context_mask=ctx_mask)
+        ref = m.reference(x, ctx, x_mask=x_mask, context_mask=ctx_mask)
+        torch.testing.assert_close(fast, ref, rtol=1e-8, atol=1e-10)
+        probe = torch.randn_like(fast)
+        for a, b in zip(torch.autograd.grad((fast * probe).sum(), (x, ctx)),
+                        torch.autograd.grad((ref * probe).sum(), (x, ctx))):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-9)
+        # ... whose padded rows (NaN) reach no real output, and the context is not the queries
+        junk = ctx.detach().clone()
+        junk[0, 8:] = float("nan")
+        torch.testing.assert_close(m(x, junk, x_mask=x_mask, context_mask=ctx_mask)[x_mask], fast[x_mask])
+        assert not torch.allclose(m(x, x.detach())[x_mask], m(x, ctx)[x_mask])
     else:
         with pytest.raises(ValueError, match=rf"{name}.*cross"):
             amlp.build_mixer(name, dim=DIM, heads=HEADS, cross=True, causal=default_causal(name), **chosen(name))
