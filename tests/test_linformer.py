@@ -29,6 +29,12 @@ def test_fast_equals_reference_outputs_and_gradients(per_head, T):
     fast = linformer_attention(q, k, v, e, f, q_mask=mask, kv_mask=mask)
     ref = linformer_attention_reference(q, k, v, e, f, q_mask=mask, kv_mask=mask)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    if mask is not None:  # a key padded where its query is real, and a query padded where its key is real
+        kv_mask, q_mask = mask.clone(), mask.clone()
+        kv_mask[0, 2], q_mask[0, 5] = False, False
+        torch.testing.assert_close(linformer_attention(q, k, v, e, f, q_mask=q_mask, kv_mask=kv_mask),
+                                   linformer_attention_reference(q, k, v, e, f, q_mask=q_mask, kv_mask=kv_mask),
+                                   rtol=1e-10, atol=1e-12)
     inputs = (q, k, v, e, f)
     for a, b in zip(torch.autograd.grad(fast.square().sum(), inputs), torch.autograd.grad(ref.square().sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -27,6 +27,12 @@ def test_fast_equals_reference_outputs_and_gradients(T):
     fast = cross_covariance_attention(q, k, v, tau, q_mask=mask, kv_mask=mask)
     ref = cross_covariance_attention_reference(q, k, v, tau, q_mask=mask, kv_mask=mask)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
+    if T > 2:  # a key padded where its query is real, and a query padded where its key is real
+        kv_mask, q_mask = mask.clone(), mask.clone()
+        kv_mask[0, 2], q_mask[0, 5] = False, False
+        torch.testing.assert_close(cross_covariance_attention(q, k, v, tau, q_mask=q_mask, kv_mask=kv_mask),
+                                   cross_covariance_attention_reference(q, k, v, tau, q_mask=q_mask, kv_mask=kv_mask),
+                                   rtol=1e-10, atol=1e-12)
     inputs = (q, k, v, tau)
     for a, b in zip(torch.autograd.grad(fast.square().sum(), inputs), torch.autograd.grad(ref.square().sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
