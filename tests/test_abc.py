@@ -50,12 +50,27 @@ def causal_form(request, monkeypatch):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("Tq,Tk,chunk", [(13, 13, 4), (13, 13, 16), (13, 13, 1), (5, 13, 3), (1, 1, 16)])
-def test_fast_equals_reference(causal, Tq, Tk, chunk, causal_form):
+def test_fast_equals_reference(causal, Tq, Tk, chunk):
     q, k, v, c = _inputs(2, Tq, Tk)
     qm, km = _masks(2, Tq, Tk) if Tk > 1 else (None, None)
     fast = abc_attention(q, k, v, c, q_mask=qm, kv_mask=km, causal=causal, chunk_size=chunk)
     ref = abc_attention_reference(q, k, v, c, q_mask=qm, kv_mask=km, causal=causal)
     _close_with_grads(fast, ref, (q, k, v, c))
+
+
+def test_chunk_size_reaches_the_chunked_form(monkeypatch):
+    import amlp.ops.abc as ops_abc
+
+    seen = []
+    forward = ops_abc._causal_chunked
+
+    def spy(q, k, v, c, scale, chunk):
+        seen.append(chunk)
+        return forward(q, k, v, c, scale, chunk)
+    monkeypatch.setattr(ops_abc, "_causal_chunked", spy)
+    q, k, v, c = _inputs(1, 9, 9)
+    abc_attention(q, k, v, c, causal=True, chunk_size=3)
+    assert seen == [3]
 
 
 def test_noncausal_cross_with_longer_queries():
