@@ -172,6 +172,20 @@ def test_step_decoding_equals_teacher_forced_argmax(self_mixer, self_options, cr
     hyps = ar_greedy(model, src, mask)
     assert ar_teacher_forced_argmax(model, src, mask, hyps) == hyps
     assert beam_search(model, src, mask, beam=1) == hyps
+    # not only the chosen tokens: the step's logits along the greedy path are the forward's
+    T = max(len(h) for h in hyps) + 1
+    tgt_in = torch.full((len(hyps), T), PAD, dtype=torch.long)
+    for b, h in enumerate(hyps):
+        tgt_in[b, 0] = BOS
+        tgt_in[b, 1:len(h) + 1] = torch.tensor(h)
+    tgt_mask = tgt_in != PAD
+    with torch.no_grad():
+        full = model(src, mask, tgt_in, tgt_mask)
+        memory, state, steps = model.encode(src, mask), model.init_state(len(hyps)), []
+        for t in range(T):
+            logits, state = model.step(tgt_in[:, t], state, memory, mask)
+            steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, 1)[tgt_mask], full[tgt_mask], rtol=1e-4, atol=1e-4)
 
 
 def test_sinusoidal_positions_decode_through_step_and_are_not_saved():
