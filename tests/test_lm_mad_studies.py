@@ -221,7 +221,10 @@ def test_lm_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
     assert len(rec["generation"]["text"]) == 12 and rec["generation"]["threads"] == 1
     assert [c[0] for c in rec["curve"]] == [2, 4]
     text = report.read_text()
-    assert "## 6,000 parameters" in text and "| softmax |" in text and "| HyperGLU ¹ | — |" in text
+    assert "## 6,000 parameters" in text and "| HyperGLU ¹ | — |" in text
+    # the row shows the cell's own numbers
+    assert (f"| softmax | {rec['bpc']:.3f}¹ | 1 of 2 | {int(rec['params']):,} (dim " in text
+            and f" | {rec['train_chars_per_s']:.0f}¹ | {rec['generation']['tokens_per_second']:.1f}¹ |" in text)
     assert "1 of 2" in text and "tokens / s" in text
     # the text each model wrote, after its prompt (HyperGLU has no finished cell: not shown)
     samples = text[text.index("## Generated text"):text.index("## Protocol")]
@@ -280,7 +283,9 @@ def test_mad_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
     rec = results["in-context-recall/softmax/seed0"]
     assert rec["finished"] and rec["steps"] == 3 and 0 <= rec["test"]["acc"] <= 1
     text = report.read_text()
-    assert "| softmax |" in text and "in-context recall" in text
+    assert "in-context recall" in text
+    # the row shows the cell's own numbers: accuracy in percent (one seed), no MAD score from one task
+    assert f"| softmax | {100 * rec['test']['acc']:.2f}¹ | — | 1 | {int(rec['test']['params']):,} |" in text
     assert "| HyperGLU `sequence_mixing=none` | — |" in text
     assert "66.78" in text and "81.01" in text and "Table 1" in text and "removing the lag layout" in text
     logs.clear()
