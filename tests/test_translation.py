@@ -46,7 +46,11 @@ def test_sacrebleu_scores_and_signature():
     assert corpus_scores(refs, refs)["bleu"] == pytest.approx(100.0)
     assert corpus_scores(refs, refs)["chrf"] == pytest.approx(100.0)
     worse = corpus_scores(["Ein Mann fährt .", "Hunde im Schnee ."], refs)
-    assert 0 < worse["bleu"] < 100 and 0 < worse["chrf"] < 100
+    # by hand: n-gram precisions 8/8, 4/6, 2/4 and 0/2 (exp smoothing: 1/2 for the first zero count,
+    # divided by the total again: 1/4), brevity penalty exp(1 - 11/8) for 8 tokens against 11
+    expected = 100 * math.exp(1 - 11 / 8) * (1 * 4 / 6 * 2 / 4 * 1 / 4) ** 0.25
+    assert worse["bleu"] == pytest.approx(expected, rel=1e-9)  # hypotheses and references not swapped
+    assert 0 < worse["chrf"] < 100
     sig = bleu_signature()
     assert "tok:13a" in sig and "case:mixed" in sig
     with pytest.raises(ValueError, match="hypotheses"):
