@@ -220,6 +220,15 @@ def test_copying_length_generalisation_split_reports_per_length(tmp_path):
     metrics = result.test_metrics
     assert {"hard_acc_len3", "hard_acc_len6", "soft_acc_len3", "soft_acc_len6"} <= set(metrics)
     assert metrics["hard_acc"] == pytest.approx((metrics["hard_acc_len3"] + metrics["hard_acc_len6"]) / 2)
+    # after two steps every hard score is 0; the soft scores are not, and differ by length
+    assert metrics["soft_acc"] == pytest.approx((metrics["soft_acc_len3"] + metrics["soft_acc_len6"]) / 2)
+    assert metrics["soft_acc_len3"] != metrics["soft_acc_len6"]
+    # the test split holds test_examples strings of each length, and they are scored as that length
+    from amlp.train.tasks import build_task
+
+    test = build_task(cfg).dataset("test")
+    lengths = [int(test[i]["length"]) for i in range(len(test))]
+    assert sorted(lengths) == [3] * 8 + [6] * 8
 
 
 def test_cli_trains_mqar(tmp_path):
@@ -233,7 +242,7 @@ def test_cli_trains_mqar(tmp_path):
     results = json.loads((tmp_path / "m" / "results.json").read_text())
     assert 0.0 <= results["test"]["acc"] <= 1.0 and "acc_pairs2" in results["test"]
     bad = CliRunner().invoke(app, ["train", "copying", "--config", str(MQAR_CONFIG), "--run-dir", str(tmp_path / "x")])
-    assert bad.exit_code != 0
+    assert bad.exit_code != 0 and "Traceback" not in bad.output and "mqar" in bad.output
 
 
 # -- the study -------------------------------------------------------------------------------------------

@@ -30,9 +30,13 @@ def test_report_path_and_doc_selection(tmp_path):
 
 
 def test_torch_threads_restores():
-    before = torch.get_num_threads()
-    with torch_threads(1):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == before
-    with torch_threads(None):
-        assert torch.get_num_threads() == before
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # other test modules may have set 1 already: start from a count to restore
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with torch_threads(None):
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
