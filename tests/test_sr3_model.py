@@ -193,6 +193,71 @@ def test_ddim_with_a_slightly_wrong_predictor_lands_near_x0():
     assert F.mse_loss(out, x0).item() < 1e-3
 
 
+class ConstantNoise(torch.nn.Module):
+    """Predicts the same noise at every call and records the x_t it was given: the samplers' steps
+    can then be worked out by hand from the recorded inputs (a perfect predictor cannot show a wrong
+    step, since its x0 estimate is exact wherever the sampler has wandered)."""
+
+    out_channels = 1
+
+    def __init__(self, eps: torch.Tensor):
+        super().__init__()
+        self.eps, self.seen = eps, []
+
+    def forward(self, x, gamma):
+        self.seen.append((x[:, :1].clone(), gamma.clone()))
+        return self.eps
+
+
+def _abar(d, t):
+    return 1.0 if t == 0 else float(torch.prod(1 - d.betas[:t]))
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_steps_follow_eq_12_of_song_et_al(eta):
+    d = Diffusion(steps=30, beta_start=1e-3, beta_end=0.2)
+    eps = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model = ConstantNoise(eps)
+    lr_up = torch.zeros(1, 1, 64, 64, dtype=torch.float64)
+    out = d.ddim_sample(model, lr_up, steps=3, eta=eta, clip=False, generator=torch.Generator().manual_seed(4))
+    ts = d.ddim_timesteps(3)
+    assert len(model.seen) == len(ts) == 3
+    for k, t in enumerate(ts):
+        x_t, gamma = model.seen[k]
+        assert torch.allclose(gamma, torch.full_like(gamma, math.sqrt(_abar(d, t))))
+        a, a_prev = _abar(d, t), _abar(d, ts[k + 1] if k + 1 < len(ts) else 0)
+        x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        mean = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
+        nxt = model.seen[k + 1][0] if k + 1 < len(ts) else out
+        residual = nxt - mean
+        if sigma == 0:
+            torch.testing.assert_close(nxt, mean, rtol=1e-10, atol=1e-10)
+        else:  # the added noise has the variance of eq. 16 (4,096 draws)
+            assert abs(residual.std().item() / sigma - 1) < 0.05 and abs(residual.mean().item()) < 0.1 * sigma
+
+
+def test_ddpm_steps_draw_from_the_posterior_of_ho_et_al():
+    d = Diffusion(steps=20, beta_start=1e-3, beta_end=0.2)
+    eps = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model = ConstantNoise(eps)
+    out = d.ddpm_sample(model, torch.zeros(1, 1, 64, 64, dtype=torch.float64), clip=False,
+                        generator=torch.Generator().manual_seed(4))
+    assert len(model.seen) == 20
+    for t in (20, 11, 2, 1):
+        x_t = model.seen[20 - t][0]
+        a, a_prev, beta = _abar(d, t), _abar(d, t - 1), float(d.betas[t - 1])
+        x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        mean = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)) * x_t
+        nxt = model.seen[20 - t + 1][0] if t > 1 else out
+        if t == 1:  # the last step adds no noise
+            torch.testing.assert_close(nxt, mean, rtol=1e-10, atol=1e-10)
+        else:
+            sd = math.sqrt((1 - a_prev) / (1 - a) * beta)
+            residual = nxt - mean
+            assert abs(residual.std().item() / sd - 1) < 0.05 and abs(residual.mean().item()) < 0.1 * sd
+
+
 def test_ddim_timesteps():
     d = Diffusion(steps=100)
     ts = d.ddim_timesteps(20)
