@@ -58,6 +58,17 @@ def test_train_evaluate_checkpoint_and_upscale(tmp_path):
         assert np.isfinite(test[key]), (key, test)
     assert test["sampled_images"] == 10  # person 4's ten faces, all sampled on the test split
     assert 20 < test["bicubic_psnr"] < 35 and 0.5 < test["bicubic_ssim"] < 1
+    # the bicubic baseline, worked out here from the pixels: the mean over the ten faces of
+    # 10 log10(255^2 / MSE) of the upsampled LR image against the HR image
+    from amlp.tasks.super_resolution.data import load_orl as _load, make_triplet as _triplet
+
+    by_hand = []
+    for face in _load(DATA, persons=[4])[4]:
+        hr, _, lr_up = _triplet(face)
+        mse = np.mean((hr.astype(np.float64) - lr_up.astype(np.float64)) ** 2)
+        by_hand.append(10 * np.log10(255.0 ** 2 / mse))
+    assert test["bicubic_psnr"] == pytest.approx(float(np.mean(by_hand)), rel=1e-9)
+    assert test["psnr"] != test["bicubic_psnr"]  # the samples are scored, not the conditioning
     ckpt = tmp_path / "run" / "checkpoints" / "averaged"
     again = evaluate_checkpoint(ckpt, "test", device="cpu")
     for key in ("loss", "psnr", "ssim"):  # an evaluation repeats exactly (fixed seeds)
