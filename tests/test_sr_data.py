@@ -154,7 +154,9 @@ def test_psnr_and_ssim_of_a_known_noise():
     # [-1, 1] tensors of the same pixels give the same numbers
     assert srm.psnr(srd.from_image(pred), srd.from_image(target)) == pytest.approx(expected, abs=1e-9)
     assert srm.psnr_batch(np.stack([pred, target]), np.stack([target, target])) == pytest.approx([expected, 100.0])
-    assert len(srm.ssim_batch(torch.zeros(3, 1, 16, 16), torch.zeros(3, 1, 16, 16))) == 3
+    preds, targets = np.stack([pred, target, pred]), np.stack([target, target, pred])
+    assert srm.ssim_batch(preds, targets) == pytest.approx([srm.ssim(p, t) for p, t in zip(preds, targets)])
+    assert srm.ssim_batch(preds, targets)[1] == pytest.approx(1.0) and srm.ssim_batch(preds, targets)[0] < 1
 
 
 def test_bicubic_baseline_on_test_split(datasets):
