@@ -209,7 +209,7 @@ class ConstantNoise(torch.nn.Module):
         return self.eps
 
 
-def _abar(d, t):
+def _abar_at(d, t):
     return 1.0 if t == 0 else float(torch.prod(1 - d.betas[:t]))
 
 
@@ -224,8 +224,8 @@ def test_ddim_steps_follow_eq_12_of_song_et_al(eta):
     assert len(model.seen) == len(ts) == 3
     for k, t in enumerate(ts):
         x_t, gamma = model.seen[k]
-        assert torch.allclose(gamma, torch.full_like(gamma, math.sqrt(_abar(d, t))))
-        a, a_prev = _abar(d, t), _abar(d, ts[k + 1] if k + 1 < len(ts) else 0)
+        assert torch.allclose(gamma, torch.full_like(gamma, math.sqrt(_abar_at(d, t))))
+        a, a_prev = _abar_at(d, t), _abar_at(d, ts[k + 1] if k + 1 < len(ts) else 0)
         x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
         sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
         mean = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev - sigma ** 2) * eps
@@ -246,7 +246,7 @@ def test_ddpm_steps_draw_from_the_posterior_of_ho_et_al():
     assert len(model.seen) == 20
     for t in (20, 11, 2, 1):
         x_t = model.seen[20 - t][0]
-        a, a_prev, beta = _abar(d, t), _abar(d, t - 1), float(d.betas[t - 1])
+        a, a_prev, beta = _abar_at(d, t), _abar_at(d, t - 1), float(d.betas[t - 1])
         x0 = (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
         mean = (math.sqrt(a_prev) * beta / (1 - a)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a)) * x_t
         nxt = model.seen[20 - t + 1][0] if t > 1 else out
