@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops._checks import compute_dtype
+from ..ops._checks import compute_dtype, padded_rows_to_zero
 from ..ops.causal_rn import (
     DEFAULT_CHUNK_SIZE,
     causal_rn_linear,
@@ -77,7 +77,7 @@ class _RelationNetwork(Mixer):
 
     def _finish(self, pooled, mask):
         out = self.out_proj(pooled)
-        return out if mask is None else out * mask[:, :, None].to(out.dtype)
+        return padded_rows_to_zero(out, mask)  # by selection
 
     def mix_tokens(self, x, context, x_mask, context_mask):
         a, b = self._pair_features(x)
