@@ -55,6 +55,16 @@ def load_note(measurements: Iterable[dict]) -> str:
             f"was {min(loads):.1f} to {max(loads):.1f}{beside}.")
 
 
+def start_timing_pass(log) -> str:
+    """The name of a new timing pass (its start, to the millisecond), after warning through ``log``
+    when other processes load the machine (a single-threaded pass holds the load near 1 by itself)."""
+    load = machine()["load_average_1min"]
+    if load is not None and load > 1.5:
+        log(f"warning: the 1-minute load average is {load:.1f}; other processes will slow the timings "
+            "(the report states the load)")
+    return _dt.datetime.now().isoformat(sep=" ", timespec="milliseconds")
+
+
 def timing_passes(passes: Iterable[str | None], command: str, what: str = "cell") -> str:
     """A sentence on how the speeds of a report were measured: each ``what`` as its training finished
     (pass None), in one ``command`` pass (named by its start), or in several."""

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import csv
 import json
-import datetime as _dt
 import math
 import os
 import statistics
@@ -53,7 +52,8 @@ import torch
 
 from ...train.config import from_dict, load_config, read_yaml
 from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, measure_training,
-                                   record_values, report_path, timing_passes, torch_threads)
+                                   record_values, report_path, start_timing_pass, timing_passes,
+                                   torch_threads)
 from ...train.study_forecasting import _mean_std, _read_results, _record, mechanism_dir, parse_mechanism
 
 LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Performer", "cosformer": "cosFormer",
@@ -298,11 +298,7 @@ TIMING_STEPS, TIMING_WARMUP = 20, 3
 def _retime(study: LMStudyConfig, cells, root: Path, results_path: Path, overrides: list[str],
             log: Callable[[str], None]) -> None:
     g = study.generation
-    started = _dt.datetime.now().isoformat(sep=" ", timespec="milliseconds")  # names the pass
-    load = machine()["load_average_1min"]
-    if load is not None and load > 1.5:
-        log(f"warning: the 1-minute load average is {load:.1f}; other processes will slow the timings "
-            "(the report states the load)")
+    started = start_timing_pass(log)
     for i, (size, mech, seed) in enumerate(cells, 1):
         key = cell_key(size, mech, seed)
         record = _read_results(results_path).get(key, {})

@@ -51,7 +51,7 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_yaml, to_plain
-from ...train.study_common import fmt_seeds, load_note, machine, timing_passes, torch_threads
+from ...train.study_common import fmt_seeds, load_note, machine, start_timing_pass, timing_passes, torch_threads
 from ...train.study_forecasting import _read_results, _record, grid_refusal, mechanism_dir, parse_mechanism
 
 ARCHS = ("transformer", "glat")
@@ -253,16 +253,8 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
     if rescore and retime:
         raise ValueError("--rescore and --retime are separate passes: run one, then the other")
     if retime and not doc_only:
-        started = _dt.datetime.now().isoformat(sep=" ", timespec="milliseconds")  # names the pass
-        load = machine()["load_average_1min"]
-        if load is not None and load > 1.5:
-            log(f"warning: the 1-minute load average is {load:.1f}; other processes will slow the timings "
-                "(the report states the load)")
-        for i, cell in enumerate(cells, 1):
-            record = _read_results(results_path).get(cell.key, {})
-            if not record.get("finished"):
-                log(f"({i}/{len(cells)}) {cell.key}: not finished, nothing to time")
-                continue
+        started = start_timing_pass(log)
+        for i, cell, record in _finished(cells, results_path, log, "time"):
             ckpt = root / record["checkpoint"]
             log(f"({i}/{len(cells)}) {cell.key}: timing decoding again at batch sizes {study.latency.batch_sizes}")
             latency = measure_latency(ckpt, study.latency.batch_sizes, study.latency.sentences,
@@ -272,11 +264,7 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
             log(f"    {cell.key}: " + ", ".join(f"{v['sentences_per_s']:.1f} sentences/s at batch {b}"
                                                for b, v in latency["batch_sizes"].items()))
     elif rescore and not doc_only:
-        for i, cell in enumerate(cells, 1):
-            record = _read_results(results_path).get(cell.key, {})
-            if not record.get("finished"):
-                log(f"({i}/{len(cells)}) {cell.key}: not finished, nothing to rescore")
-                continue
+        for i, cell, record in _finished(cells, results_path, log, "rescore"):
             ckpt = root / record["checkpoint"]
             log(f"({i}/{len(cells)}) {cell.key}: scoring {ckpt} again")
             tests = {name: evaluate_checkpoint(ckpt, name) for name in record["tests"]}
@@ -337,6 +325,16 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
     write_translation_report(doc, results, study=study, command=command, examples_root=root if write_doc else None)
     log(f"report written to {doc}")
     return doc
+
+
+def _finished(cells: list, results_path: Path, log: Callable[[str], None], verb: str):
+    """``(i, cell, record)`` for the finished cells of ``cells`` (numbered from 1), saying which are not."""
+    for i, cell in enumerate(cells, 1):
+        record = _read_results(results_path).get(cell.key, {})
+        if not record.get("finished"):
+            log(f"({i}/{len(cells)}) {cell.key}: not finished, nothing to {verb}")
+            continue
+        yield i, cell, record
 
 
 def _collapsed_tests(evaluate, ckpt: Path, tests: dict) -> dict:
