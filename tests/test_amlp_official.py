@@ -1,8 +1,9 @@
-"""form="official": the released code's computation (spec section 2.7), its initialisation and options.
+"""form="official": the released code's computation (``Shark-NLP/AttentiveMLP``, ``amlp.py``), its
+initialisation and options.
 
-The reference below is written from the spec's table line by line, batched over (batch, head) the way
-the released layer is: padded rows are zero-filled before the statistics, feature columns are
-L2-normalised over the sequence axis, and so on. It shares no code with :mod:`amlp.ops.amlp`.
+The reference below is written from the released ``amlp.py``, read line by line, batched over (batch,
+head) the way the released layer is: padded rows are zero-filled before the statistics, feature columns
+are L2-normalised over the sequence axis, and so on. It shares no code with :mod:`amlp.ops.amlp`.
 """
 
 import copy

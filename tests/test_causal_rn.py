@@ -412,4 +412,4 @@ def test_block_adds_the_residual_and_steps(quadratic):
         outs.append(y)
     torch.testing.assert_close(torch.stack(outs, 1), full, rtol=1e-9, atol=1e-11)
     n_params = sum(p.numel() for p in block.parameters())
-    assert n_params == 3 * 8 * 12 + 12 + 8  # 3 E h + h + E (spec 3.7)
+    assert n_params == 3 * 8 * 12 + 12 + 8  # 3 E h + h + E, as in the CausalRN code's block

@@ -1,6 +1,6 @@
-"""The CausalRN ablation grid on the quadratic mixer (spec 3.10): pre-norm {exact, approx, none} x
-activation {exp, relu, gelu, elu}, each cell against a plain pairwise reference, step against
-forward, causality, and non-finite values in padded or future positions."""
+"""The CausalRN ablation grid on the quadratic mixer (CausalRN paper; the authors' ``block_r_ablation.py``):
+pre-norm {exact, approx, none} x activation {exp, relu, gelu, elu}, each cell against a plain pairwise
+reference, step against forward, causality, and non-finite values in padded or future positions."""
 
 import itertools
 

@@ -766,7 +766,9 @@ def data_synth_tts_command(
 @data_app.command("download")
 def data_download_command(
     name: str = typer.Argument(..., help="data set: ett"),
-    data_dir: str = typer.Option(None, "--data-dir", help="destination folder (default $AMLP_DATA_DIR or ./data)"),
+    data_dir: str = typer.Option(None, "--data-dir", help="destination folder (default: $AMLP_DATA_DIR, else "
+                                                          "../shared/data beside the checkout when it exists, "
+                                                          "else ./data)"),
     base_url: str = typer.Option(None, "--base-url", help="where to fetch from (default: the upstream repository)"),
 ) -> None:
     """Download a data set from its upstream source (the only command that uses the network)."""
@@ -841,7 +843,7 @@ def bench_ops_command(
     """Time and peak memory of mixers over a length sweep, crossover lengths, distance to the
     memory-bandwidth floor, ATen operator calls and fraction of the machine's matmul rate."""
     from .bench import OpsSettings, parse_lengths, parse_names, run_ops, save_ops
-    from .bench.report import crossover_table, fmt_ratio, ops_table
+    from .bench.report import crossover_table, ops_table
 
     try:
         settings = OpsSettings(
@@ -891,7 +893,7 @@ def bench_peers_command(
                                                   "--quick 0.05)"),
     rounds: int = typer.Option(None, help="alternating rounds (amlp, peer / peer, amlp) the timing is split into "
                                           "(default 3; with --quick 2)"),
-    memory: bool = typer.Option(True, help="measure peak memory (CUDA only; not measured on the CPU)"),
+    memory: bool = typer.Option(True, help="measure peak memory (CUDA; on a Linux CPU through a forked child process)"),
     threads: int = typer.Option(None, help="torch threads, 0 for torch's default (default 1)"),
     released_amlp: str = typer.Option(None, "--released-amlp",
                                       help="path of amlp.py in a local checkout of Shark-NLP/AttentiveMLP: compare its "

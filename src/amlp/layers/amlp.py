@@ -80,7 +80,7 @@ class AMLP(ProjectedMixer):
                              "use variant='cov' for a causal AMLP")
         if causal and form == "official":
             raise ValueError("form='official' has no causal form: the released code re-runs the non-causal op over "
-                             "the cached keys (spec section 2.7, row 14); use form='paper' or 'stable' with causal=True")
+                             "the cached keys at every step; use form='paper' or 'stable' with causal=True")
         if causal and (add_norm or ema is not None or conv_kernel_size is not None):
             raise ValueError("add_norm, ema and conv_kernel_size are options of the non-causal layer (the EMA mean and "
                              "the symmetric conv see future tokens); leave them off with causal=True")

@@ -3,13 +3,13 @@
     y_i = W_3 LN0( (1/n_i) sum_{j <= i} exp(N_pre(a_i, b_j)) ) + b_3,
     a_i = W_1 LN0(x_i) + b_1,   b_j = W_2 LN0(x_j)
 
-(arXiv 2406.16168; spec section 3). The residual ``x_i +`` belongs to the block
+(arXiv 2406.16168; code ``FrankCuiCN/causal-relation-networks``). The residual ``x_i +`` belongs to the block
 (:class:`amlp.models.blocks.CausalRNBlock`), not to the mixer.
 
 These are not attention: there are no queries, keys or values, no heads and no softmax, so they
 subclass :class:`Mixer` directly. The contract's ``heads`` argument is accepted and **ignored**: the
 relation network has a single head over all h hidden features (every configuration of the original
-code uses one head, and the stabilisation of spec 3.4 is exact only for one head), so
+code uses one head, and the stabilisation of its ``bar_quadratic.py`` is exact only for one head), so
 ``mixer.heads == 1`` whatever is passed.
 """
 
@@ -142,8 +142,9 @@ class CausalRNQuadratic(_RelationNetwork):
     O(T^2 h) time; queries run in blocks of ``chunk_size`` so no ``[B, T, T, h]`` tensor is ever
     built. The recurrent state is the cache of every past ``b_j`` (``t h`` numbers per batch row).
 
-    The ablation grid of the paper (spec 3.10) is available through two options, every cell computed
-    quadratically, ``y_i = W_3 LN0( (1/n_i) sum_{j <= i} act(N_pre(a_i, b_j)) ) + b_3``:
+    The ablation grid of the paper (the authors' ``block_r_ablation.py``) is available through two
+    options, every cell computed quadratically,
+    ``y_i = W_3 LN0( (1/n_i) sum_{j <= i} act(N_pre(a_i, b_j)) ) + b_3``:
 
     * ``prenorm``: ``"exact"`` ``N_pre = LN0(a_i + b_j)`` (default); ``"approx"``
       ``LN0(a_i) + LN0(b_j)``, the separable pre-norm of the linear ``causal-rn`` (with exp it gives

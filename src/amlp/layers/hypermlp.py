@@ -2,7 +2,8 @@ r"""HyperMLP and HyperGLU layers (arXiv 2602.12601): the causal attention head a
 MLP whose weights come from the context, with learned mixing in feature space (gates) and in
 sequence space (lag-indexed diagonal-plus-low-rank operators).
 
-Per layer (spec section 4.3; the head itself is :func:`amlp.ops.hypermlp.hyper_attention`):
+Per layer (as the official code ``LJC-FVNR/HyperMLP`` computes it; the head itself is
+:func:`amlp.ops.hypermlp.hyper_attention`):
 
     x~ = Conv1(X), x^ = Conv2(X)           causal depthwise convolutions (kernel 4, no bias)
     q  = (X W_q) * sigmoid(X G_q + g_q)     QK gate M^(1); width qk_rank, H_qk heads

@@ -11,7 +11,7 @@ from ..layers import build_mixer
 
 
 class CausalRNBlock(nn.Module):
-    """One CausalRN block: ``x <- x + RN(x)`` (spec 3.7).
+    """One CausalRN block: ``x <- x + RN(x)`` (the block of the CausalRN code).
 
     The relation network replaces both the attention and the MLP sub-layer of a Transformer block;
     its pre-normalisation (parameter-free LN0) is inside the mixer. The mixer is built by registry

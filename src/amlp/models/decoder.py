@@ -11,7 +11,7 @@ LayerNorm and a linear head without bias. Two block types:
   by registry name (``amlp.build_mixer(name, dim, heads, causal=True, **options)``) and a GELU MLP of
   width ``mlp_ratio * dim``.
 * ``"causal-rn"``: the CausalRN block ``x <- x + RN(x)`` (:class:`amlp.models.blocks.CausalRNBlock`,
-  spec 3.7), which replaces both sub-layers; the mixer must be ``causal-rn`` or
+  the CausalRN code's block), which replaces both sub-layers; the mixer must be ``causal-rn`` or
   ``causal-rn-quadratic``, and W_3 is initialised with std ``0.02 / sqrt(n_layers)`` as in the
   original code.
 

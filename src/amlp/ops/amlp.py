@@ -23,10 +23,10 @@ Forms
 overrides the sigma_1 logit scale only).
 
 ``form="official"`` is the computation of the authors' released code (``Shark-NLP/AttentiveMLP``,
-``amlp.py``; spec section 2.7). For Cov: every feature column of Q, K and V is L2-normalised over the
+``amlp.py``, read line by line). For Cov: every feature column of Q, K and V is L2-normalised over the
 (real) positions before its Gram matrix, each Gram matrix has a learned per-head temperature, a ReLU
 follows ``L^T``, the value map enters transposed (``W_QKV = L^T sigma_2(K^T V)^T``: L contracts the
-V-feature axis and the output is indexed by the K-feature axis, row 5 of the spec's table), and
+V-feature axis and the output is indexed by the K-feature axis, as the released Cov computes it), and
 the readout uses the raw queries with logits scaled by ``1/sqrt(D)``. For PQuery the released code
 computes the printed equations (unscaled pooling logits, no temperatures, sigma_1 unscaled unless
 ``scale`` is given), so the official op equals the paper op; the released layer's options (LayerNorm

@@ -51,7 +51,8 @@ from ._common import activate, check_activation
 from ._sequence_passes import activation_vjp
 from .amlp import DEFAULT_EPS
 
-#: the released code has no causal form (spec section 2.7, row 14), hence no official causal form
+#: the released code has no causal form (its fairseq ``incremental_state`` path re-runs the op over all cached
+#: keys), hence no official causal form
 CAUSAL_FORMS = ("paper", "stable")
 
 #: the largest block of the two-level prefix sums (tokens); the products inside a block cost

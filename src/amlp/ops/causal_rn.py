@@ -1,7 +1,7 @@
 r"""CausalRN: the causal relation network with an exponential activation (arXiv 2406.16168).
 
 A relation network pools a pair function over the context; CausalRN makes the output index the
-query and masks the future (spec section 3.1):
+query and masks the future (the CausalRN paper and the authors' code, ``FrankCuiCN/causal-relation-networks``):
 
     u_i = (1 / n_i) sum_{j <= i} g(x_i, x_j),        y_i = W_3 LN0(u_i) + b_3
 
@@ -11,10 +11,10 @@ one) and ``LN0`` the parameter-free layer norm over the h features (eps 0, see :
 The ops here take ``a`` and ``b`` (``[B, T, h]``, before any normalisation) and return the
 post-normalised pool ``LN0(u)``; the projections live in the layer.
 
-Two pre-activation normalisations (spec section 3.3):
+Two pre-activation normalisations (parameter-free, eps 0, as in the authors' code):
 
 * **approx** (:func:`causal_rn_linear`): ``N_pre = LN0(a_i) + LN0(b_j)``, additively separable, so
-  ``sum_j exp(a^_i + b^_j) = exp(a^_i) * sum_j exp(b^_j)`` (spec 3.2): a prefix sum, O(T h) time,
+  ``sum_j exp(a^_i + b^_j) = exp(a^_i) * sum_j exp(b^_j)`` (CausalRN paper, v2): a prefix sum, O(T h) time,
   and a recurrent state of h numbers.
 * **exact** (:func:`causal_rn_quadratic`): ``N_pre = LN0(a_i + b_j)``, normalised per pair, which does
   not factorise: O(T^2 h) time; the memory is kept at O(chunk_size * T * h) by running over blocks
@@ -22,7 +22,7 @@ Two pre-activation normalisations (spec section 3.3):
   from small products (``|a_i + b_j - mean|^2`` expands into two norms and a dot product), so a block's
   ``[B, C, T, h]`` tensor of pairs takes a handful of elementwise passes, forward and backward.
 
-Ablations (spec 3.10): :func:`causal_rn_quadratic` also computes the other cells of the authors'
+Ablations (CausalRN paper, v1): :func:`causal_rn_quadratic` also computes the other cells of the authors'
 grid, ``prenorm`` in {exact, approx, none} x ``activation`` in {exp, relu, gelu, elu}, quadratically
 (the default, exact + exp, is the path described above). The pooled vector is the mean of the
 activated pairs over the keys a query may see, then LN0. Future and padded pairs are removed by
@@ -34,11 +34,12 @@ terms are divided by ``exp(M_i)``, ``M_i`` its largest allowed pre-activation, w
 post-normalisation cancels; the other activations need no shift. Every cell runs through the same
 pair pool (:class:`_PairPool`), whose backward forms the pairs again instead of keeping them.
 
-Numerical stability (spec 3.4): both forms work in the log domain. The post-normalisation is
-invariant to a positive factor per position (exactly, since eps = 0), so each position's pooled
-vector is divided by ``exp(m_i)`` with ``m_i`` its largest log-entry (detached) before the
-exponential; the division by ``n_i`` is cancelled by the same argument and is not performed. The
-outputs are then finite whatever the length and the scale of the inputs.
+Numerical stability (as in the authors' ``bar_linear.py`` and ``bar_quadratic.py``): both forms work
+in the log domain. The post-normalisation is invariant to a positive factor per position (exactly,
+since eps = 0), so each position's pooled vector is divided by ``exp(m_i)`` with ``m_i`` its largest
+log-entry (detached) before the exponential; the division by ``n_i`` is cancelled by the same
+argument and is not performed. The outputs are then finite whatever the length and the scale of the
+inputs.
 
 Padding: ``mask`` (``[B, T]``, True = real token) removes padded keys from every pool (in the
 linear form their log weight is far below any reachable value, so their ``exp`` is exactly zero; in
@@ -76,9 +77,9 @@ def auto_block_rows(batch: int, keys: int, hidden: int, itemsize: int = 4) -> in
     """Queries per block so that one block of pairs takes about :data:`AUTO_BLOCK_BYTES` (at least 1)."""
     return max(1, AUTO_BLOCK_BYTES // max(1, batch * keys * hidden * itemsize))
 
-#: pre-activation normalisations of the quadratic form (spec 3.3): per pair, per side, none
+#: pre-activation normalisations of the quadratic form (the authors' code): per pair, per side, none
 PRENORMS = ("exact", "approx", "none")
-#: activations of the quadratic form (spec 3.10; elu is in the authors' ablation code)
+#: activations of the quadratic form (the CausalRN paper's ablation; elu is in the authors' ablation code)
 ACTIVATIONS = ("exp", "relu", "gelu", "elu")
 _ACTIVATION_FNS = {"relu": F.relu, "gelu": F.gelu, "elu": F.elu}
 
@@ -135,7 +136,7 @@ def causal_rn_linear(
     ``LN0(u_i)`` with ``u_i = (1/n_i) sum_{j <= i} exp(LN0(a_i) + LN0(b_j))`` (causal) or the sum over
     every real j (bidirectional), computed as ``LN0(exp(a^_i + log S_i - m_i))`` with
     ``log S_i = logcumsumexp_{j <= i} b^_j`` (``logsumexp`` over all j when not causal) and ``m_i`` the
-    detached per-position maximum (spec 3.2-3.4). O(T h) time and memory.
+    detached per-position maximum (as in the authors' ``bar_linear.py``). O(T h) time and memory.
 
     Args:
         a, b: ``[B, T, h]``, the two projections ``W_1 LN0(x) + b_1`` and ``W_2 LN0(x)``.
@@ -163,7 +164,7 @@ def causal_rn_linear_init_state(batch: int, hidden: int, *, dtype=torch.float32,
 
 
 def causal_rn_linear_step(a_t: torch.Tensor, b_t: torch.Tensor, log_s: torch.Tensor):
-    """One token of the causal linear form (spec 3.6): ``log S_t = logaddexp(log S_{t-1}, b^_t)``,
+    """One token of the causal linear form, as a recurrence: ``log S_t = logaddexp(log S_{t-1}, b^_t)``,
     output ``LN0(exp(a^_t + log S_t - m_t))``.
 
     ``a_t, b_t`` are ``[B, h]``; ``log_s`` is the ``[B, h]`` state. Returns ``(out [B, h], log_s)``;
@@ -399,17 +400,18 @@ def causal_rn_quadratic(
     prenorm: str = "exact",
     activation: str = "exp",
 ) -> torch.Tensor:
-    """Relation pool with the exact per-pair pre-normalisation, post-normalised (spec 3.3, 3.5).
+    """Relation pool with the exact per-pair pre-normalisation, post-normalised (the authors' quadratic RN).
 
     ``LN0(u_i)`` with ``u_i = (1/n_i) sum_{j <= i} exp(LN0(a_i + b_j))`` (all real j when not causal),
-    computed stably as ``LN0(exp(logsumexp_j LN0(a_i + b_j) - m_i))`` (spec 3.4). O(T^2 h) time.
+    computed stably as ``LN0(exp(logsumexp_j LN0(a_i + b_j) - m_i))`` (as in the authors'
+    ``bar_quadratic.py``). O(T^2 h) time.
 
     Queries run in blocks of ``chunk_size``; a block of queries meets only the keys it may see, so
     the largest tensor is ``[B, chunk_size, T, h]``, never ``[B, T, T, h]``, and backward forms each
     block's pairs again instead of keeping them (:class:`_PairPool`), so training memory stays at one
     block as well.
 
-    The ablation grid of spec 3.10 (``u_i = (1/n_i) sum_{j <= i} act(N_pre(a_i, b_j))``, every cell
+    The ablation grid of the CausalRN paper (``u_i = (1/n_i) sum_{j <= i} act(N_pre(a_i, b_j))``, every cell
     quadratic, see the module docstring):
 
     * ``prenorm``: ``"exact"`` ``LN0(a_i + b_j)`` (default), ``"approx"`` ``LN0(a_i) + LN0(b_j)`` (the
@@ -457,7 +459,7 @@ def causal_rn_quadratic(
 
 def causal_rn_quadratic_step(a_t: torch.Tensor, b_cache: torch.Tensor, *, prenorm: str = "exact",
                              activation: str = "exp") -> torch.Tensor:
-    """One token of the causal quadratic form (spec 3.6): ``a_t`` ``[B, h]`` against the cache of
+    """One token of the causal quadratic form, for decoding: ``a_t`` ``[B, h]`` against the cache of
     every ``b_j`` so far including the current one, ``[B, t, h]`` (the raw ``b_j``, whatever the
     ``prenorm``). Returns ``LN0(u_t)`` ``[B, h]``; ``prenorm`` and ``activation`` as in
     :func:`causal_rn_quadratic`."""

@@ -1,7 +1,7 @@
 r"""HyperMLP / HyperGLU heads (arXiv 2602.12601): causal attention seen as a dynamic two-layer MLP.
 
 For the query at position t and the lag-ordered prefix (lag l = t - j, l = 0 is the current token),
-one head computes (section 4.1 of the spec; the paper's dynamic MLP ``o_t = sigma(x_t W1(X)) W2(X)``):
+one head computes (the HyperMLP paper's dynamic MLP ``o_t = sigma(x_t W1(X)) W2(X)``):
 
     z_t[l] = q_t . k_{t-l}                               scores, lag layout, l = 0..t
     h_t    = z_t R1_t,   R_t = I + Diag(p) + A Diag(s_t) B^T   sequence mixing R^(1) (DPLR)

@@ -411,7 +411,7 @@ def write_report(path: Path, results: dict, *, study: StudyConfig, command: str,
                          f"{statistics.fmean(refs[c][name]['mae'] for c in common):.3f} |")
     lines += ["", "## Reference: the paper's numbers (quoted, not produced by this code)", "",
               "Jiang et al. 2023, *Attentive MLP for Non-Autoregressive Generation*, Table 6 (full protocol: "
-              "Informer backbone, windows of spec section 2.9, 6 epochs, 5 runs). \"vanilla\" is softmax "
+              "Informer backbone, windows of the CAB LSTF scripts, 6 epochs, 5 runs). \"vanilla\" is softmax "
               "attention (`softmax` here); \"AMLP\" is AMLP-Cov (`amlp-cov`); ABC, Performer and cosFormer are "
               "`abc`, `performer`, `cosformer`. The paper reports no AMLP-PQuery row for this task.", "",
               "| Setting | Model | ETTh1 MSE | ETTh1 MAE | ETTh2 MSE | ETTh2 MAE | ETTm1 MSE | ETTm1 MAE |",

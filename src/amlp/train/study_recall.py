@@ -2,7 +2,7 @@
 width x seeds, with a resumable grid and a generated report with plots.
 
 What it measures is where the causal mixers differ most: copying a string of S letters (CausalRN
-paper, spec 3.8; Jelassi et al. 2024) and multi-query associative recall (zoology, Arora et al.
+paper and code, ``src_copying``; Jelassi et al. 2024) and multi-query associative recall (zoology, Arora et al.
 2023). Every cell is one ``amlp train copying|mqar`` run through :func:`amlp.train.run_experiment`;
 finished cells are recorded in ``<run_root>/results.json`` and skipped when the study runs again
 (an unfinished cell continues from its last checkpoint). The report goes to

@@ -15,7 +15,7 @@ def _positive(obj, names, prefix):
 
 @dataclass
 class CopyingDataConfig:
-    """The copying task (spec 3.8).
+    """The copying task of the CausalRN code (``src_copying``).
 
     Training strings have ``string_len`` letters, or, when ``min_string_len`` is set, a uniform random
     length in ``[min_string_len, string_len]`` per example (right-padded with masks). Validation draws

@@ -16,7 +16,7 @@ import torch
 
 IGNORE_INDEX = -100
 
-# -- copying (CausalRN / Jelassi et al. protocol, spec 3.8) --------------------------------------------
+# -- copying (CausalRN / Jelassi et al. protocol, the CausalRN code's src_copying) ---------------------
 BOS, SEP, EOS = 0, 1, 2
 FIRST_LETTER = 3
 COPY_VOCAB_SIZE = 29  # BOS, SEP, EOS and 26 letters
@@ -102,7 +102,7 @@ class CopyingDataset(torch.utils.data.Dataset):
 
 
 def copy_hard_accuracy(generated: torch.Tensor, strings: torch.Tensor) -> torch.Tensor:
-    """Per-sample hard accuracy of greedy copies (spec 3.8).
+    """Per-sample hard accuracy of greedy copies (scored as in the CausalRN code's ``src_copying``).
 
     Args:
         generated: ``[B, S+1]``, the tokens produced after ``[BOS, s, SEP]``.

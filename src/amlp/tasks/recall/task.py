@@ -1,10 +1,10 @@
 """The copying and MQAR tasks of the training loop, on a decoder-only model with any causal mixer.
 
-Copying (spec 3.8): cross-entropy on the copy span and the final EOS. Evaluation reports ``loss``,
-``soft_acc`` (teacher-forced argmax over the copy span and EOS, averaged per sample) and
-``hard_acc`` (greedy decoding from ``[BOS, s, SEP]`` through every mixer's recurrent ``step``,
-scored by :func:`copy_hard_accuracy`), plus ``hard_acc_len<S>`` / ``soft_acc_len<S>`` per string
-length when a split holds several lengths.
+Copying (as in the CausalRN code's ``src_copying``): cross-entropy on the copy span and the final
+EOS. Evaluation reports ``loss``, ``soft_acc`` (teacher-forced argmax over the copy span and EOS,
+averaged per sample) and ``hard_acc`` (greedy decoding from ``[BOS, s, SEP]`` through every mixer's
+recurrent ``step``, scored by :func:`copy_hard_accuracy`), plus ``hard_acc_len<S>`` /
+``soft_acc_len<S>`` per string length when a split holds several lengths.
 
 MQAR (zoology): cross-entropy at the query positions; evaluation reports ``loss`` and ``acc``
 (argmax at the queries, over every query of the split), plus ``acc_pairs<P>`` per pair count when
