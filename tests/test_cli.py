@@ -59,6 +59,15 @@ def cases(toy, a_file):
         (["bench", "peers", "--pairs", "nope"], "unknown pair(s) 'nope'"),
         (["bench", "peers", "--released-amlp", "/nowhere/at/all/amlp.py"], "does not exist"),
         (["bench", "peers", "--quick", "--pairs", "softmax", "--out", a_file + "/out"], "cannot be created"),
+        (["bench", "ops", "--quick", "--device", "foo"], "device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+        (["bench", "ops", "--quick", "--threads", "-2"], "threads must be >= 0"),
+        (["bench", "ops", "--quick", "--min-run-time", "-1"], "min_run_time must be > 0"),
+        (["bench", "generation", "--quick", "--activation", "bogus"], "activation must be one of"),
+        (["bench", "step", "--device", "foo"], "device must be auto, cpu, cuda or cuda:N"),
+        (["bench", "step", "--threads", "-1"], "threads must be >= 0"),
+        (["bench", "step", "--mixers", "softmax", "--dim", "8", "--heads", "3"], "dim must be divisible by heads"),
+        (["bench", "step", "--mixers", ","], "no mixers to measure"),
+        (["eval", "--checkpoint", "/nowhere/at/all", "--device", "foo"], "does not exist"),
     ]
 
 
@@ -70,6 +79,8 @@ def test_bad_arguments_give_one_line_errors_without_tracebacks(toy_config, a_fil
         assert "Traceback" not in res.output, (args, res.output)
         assert res.exception is None or isinstance(res.exception, SystemExit), (args, repr(res.exception))
         assert needle in res.output, (args, res.output)
+        # the error goes to stderr: a redirected or piped output does not hide it
+        assert needle in res.stderr and "error:" not in res.stdout, (args, res.stdout)
 
 
 def test_a_diverging_run_is_a_message_not_a_traceback(toy_config, tmp_path):

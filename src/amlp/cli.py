@@ -12,6 +12,7 @@ from rich.table import Table
 app = typer.Typer(help="amlp: attentive MLPs and the efficient attentions they are measured against.",
                   no_args_is_help=True, add_completion=False)
 console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _flag(value: bool) -> str:
@@ -96,9 +97,10 @@ app.add_typer(data_app, name="data")
 
 
 def _error(message: str) -> None:
-    """Print an error; the message is printed literally (paths, keys and values may hold brackets)."""
-    console.print("[red]error:[/] ", end="", highlight=False)
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
+    """Print an error to stderr (a redirected or piped output never holds it); the message is printed
+    literally (paths, keys and values may hold brackets)."""
+    err_console.print("[red]error:[/] ", end="", highlight=False)
+    err_console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
 def _fail(message: str, code: int = 1):
@@ -990,7 +992,7 @@ def bench_plot_command(out: str = typer.Argument("bench-results", help="folder h
     from .bench import plots_available, replot
 
     if not plots_available():
-        console.print("[red]error:[/] plots need matplotlib: pip install matplotlib")
+        _error("plots need matplotlib: pip install matplotlib")
         raise typer.Exit(2)
     try:
         paths = replot(out)

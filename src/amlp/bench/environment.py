@@ -22,11 +22,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def parse_device(name: str) -> torch.device:
+    """``torch.device(name)``, with a ``ValueError`` naming the accepted forms for a name torch does
+    not know (torch raises a ``RuntimeError`` listing its every backend)."""
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else is checked to exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    dev = parse_device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but CUDA is not available")
     return dev
@@ -126,3 +135,11 @@ def torch_threads(threads: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def check_timing_settings(threads: int, min_run_time: float) -> None:
+    """``threads >= 0`` (0: torch's default) and ``min_run_time > 0``, or a ``ValueError``."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be >= 0 (0: torch's default), got {threads}")
+    if not min_run_time > 0:
+        raise ValueError(f"min_run_time must be > 0, got {min_run_time}")

@@ -20,7 +20,7 @@ import torch
 
 from ..layers import get_mixer_info
 from ..layers.check import check_mixer
-from .environment import invocation, machine_header, parse_dtype, resolve_device
+from .environment import check_timing_settings, invocation, machine_header, parse_dtype, resolve_device
 from .memory import PeakMeter
 from .ops import _check_form, gate_kwargs
 from .timing import measure_time
@@ -77,6 +77,10 @@ class GenerationSettings:
                 raise ValueError(f"NAR mixer {name!r} has no non-causal form")
         parse_dtype(self.dtype)
         resolve_device(self.device)
+        check_timing_settings(self.threads, self.min_run_time)
+        from ..ops._common import check_activation
+
+        check_activation(self.activation)
 
 
 @dataclass

@@ -22,8 +22,8 @@ import torch
 from ..layers import get_mixer_info
 from ..layers.check import check_mixer
 from .analysis import crossover_length, floor_time
-from .environment import (invocation, machine_header, measure_bandwidth, measure_matmul_rate, parse_dtype,
-                          resolve_device, torch_threads)
+from .environment import (check_timing_settings, invocation, machine_header, measure_bandwidth, measure_matmul_rate,
+                          parse_dtype, resolve_device, torch_threads)
 from .memory import PeakMeter
 from .timing import measure_time
 from .workloads import MODES, Workload, count_aten_calls, count_flops, has_head_op, make_callable, options_for
@@ -104,6 +104,7 @@ class OpsSettings:
             get_mixer_info(name)  # raises ValueError naming the registered mixers
         parse_dtype(self.dtype)
         resolve_device(self.device)
+        check_timing_settings(self.threads, self.min_run_time)
 
 
 @dataclass

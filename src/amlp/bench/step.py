@@ -39,6 +39,17 @@ class StepSettings:
     form: str = "stable"
 
     def validate(self) -> None:
+        if not self.mixers:
+            raise ValueError("no mixers to measure")
+        for name in ("steps", "batch", "dim", "heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim must be divisible by heads, got dim={self.dim}, heads={self.heads}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
+        resolve_device(self.device)
         for name in self.mixers:
             caps = get_mixer_info(name).capabilities  # raises for an unknown name
             if not (caps.causal and caps.recurrent):

@@ -81,10 +81,12 @@ class TrainResult:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    from ..bench.environment import parse_device
+
+    device = parse_device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("config key 'train.device' asks for CUDA but no CUDA device is available")
+            raise ValueError(f"device {name!r} asks for CUDA but no CUDA device is available")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
     return device
