@@ -68,6 +68,10 @@ def cases(toy, a_file):
         (["bench", "step", "--mixers", "softmax", "--dim", "8", "--heads", "3"], "dim must be divisible by heads"),
         (["bench", "step", "--mixers", ","], "no mixers to measure"),
         (["eval", "--checkpoint", "/nowhere/at/all", "--device", "foo"], "does not exist"),
+        # output paths are checked before the model is loaded
+        (["translate", "--checkpoint", "/nowhere/at/all", "-o", str(ROOT)], "is a folder; give a file name"),
+        (["translate", "--checkpoint", "/nowhere/at/all", "-o", a_file + "/x.txt"], "is not a writable folder"),
+        (["upscale", a_file, str(ROOT), "--checkpoint", "/nowhere/at/all"], "is a folder; give a file name"),
     ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -114,6 +115,23 @@ def _describe(err: BaseException) -> str:
         where = f": {err.filename!r}" if err.filename else ""
         return f"{err.strerror}{where}"
     return str(err)
+
+
+def _check_output_file(path: str, option: str) -> None:
+    """Before any work: ``path`` ('-' is stdout) must name a file that can be written, in a folder that
+    exists or can be made; else a one-line message (exit 2), so that no work is lost at the end."""
+    import os
+
+    if path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        _fail(f"{option} {path!r} is a folder; give a file name", 2)
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        _fail(f"cannot write {option} {path!r}: {str(folder)!r} is not a writable folder", 2)
 
 
 def _make_out_dir(out: str, option: str = "--out") -> None:
@@ -344,6 +362,7 @@ def translate_command(
         _fail(f"--batch-size must be >= 1, got {batch_size}", 2)
     if beam is not None and beam < 1:
         _fail(f"--beam must be >= 1, got {beam}", 2)
+    _check_output_file(output_path, "--output")
     try:
         if input_path == "-":
             text = sys.stdin.read()
@@ -374,6 +393,7 @@ def translate_command(
         sys.stdout.flush()
     else:
         try:
+            Path(output_path).parent.mkdir(parents=True, exist_ok=True)
             with open(output_path, "w", encoding="utf-8") as fh:
                 fh.write(result)
         except OSError as err:
@@ -404,11 +424,15 @@ def synthesize_command(
         check_text(text)
     except ValueError as err:
         _fail(str(err), 2)
+    _check_output_file(output_path, "--output")
     try:
         start = time.perf_counter()
         config, task, model = load_trained_model(checkpoint, [], device)
-        if config.task != "tts":
-            _fail(f"{checkpoint!r} is a checkpoint of task {config.task!r}, not tts")
+    except (ValueError, OSError, RuntimeError, CheckpointError) as err:
+        _fail(_describe(err))
+    if config.task != "tts":
+        _fail(f"{checkpoint!r} is a checkpoint of task {config.task!r}, not tts")
+    try:
         audio, phones = synthesize_text(task, model, text)
         save_wav(output_path, audio)
     except (ValueError, OSError, RuntimeError, CheckpointError) as err:
@@ -437,6 +461,7 @@ def upscale_command(
     from .train import CheckpointError
     from .train.loop import load_trained_model
 
+    _check_output_file(output_path, "the output")
     try:
         start = time.perf_counter()
         config, task, model = load_trained_model(checkpoint, [], device)
