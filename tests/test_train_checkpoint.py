@@ -360,3 +360,12 @@ def test_test_on_averaged_checkpoints(tmp_path):
     assert average_checkpoints(ckpts)[1].step == 12
     with pytest.raises(ValueError, match="average_last"):
         toy_config(test_checkpoint="average", average_last=4, keep_last=2)
+
+
+def test_a_bad_override_or_split_is_blamed_on_the_caller(finished_run):
+    _, ckpt = finished_run
+    with pytest.raises(ValueError, match=r"train.lr=abc cannot apply to checkpoint .*'train.lr'") as info:
+        evaluate_checkpoint(ckpt, "test", ["train.lr=abc"])
+    assert not isinstance(info.value, CheckpointError)  # the checkpoint itself is fine
+    with pytest.raises(ValueError, match="has no 'nope' split; it has train, val, test"):
+        evaluate_checkpoint(ckpt, "nope")

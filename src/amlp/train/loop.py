@@ -665,11 +665,15 @@ def load_trained_model(path: str | Path, overrides: list[str] | None = None, dev
 
     ckpt = load_checkpoint(path)
     own = getattr(get_task_class(ckpt.state["config"].get("task")), "checkpoint_overrides", None)
-    raw = apply_overrides(ckpt.state["config"], (own(path) if own is not None else []) + list(overrides or []))
+    stored = apply_overrides(ckpt.state["config"], own(path) if own is not None else [])
     try:
-        config = build_config(raw)
+        build_config(stored)
     except ValueError as err:
         raise CheckpointError(f"checkpoint {str(path)!r} holds an invalid config: {err}") from None
+    try:  # the caller's changes, blamed on the caller
+        config = build_config(apply_overrides(stored, list(overrides or [])))
+    except ValueError as err:
+        raise ValueError(f"{', '.join(overrides or [])} cannot apply to checkpoint {str(path)!r}: {err}") from None
     task = build_task(config)
     torch.manual_seed(config.seed)
     model = task.build_model()
@@ -692,7 +696,9 @@ def evaluate_checkpoint(path: str | Path, split: str = "test", overrides: list[s
     dev = next(model.parameters()).device
     data = task.dataset(split)
     if data is None:
-        raise ValueError(f"the task has no {split!r} split")
+        have = [s for s in ("train", "val", "test") if task.dataset(s) is not None]
+        raise ValueError(f"the {config.task} task has no {split!r} split; it has {', '.join(have)} "
+                         "(choose one with --split)")
     loader = _eval_loader(task, data, split, config.train.batch_size,
                           getattr(task, "collate", None) or default_collate)
     amp = autocast_dtype(config.train.precision, dev)
