@@ -46,6 +46,8 @@ def cases(toy, a_file):
         (["study", "recall", "--config", study_r, "--seeds", "x"], "--seeds must be comma-separated integers"),
         (["study", "recall", "--config", study_r, "--mechanisms", "sofmax"], "unknown mechanism 'sofmax'"),
         (["study", "recall", "--config", study_r, "--tasks", "copy"], "--tasks: 'copy'"),
+        (["study", "recall", "--config", study_r, "--tasks", "mqar", "--pairs", "-1"],
+         "'data.num_pairs' must be >= 1, got -1"),  # refused before the first cell trains
         (["data", "download", "nope"], "unknown data set 'nope'"),
         (["bench", "ops", "--mixers", "nope"], "unknown mixer 'nope'"),
         (["bench", "ops", "--quick", "--mixers", "softmax", "--out", a_file + "/out"], "cannot be created"),

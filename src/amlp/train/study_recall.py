@@ -189,6 +189,12 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
         if outside:
             raise ValueError(_refusal(study, outside))
     if not doc_only:
+        # every cell's config is checked before the first trains: a bad value fails now, not hours in
+        for task, cfg_path, mech, value, dim, seed in cells:
+            try:
+                recall_cell_config(root, cfg_path, task, mech, value, dim, seed, overrides)
+            except ValueError as err:
+                raise ValueError(f"{recall_cell_key(task, mech, value, dim, seed)}: {err}") from None
         for i, (task, cfg_path, mech, value, dim, seed) in enumerate(cells, 1):
             key = recall_cell_key(task, mech, value, dim, seed)
             if _read_results(results_path).get(key, {}).get("finished"):
