@@ -40,6 +40,8 @@ def cases(toy, a_file):
         (TOY + [toy, "--run-dir", a_file + "/x", "--set", "train.lr=-1"], "train.lr"),
         (TOY + [toy, "--set", "model.hidden=[1, 2]"], "[1, 2]"),  # brackets printed literally
         (["train", "toy-regression"], "give --config"),
+        (["train", "copying", "--config", str(ROOT / "configs/recall/copying_cpu.yaml"), "--run-dir", a_file + "/x",
+          "--set", "model.mixer_options.amlp_cov.form=official"], "'amlp_cov' is not a registered mixer"),
         (["study", "forecasting", "--config", study_f, "--seeds", "x"], "--seeds must be comma-separated integers"),
         (["study", "forecasting", "--config", study_f, "--mechanisms", "sofmax"], "unknown mechanism 'sofmax'"),
         (["study", "forecasting", "--config", "/nowhere.yaml"], "does not exist"),

@@ -109,7 +109,11 @@ class InformerModelConfig:
             if getattr(self, key) not in names:
                 raise ValueError(f"config key 'model.{key}' names an unregistered mixer {getattr(self, key)!r}; "
                                  f"registered: {', '.join(names)}")
+        registered = mixer_names()
         for name, opts in self.mixer_options.items():
+            if name not in registered:  # a misspelt name would leave its mixer's options silently unused
+                raise ValueError(f"config key 'model.mixer_options.{name}': {name!r} is not a registered mixer; "
+                                 f"registered: {', '.join(registered)}")
             if not isinstance(opts, dict):
                 raise ValueError(f"config key 'model.mixer_options.{name}' must be a mapping of options")
         if not isinstance(self.cross_options, dict):

@@ -117,7 +117,11 @@ class DecoderModelConfig:
             resolve_block_type(self.block, self.mixer)
         except ValueError as err:
             raise ValueError(f"config key 'model.block': {err}") from None
+        registered = mixer_names()
         for name, opts in self.mixer_options.items():
+            if name not in registered:  # a misspelt name would leave its mixer's options silently unused
+                raise ValueError(f"config key 'model.mixer_options.{name}': {name!r} is not a registered mixer; "
+                                 f"registered: {', '.join(registered)}")
             if not isinstance(opts, dict):
                 raise ValueError(f"config key 'model.mixer_options.{name}' must be a mapping of options")
 
