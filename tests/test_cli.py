@@ -95,3 +95,18 @@ def test_a_diverging_run_is_a_message_not_a_traceback(toy_config, tmp_path):
     res = CliRunner().invoke(app, TOY + [toy_config, "--run-dir", str(tmp_path / "r"), "--set", "train.lr=1e30",
                                          "--set", "train.max_steps=20"])
     assert res.exit_code == 1 and "lower train.lr" in res.output and "Traceback" not in res.output
+
+
+def test_saved_results_that_are_not_amlp_bench_output_are_one_line_errors(tmp_path, a_file):
+    runner = CliRunner()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "ops.json").write_text("not json")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "ops.json").write_text("{}")
+    for args, needle in ((["bench", "plot", str(tmp_path / "junk")], "not valid JSON"),
+                         (["bench", "report", str(tmp_path / "junk")], "not valid JSON"),
+                         (["bench", "report", str(tmp_path / "empty")], "lacks the key 'header'"),
+                         (["bench", "report", str(tmp_path / "empty"), "--section", " "], "--section must name"),
+                         (["data", "download", "ett", "--data-dir", a_file], "cannot write into --data-dir")):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and needle in res.stderr and "Traceback" not in res.output, (args, res.output)

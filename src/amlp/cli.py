@@ -134,6 +134,17 @@ def _check_output_file(path: str, option: str) -> None:
         _fail(f"cannot write {option} {path!r}: {str(folder)!r} is not a writable folder", 2)
 
 
+def _saved_results_problem(exc: BaseException) -> str:
+    """What is wrong with a saved results file, in words."""
+    import json
+
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a file is not valid JSON ({exc})"
+    if isinstance(exc, KeyError):
+        return f"a file lacks the key {exc}; is it a file that `amlp bench` wrote?"
+    return _describe(exc)
+
+
 def _make_out_dir(out: str, option: str = "--out") -> None:
     """Create an output folder before any long work, or fail with a one-line message (exit 2)."""
     import os
@@ -807,6 +818,8 @@ def data_download_command(
         paths = download_ett(data_dir, base_url=base_url or ETT_BASE_URL)
     except ConnectionError as err:
         _fail(str(err))
+    except OSError as err:  # the destination is a file, or not writable
+        _fail(f"cannot write into --data-dir: {_describe(err)}", 2)
     for p in paths:
         _literal(str(p))
 # -- amlp bench ------------------------------------------------------------------------------------
@@ -1024,6 +1037,8 @@ def bench_plot_command(out: str = typer.Argument("bench-results", help="folder h
     except FileNotFoundError as exc:
         _error(str(exc))
         raise typer.Exit(2)
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # a results file that is not one
+        _fail(f"cannot read the saved results in {out!r}: {_saved_results_problem(exc)}", 2)
     _literal("wrote " + ", ".join(paths))
 
 
@@ -1088,13 +1103,20 @@ def bench_report_command(
     """Print saved results as Markdown tables, or write them into a document."""
     from .bench.markdown import report_markdown, update_document
 
+    if not section.strip():
+        _fail("--section must name the generated block", 2)
     try:
         body = report_markdown(out)
     except FileNotFoundError as exc:
         _error(str(exc))
         raise typer.Exit(2)
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # a results file that is not one
+        _fail(f"cannot read the saved results in {out!r}: {_saved_results_problem(exc)}", 2)
     if doc:
-        update_document(doc, section, body)
+        try:
+            update_document(doc, section, body)
+        except OSError as exc:
+            _fail(f"cannot write --doc {doc!r}: {_describe(exc)}")
         _literal(f"wrote the {section!r} block of {doc}")
     else:
         print(body)
