@@ -31,7 +31,9 @@ def cases(toy, a_file):
     return [
         (["check", "nope"], "unknown mixer(s) 'nope'"),
         (["eval", "--checkpoint", "/nowhere/at/all"], "does not exist"),
-        (["eval", "--checkpoint", a_file], "does not exist"),
+        (["eval", "--checkpoint", a_file], "is a file; a checkpoint is a folder"),
+        (["train", "copying", "--config", str(ROOT / "configs")], "is a folder; give a YAML file"),
+        (["translate", "--checkpoint", a_file, "-i", "/nowhere/in.txt"], "No such file or directory: '/nowhere/in.txt'"),
         (["train", "forecasting", "--config", "/nowhere.yaml"], "does not exist"),
         (["train", "copying", "--config", "/nowhere.yaml"], "does not exist"),
         (["train", "mqar", "--config", "/nowhere.yaml"], "does not exist"),

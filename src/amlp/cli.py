@@ -111,7 +111,7 @@ def _fail(message: str, code: int = 1):
 
 def _describe(err: BaseException) -> str:
     """A one-line message for an error: OS errors as 'what: path', others as their text."""
-    if isinstance(err, OSError) and err.strerror and not isinstance(err, FileNotFoundError):
+    if isinstance(err, OSError) and err.strerror:
         where = f": {err.filename!r}" if err.filename else ""
         return f"{err.strerror}{where}"
     return str(err)

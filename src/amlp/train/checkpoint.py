@@ -131,6 +131,10 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> None:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read every part of the checkpoint at ``path`` (a directory), or raise :class:`CheckpointError`."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a file; a checkpoint is a folder holding "
+                              f"{MODEL_FILE}, {OPTIMIZER_FILE} and {STATE_FILE} (runs/.../checkpoints/best, "
+                              "averaged or step-N)")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist (expected a directory holding "
                               f"{MODEL_FILE}, {OPTIMIZER_FILE} and {STATE_FILE})")

@@ -296,6 +296,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a folder; give a YAML file")
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
     try:
