@@ -38,6 +38,8 @@ def cases(toy, a_file):
         (["train", "copying", "--config", "/nowhere.yaml"], "does not exist"),
         (["train", "mqar", "--config", "/nowhere.yaml"], "does not exist"),
         (TOY + [toy, "--run-dir", a_file + "/run"], "Not a directory"),
+        (TOY + [toy, "--run-dir", a_file], "is a file; choose another --run-dir"),
+        (["generate", "--checkpoint", "/nowhere/at/all", "--prompt", "A", "-t", "nan"], "finite number >= 0"),
         (TOY + [toy, "--run-dir", a_file + "/run", "--set", "model.hidden=[unclosed"], "not valid YAML"),
         (TOY + [toy, "--run-dir", a_file + "/x", "--set", "train.lr=-1"], "train.lr"),
         (TOY + [toy, "--set", "model.hidden=[1, 2]"], "[1, 2]"),  # brackets printed literally

@@ -515,8 +515,8 @@ def generate_command(
 
     if max_new_tokens < 0:
         _fail(f"--max-new-tokens must be >= 0, got {max_new_tokens}", 2)
-    if temperature < 0:
-        _fail(f"--temperature must be >= 0 (0 = greedy), got {temperature}", 2)
+    if not temperature >= 0 or temperature == float("inf"):  # NaN fails ">= 0" too
+        _fail(f"--temperature must be a finite number >= 0 (0 = greedy), got {temperature}", 2)
     if top_k is not None and top_k < 1:
         _fail(f"--top-k must be >= 1, got {top_k}", 2)
     if top_p is not None and not 0 < top_p <= 1:

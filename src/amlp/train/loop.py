@@ -409,6 +409,8 @@ class Trainer:
             torch.set_num_threads(threads)
 
     def _fit(self) -> TrainResult:
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ValueError(f"the run folder {str(self.run_dir)!r} is a file; choose another --run-dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resume_path = self._find_resume_checkpoint()
         if resume_path is None and latest_checkpoint(self.ckpt_dir) is not None:
