@@ -294,6 +294,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return raw
 
 
+def read_study_file(path: str | Path) -> dict[str, Any]:
+    """A study file's mapping, refusing a training config given in its place (it has a ``task`` key)."""
+    raw = read_yaml(path)
+    if "task" in raw:
+        raise ValueError(f"{str(path)!r} is a training config (task: {raw['task']!r}), not a study file; give a "
+                         "study file with --config (the configs/<task>/study/ folders hold them)")
+    return raw
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import from_dict, load_config, read_yaml, to_plain
+from .config import from_dict, load_config, read_study_file, to_plain
 
 #: the paper's Table 6 (test MSE / MAE), quoted; "vanilla" is softmax attention, "AMLP" is AMLP-Cov
 PAPER_TABLE6 = {
@@ -83,7 +83,7 @@ class StudyConfig:
 
 
 def load_study(path: str | Path) -> StudyConfig:
-    return from_dict(StudyConfig, read_yaml(path))
+    return from_dict(StudyConfig, read_study_file(path))
 
 
 def parse_mechanism(label: str, need: str = "cross") -> tuple[str, dict]:

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .config import from_dict, load_config, read_yaml, to_plain
+from .config import from_dict, load_config, read_study_file, to_plain
 from .study_forecasting import _fmt, grid_refusal, _mean_std, _read_results, _record, mechanism_dir, parse_mechanism
 
 TASK_AXES = {"copying": ("data.string_len", "S"), "mqar": ("data.num_pairs", "pairs")}
@@ -90,7 +90,7 @@ class RecallStudyConfig:
 
 
 def load_recall_study(path: str | Path) -> RecallStudyConfig:
-    return from_dict(RecallStudyConfig, read_yaml(path))
+    return from_dict(RecallStudyConfig, read_study_file(path))
 
 
 def recall_cell_key(task: str, mechanism: str, value: int, dim: int, seed: int) -> str:

@@ -50,7 +50,7 @@ from typing import Callable
 
 import torch
 
-from ...train.config import from_dict, load_config, read_yaml
+from ...train.config import from_dict, load_config, read_study_file
 from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, measure_training,
                                    record_values, report_path, start_timing_pass, timing_passes,
                                    torch_threads)
@@ -142,7 +142,7 @@ class LMStudyConfig:
 
 
 def load_lm_study(path: str | Path) -> LMStudyConfig:
-    return from_dict(LMStudyConfig, read_yaml(path))
+    return from_dict(LMStudyConfig, read_study_file(path))
 
 
 def cell_key(size: int, mechanism: str, seed: int) -> str:

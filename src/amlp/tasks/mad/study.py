@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ...train.config import from_dict, load_config, read_yaml
+from ...train.config import from_dict, load_config, read_study_file
 from ...train.study_common import cell_record, check_doc_selection, fmt_seeds, report_path
 from ...train.study_forecasting import _read_results, _record, mechanism_dir
 from ..lm.study import check_causal_mechanism, mechanism_label, mechanism_overrides
@@ -75,7 +75,7 @@ class MADStudyConfig:
 
 
 def load_mad_study(path: str | Path) -> MADStudyConfig:
-    return from_dict(MADStudyConfig, read_yaml(path))
+    return from_dict(MADStudyConfig, read_study_file(path))
 
 
 def cell_key(task: str, mechanism: str, seed: int) -> str:

@@ -33,7 +33,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ...train.config import from_dict, load_config, read_yaml
+from ...train.config import from_dict, load_config, read_study_file
 from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, report_path,
                                    torch_threads)
 from ...train.study_forecasting import _mean_std, _read_results, _record, mechanism_dir, parse_mechanism
@@ -84,7 +84,7 @@ class SRStudyConfig:
 
 
 def load_sr_study(path: str | Path) -> SRStudyConfig:
-    return from_dict(SRStudyConfig, read_yaml(path))
+    return from_dict(SRStudyConfig, read_study_file(path))
 
 
 def study_cells(study: SRStudyConfig) -> list[tuple[str, int]]:

@@ -50,7 +50,7 @@ from typing import Any, Callable
 
 import torch
 
-from ...train.config import from_dict, load_config, read_yaml, to_plain
+from ...train.config import from_dict, load_config, read_study_file, to_plain
 from ...train.study_common import fmt_seeds, load_note, machine, start_timing_pass, timing_passes, torch_threads
 from ...train.study_forecasting import _read_results, _record, grid_refusal, mechanism_dir, parse_mechanism
 
@@ -142,7 +142,7 @@ class TranslationStudyConfig:
 
 
 def load_translation_study(path: str | Path) -> TranslationStudyConfig:
-    return from_dict(TranslationStudyConfig, read_yaml(path))
+    return from_dict(TranslationStudyConfig, read_study_file(path))
 
 
 def cell_key(direction: str, row: str, seed: int) -> str:

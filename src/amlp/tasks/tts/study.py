@@ -43,7 +43,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ...train.config import from_dict, load_config, read_yaml
+from ...train.config import from_dict, load_config, read_study_file
 from ...train.study_common import cell_record, check_doc_selection, machine, report_path, torch_threads
 from ...train.study_forecasting import _read_results, _record, mechanism_dir, parse_mechanism
 
@@ -136,7 +136,7 @@ class TTSStudyConfig:
 
 
 def load_tts_study(path: str | Path) -> TTSStudyConfig:
-    return from_dict(TTSStudyConfig, read_yaml(path))
+    return from_dict(TTSStudyConfig, read_study_file(path))
 
 
 def with_option(mechanism: str, option: str, value: Any) -> str:
