@@ -374,7 +374,9 @@ class Trainer:
         if spe is not None and spe != self.steps_per_epoch:
             raise CheckpointError(f"{where} was written with {spe} steps per epoch, this run has "
                                   f"{self.steps_per_epoch} (a different training set or batch size); "
-                                  "it cannot continue the same data order")
+                                  "it cannot continue the same data order (copying and MQAR without "
+                                  "data.train_examples draw train.batch_size x train.max_steps training "
+                                  "examples, so a run of theirs continues only with its own max_steps)")
         # everything checked: now assign
         self.model.load_state_dict(ckpt.model)
         self.optimizer.load_state_dict(opt_state)
