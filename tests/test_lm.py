@@ -327,3 +327,13 @@ def test_tiny_shakespeare_split_and_vocabulary():
     assert len(task.vocab) == 65 and task.vocab.chars[:2] == "\n "
     assert len(task.dataset("val")) == math.ceil(111539 / cfg.data.seq_len)
     assert len(task.dataset("train")) == 1003854 - cfg.data.seq_len
+
+
+def test_cli_eval_defaults_to_the_validation_text(trained):
+    best, result = trained
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(best), "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    record = json.loads(res.stdout)
+    assert record["split"] == "val" and record["bpc"] == pytest.approx(record["loss"] / math.log(2))
+    res = CliRunner().invoke(app, ["eval", "--checkpoint", str(best), "--split", "test"])
+    assert res.exit_code == 1 and "has no 'test' split; it has train, val" in res.stderr

@@ -302,6 +302,10 @@ def _register_train_commands() -> None:
 _register_train_commands()
 
 
+#: tasks whose data has no test split: ``amlp eval`` evaluates them on ``val`` by default
+TASKS_WITHOUT_TEST = {"lm"}
+
+
 def _checkpoint_task(checkpoint: str) -> str | None:
     """The task a checkpoint folder was trained on (None when it cannot be told)."""
     import json
@@ -317,8 +321,9 @@ def _checkpoint_task(checkpoint: str) -> str | None:
 @app.command("eval")
 def eval_command(
     checkpoint: str = typer.Option(..., "--checkpoint", help="checkpoint folder (runs/.../checkpoints/step-N or best)"),
-    split: str = typer.Option("test", "--split", help="val or test (translation also: test2016, test2017, "
-                                                     "mscoco2017); speech reports MCD and MSD"),
+    split: str = typer.Option(None, "--split", help="val or test (translation also: test2016, test2017, "
+                                                   "mscoco2017; default: test, or val for language modelling, "
+                                                   "which has no test split); speech reports MCD and MSD"),
     overrides: list[str] = typer.Option(None, "--set", help="override of the stored config, key.sub=value"),
     data_dir: str = typer.Option(None, "--data-dir", help="folder holding the data"),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda"),
@@ -333,6 +338,8 @@ def eval_command(
     overrides = list(overrides or [])
     if data_dir:
         overrides.append(f"{_data_key(_checkpoint_task(checkpoint))}={data_dir}")
+    if split is None:
+        split = "val" if _checkpoint_task(checkpoint) in TASKS_WITHOUT_TEST else "test"
     try:
         metrics = evaluate_checkpoint(checkpoint, split, overrides, device)
     except (ValueError, OSError, CheckpointError, FloatingPointError) as err:
