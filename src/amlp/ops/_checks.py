@@ -84,7 +84,28 @@ def real_counts(mask: torch.Tensor | None, batch: int, length: int, dtype, devic
 
 def select_real_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mask: torch.Tensor | None,
                      kv_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q``, ``k``, ``v`` with their padded rows set to zero by selection, at an op's entry: a NaN or
-    inf there (uninitialised memory, say) then reaches no statistic, no real output and no gradient,
-    whatever the op multiplies by a zero weight afterwards."""
+    """``q``, ``k``, ``v`` with their padded rows set to zero by selection, at the entry of an op whose
+    statistics sum over every row (AMLP): padded rows then add nothing, and a NaN or inf there reaches
+    no statistic, no real output and no gradient."""
     return padded_rows_to_zero(q, q_mask), padded_rows_to_zero(k, kv_mask), padded_rows_to_zero(v, kv_mask)
+
+
+def guard_padded(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return x
+    # On the CPU a selection costs several passes over the tensor while a sum costs one; a sum is
+    # finite only when every element is (NaN and inf propagate; an overflow errs towards selecting).
+    # On an accelerator the selection is cheap and a test would wait for the device: select always.
+    if x.device.type == "cpu" and bool(torch.isfinite(x.detach().sum())):
+        return x
+    return padded_rows_to_zero(x, mask)
+
+
+def guard_padded_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mask: torch.Tensor | None,
+                      kv_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """At the entry of an op that masks padded rows out itself (their finite values reach no real output
+    and no real gradient): ``q``, ``k``, ``v`` with padded rows set to zero by selection when a tensor
+    holds a non-finite value, so that a NaN or inf there (uninitialised memory, say) cannot reach a real
+    output through a zero weight (0 x NaN is NaN). A tensor with only finite values is returned as it
+    is on the CPU, where the selection would cost more than the test."""
+    return guard_padded(q, q_mask), guard_padded(k, kv_mask), guard_padded(v, kv_mask)

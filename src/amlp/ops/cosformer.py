@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from ._causal_linear import DEFAULT_CHUNK, causal_linear_attention
-from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero, select_real_rows
+from ._checks import check_mask, check_qkv, compute_dtype, guard_padded_rows, padded_rows_to_zero
 from ._sequence_passes import masked_gram
 
 DEFAULT_EPS = 1e-6
@@ -112,7 +112,7 @@ def cosformer_attention(
     Tk = k.shape[1]
     check_mask(q_mask, B, Tq, "q_mask")
     check_mask(kv_mask, B, Tk, "kv_mask")
-    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
+    q, k, v = guard_padded_rows(q, k, v, q_mask, kv_mask)
     _check_options(B, Tq, Tk, causal, max_length, eps)
     out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)

@@ -57,7 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_mask, compute_dtype, padded_rows_to_zero, select_real_rows
+from ._checks import check_mask, compute_dtype, guard_padded, padded_rows_to_zero
 
 KINDS = ("relu", "glu")
 #: how the slots of the sequence-mixing operators are indexed: by lag (newest first, the paper's
@@ -385,8 +385,10 @@ def hyper_attention(
     if chunk_size == "auto":
         rows = auto_chunk_rows(B, q.shape[2], Tk, torch.finfo(cdt).bits // 8)
         chunk_size = None if rows >= Tq else rows
-    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
-    s_qk, s_vo = (None if s is None else padded_rows_to_zero(s, q_mask) for s in (s_qk, s_vo))
+    k = padded_rows_to_zero(k, kv_mask)
+    v = padded_rows_to_zero(v, kv_mask)
+    # a padded query's row is zero at the output; its inputs matter only if they are not finite
+    q, s_qk, s_vo = (None if t is None else guard_padded(t, q_mask) for t in (q, s_qk, s_vo))
 
     def heads_first(t):
         return None if t is None else t.to(cdt).transpose(1, 2)

@@ -55,7 +55,7 @@ import math
 
 import torch
 
-from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero, select_real_rows
+from ._checks import check_mask, check_qkv, compute_dtype, guard_padded_rows, padded_rows_to_zero
 from ._segments import (
     landmark_counts,
     landmark_valid,
@@ -110,7 +110,7 @@ def lara_attention(
     Tk = k.shape[1]
     check_mask(q_mask, B, Tq, "q_mask")
     check_mask(kv_mask, B, Tk, "kv_mask")
-    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
+    q, k, v = guard_padded_rows(q, k, v, q_mask, kv_mask)
     _check_options(noise, mis_weights, H, D)
     out_dtype = q.dtype
     cdt = compute_dtype(q.dtype)

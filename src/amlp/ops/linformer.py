@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero, select_real_rows
+from ._checks import check_mask, check_qkv, compute_dtype, guard_padded_rows, padded_rows_to_zero
 
 
 def check_projection(p: torch.Tensor, heads: int, length: int, name: str) -> None:
@@ -67,7 +67,7 @@ def linformer_attention(
     B, T, H, D = q.shape
     check_mask(q_mask, B, T, "q_mask")
     check_mask(kv_mask, B, T, "kv_mask")
-    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
+    q, k, v = guard_padded_rows(q, k, v, q_mask, kv_mask)
     check_projection(e_proj, H, T, "e_proj")
     check_projection(f_proj, H, T, "f_proj")
     if e_proj.shape[-2] != f_proj.shape[-2]:

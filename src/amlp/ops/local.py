@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero, select_real_rows
+from ._checks import check_mask, check_qkv, compute_dtype, guard_padded_rows, padded_rows_to_zero
 
 
 def check_window(wsize) -> None:
@@ -74,7 +74,7 @@ def local_attention(
     B, T, H, D = q.shape
     check_mask(q_mask, B, T, "q_mask")
     check_mask(kv_mask, B, T, "kv_mask")
-    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
+    q, k, v = guard_padded_rows(q, k, v, q_mask, kv_mask)
     lo, hi = window_offsets(wsize, causal)
     reach = max(-lo, hi, 1)
     if block_size is None:

@@ -39,7 +39,7 @@ import math
 import torch
 
 from ._causal_linear import DEFAULT_CHUNK, causal_linear_attention
-from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero, select_real_rows
+from ._checks import check_mask, check_qkv, compute_dtype, guard_padded_rows, padded_rows_to_zero
 
 
 def orthogonal_gaussian_features(num_features: int, dim: int, *, generator: torch.Generator | None = None,
@@ -134,7 +134,7 @@ def performer_attention(
     Tk = k.shape[1]
     check_mask(q_mask, B, Tq, "q_mask")
     check_mask(kv_mask, B, Tk, "kv_mask")
-    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
+    q, k, v = guard_padded_rows(q, k, v, q_mask, kv_mask)
     _check_features(features, H, D)
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs Tq <= Tk (queries end-aligned to keys), got Tq={Tq}, Tk={Tk}")

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero, select_real_rows
+from ._checks import check_mask, check_qkv, compute_dtype, guard_padded_rows, padded_rows_to_zero
 
 
 def causal_mask(tq: int, tk: int, device=None) -> torch.Tensor:
@@ -72,7 +72,7 @@ def softmax_attention(
     Tk = k.shape[1]
     check_mask(q_mask, B, Tq, "q_mask")
     check_mask(kv_mask, B, Tk, "kv_mask")
-    q, k, v = select_real_rows(q, k, v, q_mask, kv_mask)
+    q, k, v = guard_padded_rows(q, k, v, q_mask, kv_mask)
     if causal and Tq > Tk:
         raise ValueError(f"causal attention needs Tq <= Tk (queries end-aligned to keys), got Tq={Tq}, Tk={Tk}")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
