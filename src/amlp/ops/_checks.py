@@ -91,6 +91,8 @@ def select_real_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_mask: 
 
 
 def guard_padded(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (``[B, T, ...]``) with its padded rows set to zero by selection when it holds a non-finite
+    value (always on an accelerator); see :func:`guard_padded_rows`."""
     if mask is None:
         return x
     # On the CPU a selection costs several passes over the tensor while a sum costs one; a sum is
