@@ -98,7 +98,8 @@ def guard_padded(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     # On the CPU a selection costs several passes over the tensor while a sum costs one; a sum is
     # finite only when every element is (NaN and inf propagate; an overflow errs towards selecting).
     # On an accelerator the selection is cheap and a test would wait for the device: select always.
-    if x.device.type == "cpu" and bool(torch.isfinite(x.detach().sum())):
+    # (Under torch.compile the selection is fused and the test would break the graph: select always.)
+    if x.device.type == "cpu" and not torch.compiler.is_compiling() and bool(torch.isfinite(x.detach().sum())):
         return x
     return padded_rows_to_zero(x, mask)
 
