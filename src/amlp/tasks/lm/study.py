@@ -257,7 +257,7 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
         check_doc_selection(study.doc, missing_cells(study, _read_results(results_path)),
                             (cell_key(*c) for c in cells))
     if retime and not doc_only:
-        _retime(study, cells, root, results_path, overrides, log)
+        _retime(study, cells, root, results_path, log)
     elif not doc_only:
         g = study.generation
         for i, (size, mech, seed) in enumerate(cells, 1):
@@ -295,8 +295,7 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
 TIMING_STEPS, TIMING_WARMUP = 20, 3
 
 
-def _retime(study: LMStudyConfig, cells, root: Path, results_path: Path, overrides: list[str],
-            log: Callable[[str], None]) -> None:
+def _retime(study: LMStudyConfig, cells, root: Path, results_path: Path, log: Callable[[str], None]) -> None:
     g = study.generation
     started = start_timing_pass(log)
     for i, (size, mech, seed) in enumerate(cells, 1):
