@@ -263,6 +263,29 @@ def test_lm_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
     assert "figures/lm_learning_curves.png" in doc.read_text()
 
 
+def test_lm_study_records_carry_the_grid_to_a_machine_without_its_run_folders(tmp_path):
+    import shutil
+
+    study = _lm_study(tmp_path, mechanisms=["softmax"], more_seeds=None, records="tracked/lm.json")
+    run_lm_study(study, command="amlp study lm", root=tmp_path, log=lambda line: None)
+    tracked = json.loads((tmp_path / "tracked/lm.json").read_text())
+    assert list(tracked) == ["6000/softmax/seed0"]
+    rec = tracked["6000/softmax/seed0"]
+    shutil.rmtree(tmp_path / "runs")  # another machine: only the repository is there
+    logs: list[str] = []
+    run_lm_study(study, command="amlp study lm", root=tmp_path, retime=True, log=logs.append)
+    assert not any("training in" in line for line in logs)
+    timed = json.loads((tmp_path / "runs/lm/results.json").read_text())["6000/softmax/seed0"]
+    assert timed == json.loads((tmp_path / "tracked/lm.json").read_text())["6000/softmax/seed0"]
+    # the generation speed comes from the cell's model untrained; the sample stays the trained model's
+    assert timed["generation"]["untrained"] and timed["generation"]["tokens_per_second"] > 0
+    assert timed["generation"]["text"] == rec["generation"]["text"]
+    doc = run_lm_study(study, command="amlp study lm --write-doc", write_doc=True, root=tmp_path,
+                       log=logs.append)
+    text = doc.read_text()
+    assert "from `tracked/lm.json`" in text and "timed with the cell's model untrained" in text
+
+
 MAD_TINY = ["data.seq_len=16", "data.train_examples=64", "data.val_examples=16", "data.test_examples=32",
             "model.dim=16", "train.batch_size=16", "train.max_steps=3", "train.eval_every=0",
             "train.checkpoint_every=0", "train.warmup_steps=0", "train.progress=false", "train.threads=1"]

@@ -446,6 +446,103 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
     assert "timed in 2 separate passes" in (tmp_path / "runs" / "report.md").read_text()
 
 
+@needs_data
+def test_study_records_carry_the_grid_to_a_machine_without_its_run_folders(tmp_path):
+    import shutil
+
+    import yaml
+
+    from amlp.tasks.translation.study import distilled_path, load_translation_study, run_translation_study
+    from amlp.tasks.translation.task import read_distill_file
+
+    data_dir = _tiny_corpus(tmp_path)
+    common = {"task": "translation", "seed": 0,
+              "data": {"data_dir": str(data_dir), "vocab_size": 300, "max_tokens": 2048,
+                       "cache_dir": str(tmp_path / "cache")},
+              "model": {"dim": 32, "heads": 2, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
+                        "dropout": 0.0, "max_length": 96, "beam": 2, "length_beam": 2},
+              "train": {"optimizer": "adam", "lr": 3e-3, "max_steps": 4, "threads": 1, "progress": False,
+                        "eval_every": 4, "checkpoint_every": 2, "keep_last": 2, "precision": "fp32"}}
+    configs = {}
+    for arch in ("transformer", "glat"):
+        raw = json.loads(json.dumps(common))
+        raw["model"]["arch"] = arch
+        configs[arch] = tmp_path / f"{arch}.yaml"
+        configs[arch].write_text(yaml.safe_dump(raw))
+    records = tmp_path / "tracked" / "mt.json"
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "directions": ["en-de"], "configs": {k: str(v) for k, v in configs.items()},
+        "rows": [{"arch": "transformer", "mechanism": "softmax"}, {"arch": "glat", "mechanism": "abc"},
+                 {"arch": "glat", "mechanism": "softmax"}],
+        "test_sets": ["test2016"], "latency": {"batch_sizes": [2], "sentences": 4}, "examples": 2,
+        "run_root": str(tmp_path / "runs"), "records": str(records), "doc": str(tmp_path / "doc.md")}))
+    study = load_translation_study(study_file)
+    logged = []
+    run_translation_study(study, command="amlp study translation", rows=["transformer/softmax", "glat/abc"],
+                          log=logged.append)
+    tracked = json.loads(records.read_text())
+    assert set(tracked) == {"en-de/transformer/softmax/seed0", "en-de/glat/abc/seed0"}
+    assert tracked == json.loads((tmp_path / "runs" / "results.json").read_text())
+    # the teacher's beam outputs are saved beside the records as soon as it is trained, and the NAR
+    # cells train on that file
+    saved = distilled_path(study, Path("/"), "en-de")
+    assert saved == records.with_name("mt-distilled-en-de.txt.gz") and saved.is_file()
+    sources, _ = read_split("train", "en", "de", data_dir)
+    assert len(read_distill_file(saved, len(sources))) == len(sources)
+    assert f"data.distill_file={saved}" in tracked["en-de/glat/abc/seed0"]["overrides"]
+    assert set(tracked["en-de/glat/abc/seed0"]["examples"]["lines"]) == {"0", str(len(read_split("test2016", "en", "de", data_dir)[0]) - 1)}
+    # a protocol-changing --set is kept out of the tracked file, both ways
+    logged.clear()
+    run_translation_study(study, command="amlp study translation", rows=["glat/softmax"],
+                          extra_overrides=["train.max_steps=2"], log=logged.append)
+    assert any("changes the study's protocol" in line for line in logged)
+    assert "en-de/glat/softmax/seed0" not in json.loads(records.read_text())
+    # another machine: only the repository (records and distilled targets) is there
+    shutil.rmtree(tmp_path / "runs")
+    logged.clear()
+    run_translation_study(study, command="amlp study translation", retime=True, log=logged.append)
+    assert sum("is not on this machine" in line for line in logged) == 2
+    with pytest.raises(ValueError, match="glat/softmax"):
+        run_translation_study(study, command="amlp study translation", write_doc=True, doc_only=True, log=logged.append)
+    logged.clear()
+    run_translation_study(study, command="amlp study translation", write_doc=True, log=logged.append)
+    assert sum("done before, skipped" in line for line in logged) == 2
+    assert any("training" in line and "glat/softmax" in line for line in logged)
+    assert f"data.distill_file={saved}" in json.loads(records.read_text())["en-de/glat/softmax/seed0"]["overrides"]
+    doc = (tmp_path / "doc.md").read_text()
+    assert f"from `{records}`" in doc
+    examples = doc[doc.index("## Examples"):doc.index("## Protocol")]
+    for label in ("Tr (softmax)", "GLAT (ABC)", "GLAT (softmax)"):
+        assert examples.count(f"| {label} | ") == 2, label
+    # without the teacher's checkpoint or its saved targets a NAR cell cannot start, and says why
+    saved.unlink()
+    shutil.rmtree(tmp_path / "runs")
+    tracked = json.loads(records.read_text())
+    del tracked["en-de/glat/abc/seed0"]
+    records.write_text(json.dumps(tracked))
+    with pytest.raises(ValueError, match="not on this machine and the study saved no distilled targets"):
+        run_translation_study(study, command="amlp study translation", log=logged.append)
+
+
+def test_distill_file_is_checked_against_the_training_sources(tmp_path):
+    from amlp.tasks.translation.task import read_distill_file, write_distill_file
+    from amlp.train.config import load_config
+
+    path = tmp_path / "d.txt.gz"
+    write_distill_file(path, ["ein Hund .", "", "zwei"])
+    first = path.read_bytes()
+    write_distill_file(path, ["ein Hund .", "", "zwei"])
+    assert path.read_bytes() == first  # the same lines give the same bytes
+    assert read_distill_file(path, 3) == ["ein Hund .", "", "zwei"]
+    with pytest.raises(ValueError, match="has 3 line\\(s\\), the training split has 4"):
+        read_distill_file(path, 4)
+    with pytest.raises(FileNotFoundError, match="no file"):
+        read_distill_file(tmp_path / "none.txt", 1)
+    with pytest.raises(ValueError, match="set one"):
+        load_config("configs/translation/cpu/glat.yaml", ["data.distill_from=x", f"data.distill_file={path}"])
+
+
 @pytest.mark.parametrize("name", ["softmax", "performer", "abc", "cosformer", "linear"])
 def test_projected_context_mixes_as_the_full_call(name):
     import amlp

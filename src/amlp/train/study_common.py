@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 import torch
 
 from .config import to_plain
-from .study_forecasting import _mean_std, grid_refusal
+from .study_forecasting import _mean_std, _read_results, _record, grid_refusal
 
 
 def fmt_seeds(values: list[float], digits: int) -> str:
@@ -121,6 +121,71 @@ def cell_record(cfg, result, *, root: Path, config: str, overrides: list[str], r
             "tested_step": result.tested_step, "val": result.val_metrics, "run_dir": rel(run_dir),
             "checkpoint": rel(checkpoint), "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
             "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
+
+
+#: ``--set`` keys that leave a study's protocol as it is (where the data lies, progress bars): cells run
+#: with only these are recorded in the study's tracked records file
+SAME_PROTOCOL_KEYS = ("train.progress", "data.data_dir")
+
+
+@dataclasses.dataclass
+class CellStore:
+    """Where a study's finished cells are recorded: ``<run_root>/results.json`` beside the run folders,
+    and, when the study names one (its key ``records``), a tracked file that travels with the
+    repository, so that a grid continues on another machine (its finished cells are skipped there).
+
+    Reading merges the two (the local record wins); recording writes both. A record's checkpoint lies
+    in the run folder it names, so on another machine it may be missing: :meth:`checkpoint` says."""
+
+    local: Path
+    tracked: Path | None = None
+
+    def read(self) -> dict:
+        out = _read_results(self.tracked) if self.tracked is not None else {}
+        out.update(_read_results(self.local))
+        return out
+
+    def record(self, key: str, record: dict) -> None:
+        _record(self.local, key, record)
+        if self.tracked is not None:
+            _record(self.tracked, key, record)
+
+    def finished(self, key: str) -> bool:
+        return bool(self.read().get(key, {}).get("finished"))
+
+    def source(self, root: Path) -> str:
+        """The file the report is generated from (the tracked one when there is one), relative to ``root``."""
+        path = self.tracked if self.tracked is not None else self.local
+        return str(path.relative_to(root) if path.is_relative_to(root) else path)
+
+    @staticmethod
+    def checkpoint(root: Path, record: dict) -> Path | None:
+        """The record's checkpoint when it is on this machine, else None."""
+        path = Path(record.get("checkpoint") or "")
+        path = path if path.is_absolute() else root / path
+        return path if record.get("checkpoint") and path.exists() else None
+
+
+def cell_store(root: Path, run_root: Path, records: str | None, extra_overrides: Iterable[str] = (),
+               log=print) -> CellStore:
+    """The study's :class:`CellStore`. Its tracked ``records`` file is left out when ``extra_overrides``
+    (the command line's ``--set``) change the protocol (any key but :data:`SAME_PROTOCOL_KEYS`): such
+    cells neither count the tracked cells as done nor are recorded there. Finished local cells missing
+    from the tracked file are copied into it."""
+    local = run_root / "results.json"
+    if not records:
+        return CellStore(local)
+    changed = sorted({o.split("=", 1)[0].strip() for o in extra_overrides} - set(SAME_PROTOCOL_KEYS))
+    if changed:
+        log(f"note: --set {', '.join(changed)} changes the study's protocol; its cells are recorded only in "
+            f"{local}, not in the tracked {records}")
+        return CellStore(local)
+    store = CellStore(local, root / records)
+    tracked = _read_results(store.tracked)
+    for key, rec in _read_results(local).items():
+        if rec.get("finished") and not tracked.get(key, {}).get("finished"):
+            _record(store.tracked, key, rec)
+    return store
 
 
 class _Timed(Exception):

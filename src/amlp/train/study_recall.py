@@ -4,7 +4,8 @@ width x seeds, with a resumable grid and a generated report with plots.
 What it measures is where the causal mixers differ most: copying a string of S letters (CausalRN
 paper and code, ``src_copying``; Jelassi et al. 2024) and multi-query associative recall (zoology, Arora et al.
 2023). Every cell is one ``amlp train copying|mqar`` run through :func:`amlp.train.run_experiment`;
-finished cells are recorded in ``<run_root>/results.json`` and skipped when the study runs again
+finished cells are recorded in ``<run_root>/results.json`` (and, when the study names one, in its
+tracked ``records`` file, so that the grid continues on another machine) and skipped when the study runs again
 (an unfinished cell continues from its last checkpoint). The report goes to
 ``<run_root>/report.md`` (plots in ``<run_root>/figures``), or, when asked (``write_doc``,
 ``--write-doc``), to the tracked ``doc`` and ``figures``, only from a complete grid. The report has one table per task, the
@@ -29,6 +30,7 @@ A study file::
     copying: {config: configs/recall/copying_cpu.yaml, string_lens: [4, 8]}    # or null
     mqar: {config: configs/recall/mqar_cpu.yaml, num_pairs: [4, 8]}            # or null
     run_root: runs/study/recall-cpu
+    records: docs/results/records/recall-cpu.json   # tracked finished cells (optional)
     doc: docs/results/recall.md
     figures: docs/figures         # PNGs, linked from the report
     overrides: []                 # key=value applied to every run
@@ -45,7 +47,8 @@ from pathlib import Path
 from typing import Callable
 
 from .config import from_dict, load_config, read_study_file, to_plain
-from .study_forecasting import _fmt, grid_refusal, _mean_std, _read_results, _record, mechanism_dir, parse_mechanism
+from .study_common import cell_store
+from .study_forecasting import _fmt, grid_refusal, _mean_std, mechanism_dir, parse_mechanism
 
 TASK_AXES = {"copying": ("data.string_len", "S"), "mqar": ("data.num_pairs", "pairs")}
 TASK_METRIC = {"copying": "hard_acc", "mqar": "acc"}
@@ -73,6 +76,9 @@ class RecallStudyConfig:
     copying: CopyingStudy | None = None
     mqar: MQARStudy | None = None
     run_root: str = "runs/study/recall"
+    #: a tracked file of the finished cells' records, so that the grid continues on another machine;
+    #: None: only ``<run_root>/results.json``
+    records: str | None = None
     doc: str = "docs/results/recall.md"
     figures: str = "docs/figures"
     overrides: list[str] = field(default_factory=list)
@@ -166,7 +172,7 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
     study.validate()
     root = Path(root or ".")
     run_root = root / study.run_root
-    results_path = run_root / "results.json"
+    store = cell_store(root, run_root, study.records, extra_overrides or [], log)
     overrides = list(study.overrides) + list(extra_overrides or [])
     mechs = list(mechanisms or study.mechanisms)
     _check_mechanisms(mechs)
@@ -178,7 +184,7 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
     cells = _cells(study, root, overrides, mechs, tasks, values, dims, seeds)
 
     def missing() -> list[str]:
-        done = _read_results(results_path)
+        done = store.read()
         full = _cells(study, root, overrides, study.mechanisms, None, None, None, None)
         return [k for k in (recall_cell_key(t, m, v, d, s) for t, _, m, v, d, s in full)
                 if not done.get(k, {}).get("finished")]
@@ -197,7 +203,7 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
                 raise ValueError(f"{recall_cell_key(task, mech, value, dim, seed)}: {err}") from None
         for i, (task, cfg_path, mech, value, dim, seed) in enumerate(cells, 1):
             key = recall_cell_key(task, mech, value, dim, seed)
-            if _read_results(results_path).get(key, {}).get("finished"):
+            if store.finished(key):
                 log(f"({i}/{len(cells)}) {key}: done before, skipped")
                 continue
             log(f"({i}/{len(cells)}) {key}: training")
@@ -210,9 +216,9 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
                       "val": result.val_metrics, "params": test.get("params"), "state_size": test.get("state_size"),
                       "run_dir": str(run_dir.relative_to(root) if run_dir.is_relative_to(root) else run_dir),
                       "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
-            _record(results_path, key, record)
+            store.record(key, record)
             log(f"    test {TASK_METRIC[task]} {test.get(TASK_METRIC[task], float('nan')):.3f}")
-    results = _read_results(results_path)
+    results = store.read()
     if write_doc:
         gaps = missing()
         if gaps:
@@ -221,7 +227,8 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
     else:
         doc, figures = run_root / "report.md", run_root / "figures"
     write_recall_report(doc, results, study=study, command=command,
-                        requested=study.mechanisms if write_doc else mechs, unavailable=[], figures_dir=figures)
+                        requested=study.mechanisms if write_doc else mechs, unavailable=[], figures_dir=figures,
+                        source=store.source(root))
     log(f"report written to {doc}")
     return doc
 
@@ -441,14 +448,15 @@ def copying_checks(table: dict) -> list[str]:
 
 
 def write_recall_report(path: Path, results: dict, *, study: RecallStudyConfig, command: str, requested: list[str],
-                        unavailable: list[str], figures_dir: Path) -> None:
+                        unavailable: list[str], figures_dir: Path, source: str | None = None) -> None:
     table = summarise_recall(results)
+    source = source or f"{study.run_root}/results.json"
     mechanisms = _order(requested, {k[1] for k in table})
     finished = sum(1 for r in results.values() if r.get("finished"))
     lines = [f"# {study.title}", "", "<!-- generated by `amlp study recall`; do not edit by hand -->", "",
              "Produced by:", "", "```", command, "```", "",
              f"Written {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from "
-             f"`{study.run_root}/results.json` ({finished} finished runs). Scores are on the test split, mean ± "
+             f"`{source}` ({finished} finished runs). Scores are on the test split, mean ± "
              "sample standard deviation over seeds (± 0.000 with one seed). Every model is the same decoder-only "
              "stack (`amlp.models.decoder.DecoderLM`) with only the causal mixer changed.", ""]
     if unavailable:

@@ -5,7 +5,8 @@ Every cell is one ``amlp train lm`` run of the study's config in ``<run_root>/p<
 with ``model.mixer`` set to the row's mixer (its ``:key=value`` options merged into the config's options
 for that mixer) and ``model.match_params`` set to the size (:func:`amlp.tasks.lm.matching.match_params`
 sizes the model to that many parameters). Finished cells are recorded in ``<run_root>/results.json``
-and skipped when the study runs again (an unfinished cell continues from its last checkpoint;
+(and, when the study names one, in its tracked ``records`` file, so that the grid continues on another
+machine) and skipped when the study runs again (an unfinished cell continues from its last checkpoint;
 studies of other cells may run at the same time on the same ``run_root``).
 
 After training, each cell records
@@ -33,6 +34,7 @@ A study file::
     more_seeds: {seeds: [0, 1, 2], mechanisms: [softmax, hyper-glu]}
     generation: {prompt: "ROMEO:", new_tokens: 200, threads: 1, warmup_tokens: 8}
     run_root: runs/study/lm-cpu
+    records: docs/results/records/lm-cpu.json   # tracked finished cells (optional)
     doc: docs/results/lm.md
     overrides: []
 """
@@ -46,15 +48,15 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 from ...train.config import from_dict, load_config, read_study_file
-from ...train.study_common import (cell_record, check_doc_selection, fmt_seeds, load_note, machine, measure_training,
+from ...train.study_common import (CellStore, cell_record, cell_store, check_doc_selection, fmt_seeds, load_note, machine, measure_training,
                                    record_values, report_path, start_timing_pass, timing_passes,
                                    torch_threads)
-from ...train.study_forecasting import _mean_std, _read_results, _record, mechanism_dir, parse_mechanism
+from ...train.study_forecasting import _mean_std, mechanism_dir, parse_mechanism
 
 LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Performer", "cosformer": "cosFormer",
           "local": "local", "abc": "ABC", "gmlp": "gMLP", "amlp-cov": "AMLP-Cov", "amlp-pquery": "AMLP-PQuery",
@@ -119,6 +121,9 @@ class LMStudyConfig:
     more_seeds: MoreSeeds | None = None
     generation: Generation = field(default_factory=Generation)
     run_root: str = "runs/study/lm-cpu"
+    #: a tracked file of the finished cells' records, so that the grid continues on another machine;
+    #: None: only ``<run_root>/results.json``
+    records: str | None = None
     doc: str = "docs/results/lm.md"
     overrides: list[str] = field(default_factory=list)
 
@@ -205,14 +210,23 @@ def validation_curve(run_dir: Path, metric: str = "bpc") -> list[list[float]]:
     return out
 
 
-def measure_generation(checkpoint: Path, prompt: str, new_tokens: int, threads: int, warmup_tokens: int) -> dict:
+def measure_generation(checkpoint: Path | Any, prompt: str, new_tokens: int, threads: int, warmup_tokens: int) -> dict:
     """Greedy decoding of ``new_tokens`` characters after ``prompt`` on the CPU with ``threads``
-    thread(s): new tokens per second (the prompt excluded), the seconds, and the text."""
+    thread(s): new tokens per second (the prompt excluded), the seconds, and the text. ``checkpoint``
+    may be a config instead: its model, untrained (the speed of decoding a fixed number of characters
+    does not depend on the weights; the text does)."""
     from ...models.generation import generate
     from .text import load_lm
 
     with torch_threads(threads):
-        model, vocab = load_lm(checkpoint, device="cpu")
+        if isinstance(checkpoint, (str, Path)):
+            model, vocab = load_lm(checkpoint, device="cpu")
+        else:
+            from ...train.tasks import build_task
+
+            task = build_task(checkpoint)
+            torch.manual_seed(checkpoint.seed)
+            model, vocab = task.build_model().eval(), task.vocab
         ids = vocab.encode_tensor(prompt, "the study's generation prompt")
         if warmup_tokens:
             generate(model, ids, warmup_tokens, temperature=0.0)
@@ -244,7 +258,7 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     study.validate()
     root = Path(root or ".")
     run_root = root / study.run_root
-    results_path = run_root / "results.json"
+    store = cell_store(root, run_root, study.records, extra_overrides or [], log)
     overrides = list(study.overrides) + list(extra_overrides or [])
     for name, wanted, known in (("--mechanisms", mechanisms, study.mechanisms), ("--sizes", sizes, study.sizes)):
         unknown = [w for w in wanted or [] if w not in known]
@@ -254,15 +268,15 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     cells = [(n, m, s) for n, m, s in study_cells(study)
              if (not mechanisms or m in mechanisms) and (not sizes or n in sizes) and (not seeds or s in seeds)]
     if write_doc:
-        check_doc_selection(study.doc, missing_cells(study, _read_results(results_path)),
+        check_doc_selection(study.doc, missing_cells(study, store.read()),
                             (cell_key(*c) for c in cells))
     if retime and not doc_only:
-        _retime(study, cells, root, results_path, log)
+        _retime(study, cells, root, store, log)
     elif not doc_only:
         g = study.generation
         for i, (size, mech, seed) in enumerate(cells, 1):
             key = cell_key(size, mech, seed)
-            if _read_results(results_path).get(key, {}).get("finished"):
+            if store.finished(key):
                 log(f"({i}/{len(cells)}) {key}: done before, skipped")
                 continue
             cell_overrides = [f"seed={seed}", f"model.match_params={size}"] + mechanism_overrides(mech)
@@ -281,12 +295,13 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
                                  matched={k[len("matched_"):]: v for k, v in val.items() if k.startswith("matched_")},
                                  train_chars_per_s=training_throughput(run_dir, cfg.data.seq_len, cfg.train.log_every),
                                  train_machine=trained, generation=generation, curve=validation_curve(run_dir))
-            _record(results_path, key, record)
+            store.record(key, record)
             log(f"    {key}: {val.get('bpc', float('nan')):.3f} bits per character, "
                 f"{generation['tokens_per_second']:.1f} tokens/s generating")
-    results = _read_results(results_path)
+    results = store.read()
     doc = report_path(root, run_root, study.doc, missing_cells(study, results), write_doc)
-    write_lm_report(doc, results, study=study, command=command, figure=write_doc, root=root)
+    write_lm_report(doc, results, study=study, command=command, figure=write_doc, root=root,
+                    source=store.source(root))
     log(f"report written to {doc}")
     return doc
 
@@ -295,26 +310,30 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
 TIMING_STEPS, TIMING_WARMUP = 20, 3
 
 
-def _retime(study: LMStudyConfig, cells, root: Path, results_path: Path, log: Callable[[str], None]) -> None:
+def _retime(study: LMStudyConfig, cells, root: Path, store: CellStore, log: Callable[[str], None]) -> None:
     g = study.generation
     started = start_timing_pass(log)
     for i, (size, mech, seed) in enumerate(cells, 1):
         key = cell_key(size, mech, seed)
-        record = _read_results(results_path).get(key, {})
+        record = store.read().get(key, {})
         if not record.get("finished"):
             log(f"({i}/{len(cells)}) {key}: not finished, nothing to time")
             continue
         log(f"({i}/{len(cells)}) {key}: timing {TIMING_STEPS} training steps and {g.new_tokens} generated characters")
         cfg = load_config(root / study.config, record["overrides"])
         timing = measure_training(cfg, TIMING_STEPS, TIMING_WARMUP)
-        generation = measure_generation(root / record["checkpoint"], g.prompt, g.new_tokens, g.threads,
+        # a cell finished on another machine has no checkpoint here: its untrained model decodes as fast
+        ckpt = store.checkpoint(root, record)
+        generation = measure_generation(ckpt if ckpt is not None else cfg, g.prompt, g.new_tokens, g.threads,
                                         g.warmup_tokens)
+        if ckpt is None:
+            generation.update(text=record.get("generation", {}).get("text"), untrained=True)
         record.setdefault("during_training", {
             "train_chars_per_s": record.get("train_chars_per_s"), "train_machine": record.get("train_machine"),
             "generation": record.get("generation")})
         record.update(train_chars_per_s=cfg.train.batch_size * cfg.data.seq_len / timing["seconds_per_step"],
                       train_machine=timing, generation=generation, timing_pass=started)
-        _record(results_path, key, record)
+        store.record(key, record)
         log(f"    {key}: {record['train_chars_per_s']:.0f} characters/s training, "
             f"{generation['tokens_per_second']:.1f} tokens/s generating")
 
@@ -335,11 +354,12 @@ def _params(recs: list[dict]) -> str:
 
 
 def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command: str, figure: bool,
-                    root: Path) -> None:
+                    root: Path, source: str | None = None) -> None:
     finished = [r for r in results.values() if r.get("finished")]
     g = study.generation
+    source = source or f"{study.run_root}/results.json"
     lines = [f"# {study.title}", "",
-             f"Generated by `{command}` from `{study.run_root}/results.json` ({len(finished)} finished runs). "
+             f"Generated by `{command}` from `{source}` ({len(finished)} finished runs). "
              "Validation bits per character over the whole validation text at the last step, mean ± sample "
              "standard deviation over seeds (¹: a single seed). Every model of a table is sized to the same "
              "parameter budget by the matched-parameter rule (`model.match_params`; the count reached and how "
@@ -514,6 +534,11 @@ def _protocol(recs: list[dict], study: LMStudyConfig) -> list[str]:
     speed = f"- Speeds: training characters per second are {how}. {timing_passes(passes, 'amlp study lm --retime')}"
     if set(passes) != {None} and None in passes:
         speed += " Cells not yet timed again keep the speeds measured during their training."
+    untrained = sum(bool(x["generation"].get("untrained")) for x in recs)
+    if untrained:
+        speed += (f" The generation of {untrained} cell(s) trained on another machine was timed with the cell's model "
+                  "untrained (its checkpoint was not there; decoding a fixed number of characters costs the same "
+                  "whatever the weights); their sample text is the trained model's.")
     return ["## Protocol", "",
             f"- Config `{r['config']}` with `model.mixer` and `model.match_params` set per cell: {m['n_layers']} "
             f"decoder blocks, {m['heads']} heads, windows of {d['seq_len']} characters (the first "

@@ -3,8 +3,9 @@ the six), and ablations of HyperMLP / HyperGLU through the switches of :mod:`aml
 
 Every cell is one ``amlp train mad`` run of one task's config in ``<run_root>/<task>/<mechanism>/seed<s>``
 with ``model.mixer`` set to the row's mixer (its ``:key=value`` options merged into the config's options
-for that mixer). Finished cells are recorded in ``<run_root>/results.json`` and skipped when the study
-runs again (an unfinished cell continues from its last checkpoint; studies of other cells may run at the
+for that mixer). Finished cells are recorded in ``<run_root>/results.json`` (and, when the study names
+one, in its tracked ``records`` file, so that the grid continues on another machine) and skipped when
+the study runs again (an unfinished cell continues from its last checkpoint; studies of other cells may run at the
 same time on the same ``run_root``). Cells run row by row, so a row's MAD score is complete early.
 
 A study file::
@@ -15,6 +16,7 @@ A study file::
     ablations: ["hyper-mlp:sequence_mixing=none", "hyper-glu:sequence_mixing=qk"]
     seeds: [0]
     run_root: runs/study/mad-cpu
+    records: docs/results/records/mad-cpu.json   # tracked finished cells (optional)
     doc: docs/results/mad.md
     overrides: []
 """
@@ -28,8 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from ...train.config import from_dict, load_config, read_study_file
-from ...train.study_common import cell_record, check_doc_selection, fmt_seeds, report_path
-from ...train.study_forecasting import _read_results, _record, mechanism_dir
+from ...train.study_common import cell_record, cell_store, check_doc_selection, fmt_seeds, report_path
+from ...train.study_forecasting import mechanism_dir
 from ..lm.study import check_causal_mechanism, mechanism_label, mechanism_overrides
 from .data import MAD_TASK_NAMES
 
@@ -54,6 +56,9 @@ class MADStudyConfig:
     title: str = "MAD synthetic tasks: causal mixers and HyperMLP ablations"
     seeds: list[int] = field(default_factory=lambda: [0])
     run_root: str = "runs/study/mad-cpu"
+    #: a tracked file of the finished cells' records, so that the grid continues on another machine;
+    #: None: only ``<run_root>/results.json``
+    records: str | None = None
     doc: str = "docs/results/mad.md"
     overrides: list[str] = field(default_factory=list)
 
@@ -120,7 +125,7 @@ def run_mad_study(study: MADStudyConfig, *, command: str, mechanisms: list[str] 
     study.validate()
     root = Path(root or ".")
     run_root = root / study.run_root
-    results_path = run_root / "results.json"
+    store = cell_store(root, run_root, study.records, extra_overrides or [], log)
     overrides = list(study.overrides) + list(extra_overrides or [])
     configs = study_tasks(study, root, overrides)
     for name, wanted, known in (("--mechanisms", mechanisms, study.rows), ("--tasks", tasks, list(configs))):
@@ -130,12 +135,12 @@ def run_mad_study(study: MADStudyConfig, *, command: str, mechanisms: list[str] 
     cells = [(m, t, s) for m, t, s in study_cells(study, list(configs))
              if (not mechanisms or m in mechanisms) and (not tasks or t in tasks) and (not seeds or s in seeds)]
     if write_doc:
-        check_doc_selection(study.doc, missing_cells(study, list(configs), _read_results(results_path)),
+        check_doc_selection(study.doc, missing_cells(study, list(configs), store.read()),
                             (cell_key(t, m, s) for m, t, s in cells))
     if not doc_only:
         for i, (mech, task, seed) in enumerate(cells, 1):
             key = cell_key(task, mech, seed)
-            if _read_results(results_path).get(key, {}).get("finished"):
+            if store.finished(key):
                 log(f"({i}/{len(cells)}) {key}: done before, skipped")
                 continue
             cell_overrides = [f"seed={seed}"] + mechanism_overrides(mech)
@@ -147,11 +152,11 @@ def run_mad_study(study: MADStudyConfig, *, command: str, mechanisms: list[str] 
             record = cell_record(cfg, result, root=root, config=configs[task], overrides=overrides + cell_overrides,
                                  run_dir=run_dir, checkpoint=ckpt, task=task, mechanism=mech, seed=seed,
                                  test=result.test_metrics)
-            _record(results_path, key, record)
+            store.record(key, record)
             log(f"    {key}: test accuracy {(result.test_metrics or {}).get('acc', float('nan')):.4f}")
-    results = _read_results(results_path)
+    results = store.read()
     doc = report_path(root, run_root, study.doc, missing_cells(study, list(configs), results), write_doc)
-    write_mad_report(doc, results, study=study, tasks=list(configs), command=command)
+    write_mad_report(doc, results, study=study, tasks=list(configs), command=command, source=store.source(root))
     log(f"report written to {doc}")
     return doc
 
@@ -239,10 +244,12 @@ def mad_checks(results: dict, study: MADStudyConfig, tasks: list[str]) -> list[s
             "better variant first:", ""] + lines + [""]
 
 
-def write_mad_report(path: Path, results: dict, *, study: MADStudyConfig, tasks: list[str], command: str) -> None:
+def write_mad_report(path: Path, results: dict, *, study: MADStudyConfig, tasks: list[str], command: str,
+                     source: str | None = None) -> None:
     finished = [r for r in results.values() if r.get("finished")]
+    source = source or f"{study.run_root}/results.json"
     lines = [f"# {study.title}", "",
-             f"Generated by `{command}` from `{study.run_root}/results.json` ({len(finished)} finished runs). Test "
+             f"Generated by `{command}` from `{source}` ({len(finished)} finished runs). Test "
              "accuracy (%) on each MAD task: the fraction of scored positions predicted exactly (argmax), MAD's "
              "score of a task; ¹ marks a single seed, otherwise mean ± sample standard deviation over seeds. The MAD "
              "score is the mean of the six task accuracies (`amlp.tasks.mad.mad_score`), given only when all six "

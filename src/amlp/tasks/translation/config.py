@@ -35,6 +35,10 @@ class TranslationDataConfig:
     #: sources (sequence-level knowledge distillation, Kim and Rush 2016), cached in its run folder
     distill_from: str | None = None
     distill_beam: int = 4
+    #: a file of training targets, one line per line of the training split's sources (plain text, or
+    #: gzip when it ends in ``.gz``): distilled targets saved earlier (the translation study keeps its
+    #: teachers' beam outputs so), used instead of a teacher checkpoint; excludes ``distill_from``
+    distill_file: str | None = None
     #: validation pairs decoded for BLEU during training (None: all)
     val_bleu_examples: int | None = None
 
@@ -61,6 +65,9 @@ class TranslationDataConfig:
                 raise ValueError(f"config key 'data.{name}' must be >= 1, got {getattr(self, name)}")
         if self.vocab_size < 16:
             raise ValueError(f"config key 'data.vocab_size' must be >= 16, got {self.vocab_size}")
+        if self.distill_from and self.distill_file:
+            raise ValueError("config keys 'data.distill_from' and 'data.distill_file' are two sources of distilled "
+                             "targets: set one")
         if self.val_bleu_examples is not None and self.val_bleu_examples < 1:
             raise ValueError(f"config key 'data.val_bleu_examples' must be >= 1 or null, got {self.val_bleu_examples}")
 

@@ -3,14 +3,19 @@ layout of the AMLP paper's Table 2 and Table 10, with decoding speed beside the 
 
 Every cell is one ``amlp train translation`` run (:func:`amlp.train.run_experiment`) in
 ``<run_root>/<direction>/<arch>/<mechanism>/seed<s>``; finished cells are recorded in
-``<run_root>/results.json`` and skipped when the study runs again (an unfinished cell continues from
-its last checkpoint). A row's mechanism is put at the decoder self and cross sites (the encoder keeps
+``<run_root>/results.json`` and, when the study names one (``records``), in a tracked file that travels
+with the repository, and are skipped when the study runs again (an unfinished cell continues from its
+last checkpoint). Each record keeps what the report needs (scores, speeds, the example translations),
+so the report is written from the records alone. A row's mechanism is put at the decoder self and cross sites (the encoder keeps
 the config's mixer, softmax in the paper's recipe); a row may name another cross mixer (``cross``)
 where the mechanism has no cross form (local attention).
 
 The NAR rows train on sequence-level distillation: the targets of the training split are the beam
 outputs of the study's teacher row (the AR softmax Transformer, seed ``teacher_seed``, same
-direction), so teacher cells run first. After training, each cell is scored on every test set of
+direction), so teacher cells run first. With ``records``, the teacher's beam outputs on the training
+split are saved beside that file (``<records stem>-distilled-<direction>.txt.gz``) as soon as the
+teacher is trained, and the NAR cells train on that file (``data.distill_file``), so that they run on
+a machine that does not have the teacher's checkpoint. After training, each cell is scored on every test set of
 the study (BLEU and chrF from sacrebleu; the signature is printed in the report) and its decoding is
 timed on the first ``latency.sentences`` sentences of the test split (test2016) at every batch size of
 ``latency.batch_sizes`` (sentences per second, wall clock, with the run's threads; peak memory the
@@ -34,6 +39,7 @@ A study file::
     test_sets: [test2016, test2017]
     latency: {batch_sizes: [1, 64], sentences: 200}
     run_root: runs/study/translation-cpu
+    records: docs/results/records/translation-cpu.json   # tracked finished cells (optional)
     doc: docs/results/translation.md
     overrides: []
     examples: 3                  # test sentences shown translated by every row in the tracked document
@@ -51,8 +57,9 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_study_file, to_plain
-from ...train.study_common import fmt_seeds, load_note, machine, start_timing_pass, timing_passes, torch_threads
-from ...train.study_forecasting import _read_results, _record, grid_refusal, mechanism_dir, parse_mechanism
+from ...train.study_common import (CellStore, cell_store, fmt_seeds, load_note, machine, start_timing_pass,
+                                   timing_passes, torch_threads)
+from ...train.study_forecasting import grid_refusal, mechanism_dir, parse_mechanism
 
 ARCHS = ("transformer", "glat")
 #: the paper's WMT14 BLEU (AMLP paper Table 2 and Table 10: En-De, De-En), quoted beside our rows;
@@ -108,6 +115,9 @@ class TranslationStudyConfig:
     test_sets: list[str] = field(default_factory=lambda: ["test2016", "test2017"])
     latency: Latency = field(default_factory=Latency)
     run_root: str = "runs/study/translation-cpu"
+    #: a tracked file of the finished cells' records (beside it, the teachers' distilled targets), so
+    #: that the grid continues on another machine; None: only ``<run_root>/results.json``
+    records: str | None = None
     doc: str = "docs/results/translation.md"
     overrides: list[str] = field(default_factory=list)
     #: sentences of the first test set shown in the tracked document as every row translates them (the
@@ -237,7 +247,6 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
     study.validate()
     root = Path(root or ".")
     run_root = root / study.run_root
-    results_path = run_root / "results.json"
     overrides = list(study.overrides) + list(extra_overrides or [])
     keys = [r.key for r in study.rows]
     for name, wanted, known in (("--rows", rows, keys), ("--directions", directions, study.directions)):
@@ -246,26 +255,25 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
             raise ValueError(f"{name}: {', '.join(map(repr, unknown))} not in this study (it has {', '.join(known)})")
     cells = [c for c in study_cells(study) if (not rows or c.row.key in rows)
              and (not directions or c.direction in directions) and (not seeds or c.seed in seeds)]
-    if write_doc:
-        outside = [k for k in missing_cells(study, _read_results(results_path)) if k not in {c.key for c in cells}]
-        if outside:
-            raise ValueError(_refusal(study, outside))
     if rescore and retime:
         raise ValueError("--rescore and --retime are separate passes: run one, then the other")
+    store = cell_store(root, run_root, study.records, extra_overrides or [], log)
+    if write_doc:
+        outside = [k for k in missing_cells(study, store.read()) if k not in {c.key for c in cells}]
+        if outside:
+            raise ValueError(_refusal(study, outside))
     if retime and not doc_only:
         started = start_timing_pass(log)
-        for i, cell, record in _finished(cells, results_path, log, "time"):
-            ckpt = root / record["checkpoint"]
+        for i, cell, record, ckpt in _finished(cells, store, root, log, "time"):
             log(f"({i}/{len(cells)}) {cell.key}: timing decoding again at batch sizes {study.latency.batch_sizes}")
             latency = measure_latency(ckpt, study.latency.batch_sizes, study.latency.sentences,
                                       record.get("train", {}).get("threads"))
             record.update(latency={**latency, "pass": started})
-            _record(results_path, cell.key, record)
+            store.record(cell.key, record)
             log(f"    {cell.key}: " + ", ".join(f"{v['sentences_per_s']:.1f} sentences/s at batch {b}"
                                                for b, v in latency["batch_sizes"].items()))
     elif rescore and not doc_only:
-        for i, cell, record in _finished(cells, results_path, log, "rescore"):
-            ckpt = root / record["checkpoint"]
+        for i, cell, record, ckpt in _finished(cells, store, root, log, "rescore"):
             log(f"({i}/{len(cells)}) {cell.key}: scoring {ckpt} again")
             tests = {name: evaluate_checkpoint(ckpt, name) for name in record["tests"]}
             for name in study.test_sets:
@@ -274,23 +282,22 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
             record.update(tests=tests, rescored_at=_dt.datetime.now().isoformat(timespec="seconds"))
             if cell.row.arch == "glat":
                 record["tests_collapsed"] = _collapsed_tests(evaluate_checkpoint, ckpt, tests)
-            _record(results_path, cell.key, record)
+            record["examples"] = cell_examples(ckpt, study, cell.direction)
+            store.record(cell.key, record)
             log(f"    {cell.key}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in tests.items()))
     elif not doc_only:
         for i, cell in enumerate(cells, 1):
-            results = _read_results(results_path)
-            if results.get(cell.key, {}).get("finished"):
+            is_teacher = cell.row.key == study.teacher and cell.seed == study.teacher_seed
+            if store.finished(cell.key):
                 log(f"({i}/{len(cells)}) {cell.key}: done before, skipped")
+                if is_teacher:
+                    _save_distilled(study, store, root, cell.direction, overrides, log)
                 continue
             source, target = cell.direction.split("-")
             cell_overrides = [f"data.source={source}", f"data.target={target}", f"seed={cell.seed}"]
             cell_overrides += _site_overrides(cell.row)
             if cell.row.arch == "glat":
-                teacher = results.get(cell_key(cell.direction, study.teacher, study.teacher_seed), {})
-                if not teacher.get("finished"):
-                    raise ValueError(f"{cell.key} distils from {cell_key(cell.direction, study.teacher, study.teacher_seed)}"
-                                     ", which has no finished run; run the teacher first (it is the first cell)")
-                cell_overrides.append(f"data.distill_from={root / teacher['checkpoint']}")
+                cell_overrides.append(_distill_override(study, store, root, cell, overrides, log))
             cfg = load_config(root / study.configs[cell.row.arch], overrides + cell_overrides)
             run_dir = run_root / cell.direction / cell.row.arch / mechanism_dir(cell.row.mechanism) / f"seed{cell.seed}"
             log(f"({i}/{len(cells)}) {cell.key}: training in {run_dir}")
@@ -311,10 +318,13 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
                       "val": result.val_metrics, "latency": latency, "run_dir": rel(run_dir),
                       **({"tests_collapsed": collapsed} if collapsed is not None else {}),
                       "checkpoint": rel(ckpt), "finished_at": _dt.datetime.now().isoformat(timespec="seconds"),
+                      "examples": cell_examples(ckpt, study, cell.direction),
                       "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
-            _record(results_path, cell.key, record)
+            store.record(cell.key, record)
             log(f"    {cell.key}: " + ", ".join(f"{k} BLEU {v['bleu']:.2f}" for k, v in tests.items()))
-    results = _read_results(results_path)
+            if is_teacher:
+                _save_distilled(study, store, root, cell.direction, overrides, log)
+    results = store.read()
     if write_doc:
         missing = missing_cells(study, results)
         if missing:
@@ -322,19 +332,104 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
         doc = root / study.doc
     else:
         doc = run_root / "report.md"
-    write_translation_report(doc, results, study=study, command=command, examples_root=root if write_doc else None)
+    write_translation_report(doc, results, study=study, command=command, examples_root=root if write_doc else None,
+                             source=store.source(root))
     log(f"report written to {doc}")
     return doc
 
 
-def _finished(cells: list, results_path: Path, log: Callable[[str], None], verb: str):
-    """``(i, cell, record)`` for the finished cells of ``cells`` (numbered from 1), saying which are not."""
+def _finished(cells: list, store: CellStore, root: Path, log: Callable[[str], None], verb: str):
+    """``(i, cell, record, checkpoint)`` for the finished cells of ``cells`` (numbered from 1) whose
+    checkpoint is on this machine, saying which are not."""
     for i, cell in enumerate(cells, 1):
-        record = _read_results(results_path).get(cell.key, {})
+        record = store.read().get(cell.key, {})
         if not record.get("finished"):
             log(f"({i}/{len(cells)}) {cell.key}: not finished, nothing to {verb}")
             continue
-        yield i, cell, record
+        ckpt = store.checkpoint(root, record)
+        if ckpt is None:
+            log(f"({i}/{len(cells)}) {cell.key}: its checkpoint {record.get('checkpoint')} is not on this machine "
+                f"(the cell finished elsewhere), nothing to {verb}")
+            continue
+        yield i, cell, record, ckpt
+
+
+def distilled_path(study: TranslationStudyConfig, root: Path, direction: str) -> Path | None:
+    """Where the study keeps a direction's distilled training targets (beside its ``records``; None
+    without them)."""
+    if not study.records:
+        return None
+    records = root / study.records
+    return records.with_name(f"{records.stem}-distilled-{direction}.txt.gz")
+
+
+def _teacher_checkpoint(study, store: CellStore, root: Path, direction: str) -> tuple[str, dict, Path | None]:
+    key = cell_key(direction, study.teacher, study.teacher_seed)
+    record = store.read().get(key, {})
+    return key, record, (store.checkpoint(root, record) if record.get("finished") else None)
+
+
+def _save_distilled(study, store: CellStore, root: Path, direction: str, overrides: list[str],
+                    log: Callable[[str], None]) -> Path | None:
+    """Save the teacher's beam outputs on the training split (:func:`distilled_path`) when the study has
+    NAR rows, keeps ``records`` and has not saved them yet, and the teacher's checkpoint is here."""
+    from .data import read_split
+    from .task import distilled_targets, write_distill_file
+
+    path = distilled_path(study, root, direction)
+    if path is None or path.is_file() or not any(r.arch == "glat" for r in study.rows):
+        return path
+    key, _, ckpt = _teacher_checkpoint(study, store, root, direction)
+    if ckpt is None:
+        return None
+    source, target = direction.split("-")
+    cfg = load_config(root / study.configs["glat"], overrides + [f"data.source={source}", f"data.target={target}"])
+    log(f"    distilling the training split with {key} into {path}")
+    sources, _ = read_split("train", source, target, cfg.data.data_dir, cfg.data.files)
+    write_distill_file(path, distilled_targets(ckpt, sources, cfg))
+    return path
+
+
+def _distill_override(study, store: CellStore, root: Path, cell, overrides: list[str],
+                      log: Callable[[str], None]) -> str:
+    """The override that gives a NAR cell its distilled targets: the saved file, else the teacher's
+    checkpoint (``ValueError`` when neither is here)."""
+    key, record, ckpt = _teacher_checkpoint(study, store, root, cell.direction)
+    if not record.get("finished"):
+        raise ValueError(f"{cell.key} distils from {key}, which has no finished run; run the teacher first (it "
+                         "is the first cell)")
+    path = _save_distilled(study, store, root, cell.direction, overrides, log)
+    if path is not None and path.is_file():
+        return f"data.distill_file={path}"
+    if ckpt is None:
+        raise ValueError(f"{cell.key} distils from {key}, but its checkpoint {record.get('checkpoint')} is not on "
+                         "this machine and the study saved no distilled targets"
+                         + (f" at {distilled_path(study, root, cell.direction)}" if study.records else "")
+                         + f"; train the teacher here again (`--rows {study.teacher} --seeds {study.teacher_seed}` "
+                         "after removing its record)")
+    return f"data.distill_from={ckpt}"
+
+
+def example_picks(count: int, sentences: int) -> list[int]:
+    """``count`` indices evenly spaced through ``sentences`` sentences (first and last included)."""
+    count = min(count, sentences)
+    return [round(i * (sentences - 1) / max(1, count - 1)) for i in range(count)]
+
+
+def cell_examples(checkpoint: Path, study: TranslationStudyConfig, direction: str) -> dict:
+    """The study's example sentences of the first test set (:func:`example_picks`) as the checkpoint
+    translates them, decoded as the scores are (beam search for AR, the single parallel pass for GLAT
+    without post-processing): ``{"split": ..., "lines": {"<index>": translation}}``."""
+    from ...train.loop import load_trained_model
+    from .task import translate_lines
+
+    split = study.test_sets[0]
+    with torch_threads(1):
+        _, task, model = load_trained_model(checkpoint, device="cpu")
+        sources = task.dataset(split).sources
+        picks = example_picks(study.examples, len(sources))
+        outputs = translate_lines(task, model, [sources[i] for i in picks], batch_size=max(1, len(picks))) if picks else []
+    return {"split": split, "direction": direction, "lines": {str(i): out for i, out in zip(picks, outputs)}}
 
 
 def _collapsed_tests(evaluate, ckpt: Path, tests: dict) -> dict:
@@ -367,13 +462,15 @@ def _cell_values(results: dict, direction: str, row: str, get) -> list[float]:
 
 
 def write_translation_report(path: Path, results: dict, *, study: TranslationStudyConfig, command: str,
-                             examples_root: Path | None = None) -> None:
-    """The report in the layout of the paper's Tables 2 and 10; with ``examples_root`` (the folder the
-    recorded checkpoint paths are relative to) also the example translations (:func:`example_translations`)."""
+                             examples_root: Path | None = None, source: str | None = None) -> None:
+    """The report in the layout of the paper's Tables 2 and 10, generated from the records in ``source``
+    (default ``<run_root>/results.json``); with ``examples_root`` (the folder the recorded checkpoint
+    paths are relative to) also the example translations (:func:`example_translations`)."""
     from .task import bleu_signature, chrf_signature
 
+    source = source or f"{study.run_root}/results.json"
     lines = [f"# {study.title}", "",
-             f"Generated by `{command}` from `{study.run_root}/results.json`. BLEU and chrF are sacrebleu's on "
+             f"Generated by `{command}` from `{source}`. BLEU and chrF are sacrebleu's on "
              "detokenised output against the raw references:", "",
              f"- BLEU: `{bleu_signature()}`", f"- chrF: `{chrf_signature()}`", "",
              "Scores are mean ± std over seeds; ¹ marks a single seed. The paper's numbers are WMT14 "
@@ -436,10 +533,10 @@ def example_translations(results: dict, study: TranslationStudyConfig, root: Pat
     """The "Examples" section: ``study.examples`` sentences of the first test set, evenly spaced through
     it, as each row's model of the first direction translates them (its first finished seed, the tested
     checkpoint, decoded as the scores were: beam search for AR, the single parallel pass for GLAT with
-    no post-processing), under the source and the reference. Empty when no row has a finished cell."""
-    from ...train.loop import load_trained_model
+    no post-processing), under the source and the reference. The translations come from the records
+    (:func:`cell_examples`), else from the checkpoint when it is on this machine; a row with neither is
+    left out. Empty when no row has a finished cell."""
     from .data import read_split
-    from .task import translate_lines
 
     direction, split = study.directions[0], study.test_sets[0]
     chosen = {}
@@ -452,14 +549,17 @@ def example_translations(results: dict, study: TranslationStudyConfig, root: Pat
         return []
     data = next(iter(chosen.values()))["data"]
     sources, references = read_split(split, *direction.split("-"), data.get("data_dir"), data.get("files"))
-    count = min(study.examples, len(sources))
-    picks = [round(i * (len(sources) - 1) / max(1, count - 1)) for i in range(count)]
+    picks = example_picks(study.examples, len(sources))
     outputs = {}
-    with torch_threads(1):
-        for key, rec in chosen.items():
-            ckpt = Path(rec["checkpoint"])
-            _, task, model = load_trained_model(ckpt if ckpt.is_absolute() else root / ckpt, device="cpu")
-            outputs[key] = translate_lines(task, model, [sources[i] for i in picks], batch_size=count)
+    for key, rec in chosen.items():
+        saved = rec.get("examples") or {}
+        if saved.get("split") == split and all(str(i) in saved.get("lines", {}) for i in picks):
+            outputs[key] = [saved["lines"][str(i)] for i in picks]
+            continue
+        ckpt = CellStore.checkpoint(root, rec)
+        if ckpt is not None:
+            lines_ = cell_examples(ckpt, study, direction)["lines"]
+            outputs[key] = [lines_[str(i)] for i in picks]
     lines = ["## Examples", "",
              f"Sentences of {split} ({direction.replace('-', ' → ')}), evenly spaced through it, as each row's "
              "model translates them (its first seed; beam search for AR, the single parallel pass for GLAT as "

@@ -137,6 +137,8 @@ class TranslationTask:
         src_lines, tgt_lines = read_split(name, d.source, d.target, d.data_dir, d.files)
         if split == "train" and d.distill_from:
             tgt_lines = distilled_targets(d.distill_from, src_lines, self.config)
+        elif split == "train" and d.distill_file:
+            tgt_lines = read_distill_file(d.distill_file, len(src_lines))
         src, tgt = self.encode_lines(src_lines), self.encode_lines(tgt_lines)
         limit = min(d.max_train_length, self.config.model.max_length)
         if split == "train":
@@ -309,6 +311,41 @@ def distilled_targets(teacher: str | os.PathLike, sources: list[str], config) ->
     (cache.with_suffix(".json")).write_text(json.dumps({"teacher": str(teacher), "beam": d.distill_beam,
                                                         "sentences": len(sources)}, indent=1))
     return outputs
+
+
+def write_distill_file(path: str | os.PathLike, lines: list[str]) -> None:
+    """Save distilled targets for ``data.distill_file``: one line each, gzip (with no time stamp, so the
+    same lines give the same bytes) when ``path`` ends in ``.gz``."""
+    path = Path(path)
+    data = "".join(line + "\n" for line in lines).encode("utf-8")
+    if path.suffix == ".gz":
+        import gzip
+
+        data = gzip.compress(data, compresslevel=9, mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def read_distill_file(path: str | os.PathLike, expected: int) -> list[str]:
+    """The lines of a ``data.distill_file``; ``expected`` is the number of training sources they replace
+    the targets of (a file of another length is refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.distill_file: no file at {str(path)!r}")
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        import gzip
+
+        data = gzip.decompress(data)
+    lines = data.decode("utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    if len(lines) != expected:
+        raise ValueError(f"data.distill_file: {str(path)!r} has {len(lines)} line(s), the training split has "
+                         f"{expected} source line(s); it must hold one target per source")
+    return lines
 
 
 def check_lines(task: TranslationTask, model, lines: list[str]) -> list[list[int]]:
