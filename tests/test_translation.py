@@ -492,6 +492,13 @@ def test_study_records_carry_the_grid_to_a_machine_without_its_run_folders(tmp_p
     assert len(read_distill_file(saved, len(sources))) == len(sources)
     assert f"data.distill_file={saved}" in tracked["en-de/glat/abc/seed0"]["overrides"]
     assert set(tracked["en-de/glat/abc/seed0"]["examples"]["lines"]) == {"0", str(len(read_split("test2016", "en", "de", data_dir)[0]) - 1)}
+    # a record from before records kept examples gets them when its cell is skipped with its checkpoint here
+    for path in (records, tmp_path / "runs" / "results.json"):
+        old = json.loads(path.read_text())
+        del old["en-de/glat/abc/seed0"]["examples"]
+        path.write_text(json.dumps(old))
+    run_translation_study(study, command="amlp study translation", rows=["glat/abc"], log=logged.append)
+    assert json.loads(records.read_text())["en-de/glat/abc/seed0"]["examples"] == tracked["en-de/glat/abc/seed0"]["examples"]
     # a protocol-changing --set is kept out of the tracked file, both ways
     logged.clear()
     run_translation_study(study, command="amlp study translation", rows=["glat/softmax"],

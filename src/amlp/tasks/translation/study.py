@@ -290,6 +290,7 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
             is_teacher = cell.row.key == study.teacher and cell.seed == study.teacher_seed
             if store.finished(cell.key):
                 log(f"({i}/{len(cells)}) {cell.key}: done before, skipped")
+                _add_examples(study, store, root, cell)
                 if is_teacher:
                     _save_distilled(study, store, root, cell.direction, overrides, log)
                 continue
@@ -352,6 +353,16 @@ def _finished(cells: list, store: CellStore, root: Path, log: Callable[[str], No
                 f"(the cell finished elsewhere), nothing to {verb}")
             continue
         yield i, cell, record, ckpt
+
+
+def _add_examples(study: TranslationStudyConfig, store: CellStore, root: Path, cell) -> None:
+    """Give a finished cell's record its example translations when it has none (it finished before
+    records kept them) and its checkpoint is here."""
+    record = store.read()[cell.key]
+    ckpt = store.checkpoint(root, record)
+    if "examples" not in record and ckpt is not None:
+        record["examples"] = cell_examples(ckpt, study, cell.direction)
+        store.record(cell.key, record)
 
 
 def distilled_path(study: TranslationStudyConfig, root: Path, direction: str) -> Path | None:
