@@ -358,11 +358,9 @@ def _check_translate_cli(tmp_path: Path, ckpt: Path) -> None:
 
 
 # -- the study ------------------------------------------------------------------------------------------------
-@needs_data
-def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
+def _tiny_study_configs(tmp_path: Path, train: dict) -> tuple[Path, dict[str, Path]]:
+    """The tiny corpus and an AR and a GLAT config file for it (``train`` keys over the defaults)."""
     import yaml
-
-    from amlp.tasks.translation.study import load_translation_study, run_translation_study
 
     data_dir = _tiny_corpus(tmp_path)
     common = {"task": "translation", "seed": 0,
@@ -370,15 +368,25 @@ def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
                        "cache_dir": str(tmp_path / "cache")},
               "model": {"dim": 32, "heads": 2, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
                         "dropout": 0.0, "max_length": 96, "beam": 2, "length_beam": 2},
-              "train": {"optimizer": "adam", "lr": 3e-3, "max_steps": 6, "threads": 1, "progress": False,
-                        "eval_every": 6, "checkpoint_every": 3, "keep_last": 2, "precision": "fp32",
-                        "test_checkpoint": "average", "average_last": 2}}
+              "train": {"optimizer": "adam", "lr": 3e-3, "threads": 1, "progress": False, "keep_last": 2,
+                        "precision": "fp32", **train}}
     configs = {}
     for arch in ("transformer", "glat"):
         raw = json.loads(json.dumps(common))
         raw["model"]["arch"] = arch
         configs[arch] = tmp_path / f"{arch}.yaml"
         configs[arch].write_text(yaml.safe_dump(raw))
+    return data_dir, configs
+
+
+@needs_data
+def test_study_runs_teacher_first_distils_resumes_and_reports(tmp_path):
+    import yaml
+
+    from amlp.tasks.translation.study import load_translation_study, run_translation_study
+
+    data_dir, configs = _tiny_study_configs(tmp_path, {"max_steps": 6, "eval_every": 6, "checkpoint_every": 3,
+                                                       "test_checkpoint": "average", "average_last": 2})
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump({
         "directions": ["en-de"], "configs": {k: str(v) for k, v in configs.items()},
@@ -455,20 +463,7 @@ def test_study_records_carry_the_grid_to_a_machine_without_its_run_folders(tmp_p
     from amlp.tasks.translation.study import distilled_path, load_translation_study, run_translation_study
     from amlp.tasks.translation.task import read_distill_file
 
-    data_dir = _tiny_corpus(tmp_path)
-    common = {"task": "translation", "seed": 0,
-              "data": {"data_dir": str(data_dir), "vocab_size": 300, "max_tokens": 2048,
-                       "cache_dir": str(tmp_path / "cache")},
-              "model": {"dim": 32, "heads": 2, "ffn_dim": 64, "encoder_layers": 1, "decoder_layers": 1,
-                        "dropout": 0.0, "max_length": 96, "beam": 2, "length_beam": 2},
-              "train": {"optimizer": "adam", "lr": 3e-3, "max_steps": 4, "threads": 1, "progress": False,
-                        "eval_every": 4, "checkpoint_every": 2, "keep_last": 2, "precision": "fp32"}}
-    configs = {}
-    for arch in ("transformer", "glat"):
-        raw = json.loads(json.dumps(common))
-        raw["model"]["arch"] = arch
-        configs[arch] = tmp_path / f"{arch}.yaml"
-        configs[arch].write_text(yaml.safe_dump(raw))
+    data_dir, configs = _tiny_study_configs(tmp_path, {"max_steps": 4, "eval_every": 4, "checkpoint_every": 2})
     records = tmp_path / "tracked" / "mt.json"
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump({
