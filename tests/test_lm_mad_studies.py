@@ -335,6 +335,13 @@ def test_cli_study_commands(tmp_path):
     assert (tmp_path / "runs/lm/report.md").is_file()
     res = runner.invoke(app, ["study", "lm", "--config", str(lm_file), "--write-doc", "--report-only"])
     assert res.exit_code == 1 and "not writing" in res.output
+    # --mechanisms takes ',' as the other studies do, and ';'; options after ',' stay with their name
+    for text in ("softmax,hyper-glu", "softmax;hyper-glu"):
+        res = runner.invoke(app, ["study", "lm", "--config", str(lm_file), "--mechanisms", text, "--report-only"])
+        assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["study", "lm", "--config", str(lm_file), "--mechanisms",
+                              "softmax,amlp-cov:form=stable,landmarks=16", "--report-only"])
+    assert res.exit_code == 1 and "--mechanisms: 'amlp-cov:form=stable,landmarks=16' not in this study" in res.output
     mad = _mad_study(tmp_path)
     mad_file = tmp_path / "mad_study.yaml"
     mad_file.write_text(json.dumps({"configs": [str(tmp_path / "icr.yaml")], "mechanisms": mad.mechanisms,

@@ -591,12 +591,14 @@ def _run_study(run) -> None:
         _fail(_describe(err))
 
 
+_MECHANISMS_HELP = ("mechanisms separated by ';' or ',' (name or name:key=value,...; a key=value after ',' goes on "
+                    "with the options of the name before; default: the study's)")
+
+
 @study_app.command("forecasting")
 def study_forecasting_command(
     config: str = typer.Option("configs/forecasting/study/cpu.yaml", "--config", "-c", help="study file"),
-    mechanisms: str = typer.Option(None, "--mechanisms",
-                                   help="mechanisms separated by ';' or ',' (name or name:key=value; default: "
-                                        "the study's)"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help=_MECHANISMS_HELP),
     datasets: str = typer.Option(None, "--datasets", help="comma-separated, e.g. ETTh1,ETTm1"),
     settings: str = typer.Option(None, "--settings", help="comma-separated, e.g. M,S"),
     seeds: str = _SEEDS,
@@ -623,8 +625,7 @@ def study_forecasting_command(
 @study_app.command("recall")
 def study_recall_command(
     config: str = typer.Option("configs/recall/study/cpu.yaml", "--config", "-c", help="study file"),
-    mechanisms: str = typer.Option(None, "--mechanisms", help="comma-separated mixer names, each optionally with "
-                                   ":key=value,... options (default: the study's)"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help=_MECHANISMS_HELP),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated: copying,mqar (default: both)"),
     string_lens: str = typer.Option(None, "--string-lens", help="comma-separated S for copying"),
     pairs: str = typer.Option(None, "--pairs", help="comma-separated key-value pair counts for MQAR"),
@@ -703,8 +704,7 @@ def study_tts_command(
 @study_app.command("sr")
 def study_sr_command(
     config: str = typer.Option("configs/sr/study/cpu.yaml", "--config", "-c", help="study file"),
-    mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms (default: the "
-                                                              "study's)"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help=_MECHANISMS_HELP),
     seeds: str = _SEEDS,
     overrides: list[str] = _STUDY_SET,
     doc_only: bool = _REPORT_ONLY,
@@ -718,15 +718,14 @@ def study_sr_command(
     seed_list = _int_list(seeds, "--seeds")
     command = _study_command("sr", config)
     _run_study(lambda: run_sr_study(
-        load_sr_study(config), command=command, mechanisms=_split_list(mechanisms, ";"), seeds=seed_list,
+        load_sr_study(config), command=command, mechanisms=split_mechanisms(mechanisms), seeds=seed_list,
         extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
 
 
 @study_app.command("lm")
 def study_lm_command(
     config: str = typer.Option("configs/lm/study/cpu.yaml", "--config", "-c", help="study file"),
-    mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms (default: the "
-                                                              "study's)"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help=_MECHANISMS_HELP),
     sizes: str = typer.Option(None, "--sizes", help="comma-separated parameter budgets (default: the study's)"),
     seeds: str = _SEEDS,
     overrides: list[str] = _STUDY_SET,
@@ -744,7 +743,7 @@ def study_lm_command(
     seed_list, size_list = _int_list(seeds, "--seeds"), _int_list(sizes, "--sizes")
     command = _study_command("lm", config)
     _run_study(lambda: run_lm_study(
-        load_lm_study(config), command=command, mechanisms=_split_list(mechanisms, ";"), sizes=size_list,
+        load_lm_study(config), command=command, mechanisms=split_mechanisms(mechanisms), sizes=size_list,
         seeds=seed_list, extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc,
         retime=retime))
 
@@ -752,8 +751,7 @@ def study_lm_command(
 @study_app.command("mad")
 def study_mad_command(
     config: str = typer.Option("configs/mad/study/cpu.yaml", "--config", "-c", help="study file"),
-    mechanisms: str = typer.Option(None, "--mechanisms", help="semicolon-separated mechanisms, ablation rows "
-                                                              "included (default: the study's)"),
+    mechanisms: str = typer.Option(None, "--mechanisms", help=_MECHANISMS_HELP[:-1] + "; ablation rows included)"),
     tasks: str = typer.Option(None, "--tasks", help="comma-separated MAD tasks (default: the study's)"),
     seeds: str = _SEEDS,
     overrides: list[str] = _STUDY_SET,
@@ -768,7 +766,7 @@ def study_mad_command(
     seed_list = _int_list(seeds, "--seeds")
     command = _study_command("mad", config)
     _run_study(lambda: run_mad_study(
-        load_mad_study(config), command=command, mechanisms=_split_list(mechanisms, ";"), tasks=_split_list(tasks),
+        load_mad_study(config), command=command, mechanisms=split_mechanisms(mechanisms), tasks=_split_list(tasks),
         seeds=seed_list, extra_overrides=list(overrides or []), log=_literal, doc_only=doc_only, write_doc=write_doc))
 
 
