@@ -90,3 +90,19 @@ def test_layer_equals_projections_and_attention_by_hand(causal):
     expect = heads.reshape(2, 6, E) @ m.out_proj.weight.T + m.out_proj.bias
     torch.testing.assert_close(m(x, x_mask=mask), expect)
     torch.testing.assert_close(m.reference(x, x_mask=mask), expect)
+
+
+def test_masked_op_compiles_to_one_graph_and_matches_eager():
+    """No data-dependent branch under torch.compile: the whole masked op is one graph, with padded
+    queries, a row whose keys are all padding and a causal mask, equal to the eager op."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(3, 5, 2, 4, generator=g) for _ in range(3))
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    kv_mask = mask.clone()
+    kv_mask[2] = False
+    compiled = torch.compile(softmax_attention, fullgraph=True, backend="eager")
+    for causal in (False, True):
+        out = compiled(q, k, v, q_mask=mask, kv_mask=kv_mask, causal=causal)
+        assert torch.allclose(out, softmax_attention(q, k, v, q_mask=mask, kv_mask=kv_mask, causal=causal), atol=1e-6)
+        assert out[2].abs().max() == 0 and out[1, 3:].abs().max() == 0

@@ -33,11 +33,13 @@ def key_mask_for_sdpa(kv_mask: torch.Tensor | None) -> tuple[torch.Tensor | None
 
     Rows with no real key at all are opened to every key (so no kernel meets an all-masked row and
     produces NaN); the second return value flags those rows, ``[B]``, so the caller can zero them.
+    On the CPU it is None when no row is empty; on a GPU, and under ``torch.compile``, it is always
+    returned (no host sync, and no data-dependent branch in a graph).
     """
     if kv_mask is None:
         return None, None
     empty = ~kv_mask.any(1)
-    if bool(empty.any()):
+    if kv_mask.device.type != "cpu" or torch.compiler.is_compiling() or bool(empty.any()):
         kv_mask = kv_mask | empty.unsqueeze(1)
         return kv_mask[:, None, None, :], empty
     return kv_mask[:, None, None, :], None
