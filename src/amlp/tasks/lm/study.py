@@ -53,9 +53,9 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_study_file
-from ...train.study_common import (CellStore, cell_record, cell_store, check_doc_selection, fmt_seeds, load_note, machine, measure_training,
-                                   record_values, report_path, start_timing_pass, timing_passes,
-                                   torch_threads)
+from ...train.study_common import (CellStore, cell_record, cell_store, check_doc_selection, fmt_seeds, load_note,
+                                   machine, measure_training, record_values, report_path, start_timing_pass,
+                                   timing_passes, torch_threads)
 from ...train.study_forecasting import _mean_std, mechanism_dir, parse_mechanism
 
 LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Performer", "cosformer": "cosFormer",

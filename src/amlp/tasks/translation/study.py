@@ -5,23 +5,23 @@ Every cell is one ``amlp train translation`` run (:func:`amlp.train.run_experime
 ``<run_root>/<direction>/<arch>/<mechanism>/seed<s>``; finished cells are recorded in
 ``<run_root>/results.json`` and, when the study names one (``records``), in a tracked file that travels
 with the repository, and are skipped when the study runs again (an unfinished cell continues from its
-last checkpoint). Each record keeps what the report needs (scores, speeds, the example translations),
-so the report is written from the records alone. A row's mechanism is put at the decoder self and cross sites (the encoder keeps
-the config's mixer, softmax in the paper's recipe); a row may name another cross mixer (``cross``)
-where the mechanism has no cross form (local attention).
+last checkpoint). Each record keeps what the report needs (scores, speeds, the example translations), so
+the report is written from the records alone. A row's mechanism is put at the decoder self and cross
+sites (the encoder keeps the config's mixer, softmax in the paper's recipe); a row may name another
+cross mixer (``cross``) where the mechanism has no cross form (local attention).
 
 The NAR rows train on sequence-level distillation: the targets of the training split are the beam
-outputs of the study's teacher row (the AR softmax Transformer, seed ``teacher_seed``, same
-direction), so teacher cells run first. With ``records``, the teacher's beam outputs on the training
-split are saved beside that file (``<records stem>-distilled-<direction>.txt.gz``) as soon as the
-teacher is trained, and the NAR cells train on that file (``data.distill_file``), so that they run on
-a machine that does not have the teacher's checkpoint. After training, each cell is scored on every test set of
-the study (BLEU and chrF from sacrebleu; the signature is printed in the report) and its decoding is
-timed on the first ``latency.sentences`` sentences of the test split (test2016) at every batch size of
+outputs of the study's teacher row (the AR softmax Transformer, seed ``teacher_seed``, same direction),
+so teacher cells run first. With ``records``, the teacher's beam outputs on the training split are saved
+beside that file (``<records stem>-distilled-<direction>.txt.gz``) as soon as the teacher is trained,
+and the NAR cells train on that file (``data.distill_file``), so that they run on a machine that does
+not have the teacher's checkpoint. After training, each cell is scored on every test set of the study
+(BLEU and chrF from sacrebleu; the signature is printed in the report) and its decoding is timed on the
+first ``latency.sentences`` sentences of the test split (test2016) at every batch size of
 ``latency.batch_sizes`` (sentences per second, wall clock, with the run's threads; peak memory the
-decoding added: resident-set high-water mark on CPU, ``max_memory_allocated`` on CUDA). Cells timed
-as they finish share the machine with whatever else runs; ``--retime`` times every finished cell
-again in one pass, so that the rows' speeds compare under one load.
+decoding added: resident-set high-water mark on CPU, ``max_memory_allocated`` on CUDA). Cells timed as
+they finish share the machine with whatever else runs; ``--retime`` times every finished cell again in
+one pass, so that the rows' speeds compare under one load.
 
 A study file::
 
@@ -439,7 +439,8 @@ def cell_examples(checkpoint: Path, study: TranslationStudyConfig, direction: st
         _, task, model = load_trained_model(checkpoint, device="cpu")
         sources = task.dataset(split).sources
         picks = example_picks(study.examples, len(sources))
-        outputs = translate_lines(task, model, [sources[i] for i in picks], batch_size=max(1, len(picks))) if picks else []
+        chosen = [sources[i] for i in picks]
+        outputs = translate_lines(task, model, chosen, batch_size=len(chosen)) if chosen else []
     return {"split": split, "direction": direction, "lines": {str(i): out for i, out in zip(picks, outputs)}}
 
 
