@@ -291,6 +291,29 @@ def test_recall_study_runs_resumes_and_writes_the_report(tmp_path):
     assert not any(": training" in line for line in logs)
 
 
+def test_recall_study_never_continues_a_run_of_another_protocol(tmp_path):
+    from amlp.train import CheckpointError
+    from amlp.train.study_recall import load_recall_study, run_recall_study
+
+    def study(steps):
+        path = tmp_path / f"study{steps}.yaml"
+        path.write_text(
+            "mechanisms: [softmax]\nseeds: [0]\n"
+            f"copying: {{config: {CPU_CONFIG}, string_lens: [2]}}\n"
+            "run_root: runs/s\ndoc: docs/recall.md\nfigures: docs/figures\n"
+            f"overrides: [train.max_steps={steps}, train.progress=false, train.batch_size=8, model.dim=8, "
+            "data.val_examples=8, data.test_examples=8]\n")
+        return load_recall_study(path)
+
+    run_recall_study(study(2), command="x", root=tmp_path, log=lambda line: None)
+    # the cell's record is lost, its run folder kept, and the protocol changed since: the study must not
+    # continue the old run under the new protocol
+    (tmp_path / "runs" / "s" / "results.json").unlink()
+    with pytest.raises(CheckpointError, match=r"train\.max_steps: 2 -> 3"):
+        run_recall_study(study(3), command="x", root=tmp_path, log=lambda line: None)
+    assert not (tmp_path / "runs" / "s" / "results.json").exists()
+
+
 # -- copying at a fixed parameter budget, and the long copying study --------------------------------------
 LONG_STUDY = ROOT / "configs" / "recall" / "study" / "copying_long_cpu.yaml"
 

@@ -369,3 +369,35 @@ def test_a_bad_override_or_split_is_blamed_on_the_caller(finished_run):
     assert not isinstance(info.value, CheckpointError)  # the checkpoint itself is fine
     with pytest.raises(ValueError, match="has no 'nope' split; it has train, val, test"):
         evaluate_checkpoint(ckpt, "nope")
+
+
+def test_same_config_refuses_to_continue_a_run_of_another_protocol(tmp_path):
+    Trainer(toy_config(max_steps=9), tmp_path / "r").fit()
+    # a longer max_steps changes the protocol (schedules that anneal over training would differ from a
+    # fresh run): refused, naming the key, and the run folder is left as it was
+    with pytest.raises(CheckpointError, match=r"another config \(train\.max_steps: 9 -> 22\).*move its run folder"):
+        Trainer(toy_config(max_steps=22), tmp_path / "r", resume="auto", same_config=True).fit()
+    assert latest_checkpoint(tmp_path / "r" / "checkpoints").name == "step-00000009"
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.01 -> 0\.02"):
+        Trainer(toy_config(max_steps=9, lr=2e-2), tmp_path / "r", resume="auto", same_config=True).fit()
+    # keys that do not change what the run computes may differ
+    seen = _steps_seen()
+    Trainer(toy_config(max_steps=11, log_every=3, threads=1), tmp_path / "r", resume="auto", on_step_end=seen).fit()
+    assert seen.seen == [10, 11]  # without same_config a run may continue under a changed config
+    seen = _steps_seen()
+    Trainer(toy_config(max_steps=11, log_every=5), tmp_path / "r", resume="auto", same_config=True,
+            on_step_end=seen).fit()
+    assert seen.seen == []
+
+
+def test_config_differences():
+    from amlp.train.loop import config_differences
+
+    saved = {"seed": 0, "model": {"dim": 8, "sizes": [1, 2], "opts": {"b": 1}}, "train": {"lr": 1e-3, "progress": True},
+             "old": 1}
+    current = {"seed": 0, "model": {"dim": 16, "sizes": (1, 2), "opts": {"a": 2}}, "train": {"lr": 1e-3,
+                                                                                         "progress": False}}
+    assert config_differences(saved, current) == [("model.dim", 8, 16), ("model.opts.a", None, 2),
+                                                  ("model.opts.b", 1, None), ("old", 1, None)]
+    assert config_differences(saved, saved) == []
+    assert ("train.progress", True, False) in config_differences(saved, current, ignore=frozenset())

@@ -187,26 +187,17 @@ def split_mechanisms(text: str | None) -> list[str] | None:
     return out or None
 
 
-#: config keys a resumed run may change: where and how visibly it runs, and how long (to continue
-#: training further); every other key is the recorded run's
-RESUME_FREE_KEYS = ("train.progress", "train.threads", "train.device", "train.num_workers", "train.log_every",
-                    "train.tensorboard", "data.data_dir", "train.max_steps", "train.epochs")
+def _resume_free_keys() -> frozenset[str]:
+    """Config keys a resumed run may change: where and how visibly it runs, and how long (to continue
+    training further); every other key is the recorded run's."""
+    from .train.loop import NON_PROTOCOL_KEYS
 
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
+    return NON_PROTOCOL_KEYS | {"train.max_steps", "train.epochs"}
 
 
 def _resumed_config(run_dir: str, config: str | None, overrides: list[str]):
     """The config of the run being resumed: the one recorded in its folder, with only the keys of
-    :data:`RESUME_FREE_KEYS` changed; any other difference from ``--config`` / ``--set`` is an error
+    the keys of :func:`_resume_free_keys` changed; any other difference from ``--config`` / ``--set`` is an error
     naming the key."""
     import json
     from pathlib import Path
@@ -223,13 +214,15 @@ def _resumed_config(run_dir: str, config: str | None, overrides: list[str]):
         recorded = json.loads(recorded_path.read_text())
     except (json.JSONDecodeError, OSError) as err:
         raise ValueError(f"{str(recorded_path)!r} cannot be read ({err})") from None
-    free = [o for o in overrides if ".".join(parse_override(o)[0]) in RESUME_FREE_KEYS]
+    from .train.loop import config_differences
+
+    free_keys = _resume_free_keys()
+    free = [o for o in overrides if ".".join(parse_override(o)[0]) in free_keys]
     base = load_config(raw=recorded, overrides=free)
     wanted = load_config(config, overrides) if config else load_config(raw=recorded, overrides=overrides)
-    old, new = _flatten(base.to_dict()), _flatten(wanted.to_dict())
-    changed = [k for k in sorted(set(old) | set(new)) if k not in RESUME_FREE_KEYS and old.get(k) != new.get(k)]
+    changed = config_differences(base.to_dict(), wanted.to_dict(), ignore=free_keys)
     if changed:
-        shown = "; ".join(f"{k}: recorded {old.get(k)!r}, given {new.get(k)!r}" for k in changed[:5])
+        shown = "; ".join(f"{k}: recorded {a!r}, given {b!r}" for k, a, b in changed[:5])
         more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
         raise ValueError(f"the run in {run_dir!r} was made with another config: {shown}{more}. --resume needs only "
                          f"--run-dir (the folder records its config); drop the contradicting --config/--set, or "

@@ -200,6 +200,31 @@ def _setup_distributed() -> tuple[int, int, int, bool]:
     return rank, world, local_rank, True
 
 
+#: config keys that do not change what a run computes: where the data lies, how visibly and where the
+#: run goes (a run may continue under other values of these)
+NON_PROTOCOL_KEYS = frozenset({"data.data_dir", "train.progress", "train.tensorboard", "train.log_every",
+                               "train.num_workers", "train.threads", "train.device"})
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_leaves(value, name + "."))
+        else:
+            out[name] = json.loads(json.dumps(value))  # tuples and lists alike
+    return out
+
+
+def config_differences(old: dict, new: dict, ignore=NON_PROTOCOL_KEYS) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf of two nested config dicts (``to_dict()``)
+    that differs, a key only one side has included (its value None on the other), keys in ``ignore``
+    left out."""
+    a, b = _leaves(old), _leaves(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)]
+
+
 # -- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
     """Runs one experiment config in ``run_dir``.
@@ -212,11 +237,17 @@ class Trainer:
         task: an already built task (default: built from ``config.task``).
         on_step_end: called as ``on_step_end(trainer, step, loss)`` after every optimiser step
             (for tests and custom monitoring).
+        same_config: when resuming, refuse (:class:`CheckpointError`) a checkpoint written under a config
+            that differs from ``config`` in any key but :data:`NON_PROTOCOL_KEYS` (the studies set it, so
+            that a cell never continues a run of another protocol, e.g. a longer ``train.max_steps``);
+            by default a run may continue under a changed config (to train longer, say).
     """
 
     def __init__(self, config: ExperimentConfig, run_dir: str | Path, *, resume: bool | str | Path = False,
-                 task=None, on_step_end: Callable[["Trainer", int, float], None] | None = None):
+                 task=None, on_step_end: Callable[["Trainer", int, float], None] | None = None,
+                 same_config: bool = False):
         self.config = config
+        self.same_config = same_config
         self.tc: TrainConfig = config.train
         self.run_dir = Path(run_dir)
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -369,6 +400,18 @@ class Trainer:
         ckpt = load_checkpoint(path)
         where = f"checkpoint {str(path)!r}"
         check_model_state(self.model, ckpt.model, where)
+        if self.same_config:
+            try:  # read under this version's config (options added since take their defaults)
+                saved = build_config(ckpt.state["config"]).to_dict()
+            except (ValueError, TypeError) as err:
+                raise CheckpointError(f"{where} holds a config this version cannot read ({err})") from None
+            changed = config_differences(saved, self.config.to_dict())
+            if changed:
+                shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:5])
+                more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+                raise CheckpointError(f"{where} was written under another config ({shown}{more}), so it cannot "
+                                      "continue this run: move its run folder away (or remove it) to start "
+                                      f"again in {str(self.run_dir)!r}")
         opt_state = unflatten_optimizer_state(self.optimizer, ckpt.optimizer, ckpt.state.get("optimizer", {}), where)
         spe = ckpt.state.get("steps_per_epoch")
         if spe is not None and spe != self.steps_per_epoch:

@@ -265,7 +265,7 @@ def run_study(study: StudyConfig, *, command: str, mechanisms: list[str] | None 
             cell_overrides += [f"model.cross_options.{k}={json.dumps(v)}" for k, v in options.items()]
             cfg = load_config(root / cell.config, overrides + cell_overrides)
             run_dir = run_root / f"{cell.dataset}_{cell.features}" / mechanism_dir(cell.mechanism) / f"seed{cell.seed}"
-            result = run_experiment(cfg, run_dir, resume="auto")
+            result = run_experiment(cfg, run_dir, resume="auto", same_config=True)
             record = {"finished": True, "dataset": cell.dataset, "features": cell.features,
                       "mechanism": cell.mechanism, "seed": cell.seed, "config": str(cell.config),
                       "overrides": overrides, "steps": result.step, "tested_step": result.tested_step,

@@ -209,7 +209,7 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
             log(f"({i}/{len(cells)}) {key}: training")
             cfg = recall_cell_config(root, cfg_path, task, mech, value, dim, seed, overrides)
             run_dir = run_root / task / mechanism_dir(mech) / f"{TASK_AXES[task][1]}{value}-dim{dim}" / f"seed{seed}"
-            result = run_experiment(cfg, run_dir, resume="auto")
+            result = run_experiment(cfg, run_dir, resume="auto", same_config=True)
             test = result.test_metrics or {}
             record = {"finished": True, "task": task, "mechanism": mech, "value": value, "dim": dim, "seed": seed,
                       "config": str(cfg_path), "overrides": overrides, "steps": result.step, "test": test,

@@ -283,7 +283,7 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
             cfg = load_config(root / study.config, overrides + cell_overrides)
             run_dir = run_root / f"p{size}" / mechanism_dir(mech) / f"seed{seed}"
             log(f"({i}/{len(cells)}) {key}: training in {run_dir}")
-            result = run_experiment(cfg, run_dir, resume="auto")
+            result = run_experiment(cfg, run_dir, resume="auto", same_config=True)
             trained = machine()
             ckpt = _tested_checkpoint(run_dir, cfg)
             log(f"    generating {g.new_tokens} characters with {g.threads} thread(s)")

@@ -147,7 +147,7 @@ def run_mad_study(study: MADStudyConfig, *, command: str, mechanisms: list[str] 
             cfg = load_config(root / configs[task], overrides + cell_overrides)
             run_dir = run_root / task / mechanism_dir(mech) / f"seed{seed}"
             log(f"({i}/{len(cells)}) {key}: training in {run_dir}")
-            result = run_experiment(cfg, run_dir, resume="auto")
+            result = run_experiment(cfg, run_dir, resume="auto", same_config=True)
             ckpt = _tested_checkpoint(run_dir, cfg)
             record = cell_record(cfg, result, root=root, config=configs[task], overrides=overrides + cell_overrides,
                                  run_dir=run_dir, checkpoint=ckpt, task=task, mechanism=mech, seed=seed,

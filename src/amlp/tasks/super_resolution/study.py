@@ -166,7 +166,7 @@ def run_sr_study(study: SRStudyConfig, *, command: str, mechanisms: list[str] | 
             cfg = load_config(root / study.config, overrides + cell_overrides)
             run_dir = run_root / mechanism_dir(mech) / f"seed{seed}"
             log(f"({i}/{len(cells)}) {key}: training in {run_dir}")
-            result = run_experiment(cfg, run_dir, resume="auto")
+            result = run_experiment(cfg, run_dir, resume="auto", same_config=True)
             ckpt = _tested_checkpoint(run_dir, cfg)
             log(f"    timing sampling at batch {study.timing.batch_size}")
             timing = measure_sampling(ckpt, study.timing.batch_size, study.timing.images, cfg.train.threads,

@@ -302,7 +302,7 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
             cfg = load_config(root / study.configs[cell.row.arch], overrides + cell_overrides)
             run_dir = run_root / cell.direction / cell.row.arch / mechanism_dir(cell.row.mechanism) / f"seed{cell.seed}"
             log(f"({i}/{len(cells)}) {cell.key}: training in {run_dir}")
-            result = run_experiment(cfg, run_dir, resume="auto")
+            result = run_experiment(cfg, run_dir, resume="auto", same_config=True)
             ckpt = _tested_checkpoint(run_dir, cfg)
             tests = {cfg.data.test_split: result.test_metrics}
             for name in study.test_sets:

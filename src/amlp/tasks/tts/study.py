@@ -284,7 +284,7 @@ def run_tts_study(study: TTSStudyConfig, *, command: str, rows: list[str] | None
             cfg = load_config(root / study.configs[cell.row.arch], overrides + cell_overrides)
             run_dir = run_root / cell.row.arch / mechanism_dir(cell.row.mechanism) / f"seed{cell.seed}"
             log(f"({i}/{len(cells)}) {cell.key}: training in {run_dir}")
-            result = run_experiment(cfg, run_dir, resume="auto")
+            result = run_experiment(cfg, run_dir, resume="auto", same_config=True)
             ckpt = _tested_checkpoint(run_dir, cfg)
             log(f"    timing synthesis at batch sizes {study.latency.batch_sizes}")
             latency = measure_synthesis(ckpt, study.latency.batch_sizes, study.latency.utterances, cfg.train.threads)
