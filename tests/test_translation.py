@@ -633,3 +633,31 @@ def test_report_states_the_papers_comparisons_beside_the_study_means():
     # a pair with one row unfinished is left out: no en-de ABC cell, no de-en AMLP-PQuery cell
     assert "GLAT (ABC)" not in text and "de → en" not in text
     assert _paper_comparisons({}, study) == []
+
+
+def test_report_shows_an_earlier_protocol_beside_this_one():
+    from amlp.tasks.translation.study import (EarlierProtocol, StudyRow, TranslationStudyConfig, _earlier,
+                                              load_translation_study)
+
+    study = TranslationStudyConfig(configs={"transformer": "t.yaml", "glat": "g.yaml"},
+                                   rows=[StudyRow("transformer", "softmax"), StudyRow("glat", "softmax"),
+                                         StudyRow("glat", "abc")],
+                                   directions=["en-de"], test_sets=["test2016"])
+
+    def record(row, seed, bleu):
+        return {f"en-de/{row}/seed{seed}": {"finished": True, "direction": "en-de", "row": row, "seed": seed,
+                                            "tests": {"test2016": {"bleu": bleu}}}}
+
+    now = record("transformer/softmax", 0, 32.0) | record("glat/softmax", 0, 27.0)
+    before = record("glat/softmax", 0, 25.0) | record("glat/softmax", 1, 26.0) | record("glat/abc", 0, 20.0)
+    text = "\n".join(_earlier(EarlierProtocol("x.json", "GLAT trained 3,200 steps"), before, now, study))
+    assert text.startswith("## Earlier protocol: GLAT trained 3,200 steps")
+    assert "| en → de | GLAT (softmax) | 25.50 ± 0.71 | 2 | 27.00¹ | 1 |" in text
+    assert "| en → de | GLAT (ABC) | 20.00¹ | 1 | — | — |" in text
+    assert "Tr (softmax)" not in text  # no earlier cell of it
+    assert "GLAT (softmax) was 6.50 BLEU below the AR Transformer" in text
+    assert _earlier(EarlierProtocol("x.json", "y"), {}, now, study) == []
+    # the committed study names its earlier protocol's records, and they exist
+    root = Path(__file__).resolve().parents[1]
+    committed = load_translation_study(root / "configs/translation/study/cpu.yaml")
+    assert committed.earlier and all((root / e.records).is_file() for e in committed.earlier)

@@ -97,6 +97,15 @@ class MoreSeeds:
 
 
 @dataclass
+class EarlierProtocol:
+    """Cells of an earlier protocol of the study, kept in their own records file and shown in the report
+    beside the same rows under the current protocol."""
+    records: str
+    #: what differed, e.g. "GLAT trained 3,200 steps (twice the AR updates)"
+    label: str
+
+
+@dataclass
 class Latency:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 64])
     sentences: int = 200
@@ -123,6 +132,8 @@ class TranslationStudyConfig:
     #: sentences of the first test set shown in the tracked document as every row translates them (the
     #: first direction, each row's first seed), evenly spaced through the set; 0 shows none
     examples: int = 3
+    #: earlier protocols whose records the report compares with this one's
+    earlier: list[EarlierProtocol] = field(default_factory=list)
 
     def validate(self) -> None:
         unknown = sorted(set(self.configs) - set(ARCHS))
@@ -333,8 +344,14 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
         doc = root / study.doc
     else:
         doc = run_root / "report.md"
+    earlier = []
+    for e in study.earlier:
+        path = root / e.records
+        if not path.is_file():
+            raise ValueError(f"study key 'earlier': the records file {e.records!r} does not exist")
+        earlier.append((e, json.loads(path.read_text())))
     write_translation_report(doc, results, study=study, command=command, examples_root=root if write_doc else None,
-                             source=store.source(root))
+                             source=store.source(root), earlier=earlier)
     log(f"report written to {doc}")
     return doc
 
@@ -474,10 +491,12 @@ def _cell_values(results: dict, direction: str, row: str, get) -> list[float]:
 
 
 def write_translation_report(path: Path, results: dict, *, study: TranslationStudyConfig, command: str,
-                             examples_root: Path | None = None, source: str | None = None) -> None:
+                             examples_root: Path | None = None, source: str | None = None,
+                             earlier: list[tuple[EarlierProtocol, dict]] = ()) -> None:
     """The report in the layout of the paper's Tables 2 and 10, generated from the records in ``source``
     (default ``<run_root>/results.json``); with ``examples_root`` (the folder the recorded checkpoint
-    paths are relative to) also the example translations (:func:`example_translations`)."""
+    paths are relative to) also the example translations (:func:`example_translations`); with
+    ``earlier`` ((protocol, its records) pairs) a section per earlier protocol (:func:`_earlier`)."""
     from .task import bleu_signature, chrf_signature
 
     source = source or f"{study.run_root}/results.json"
@@ -527,6 +546,8 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
               "as decoded, as the GLAT and AMLP papers report it.", ""]
     lines += _requirements(results, study)
     lines += _paper_comparisons(results, study)
+    for protocol, records in earlier:
+        lines += _earlier(protocol, records, results, study)
     if examples_root is not None:
         lines += example_translations(results, study, examples_root)
     lines += _protocol(results)
@@ -649,6 +670,35 @@ def _paper_comparisons(results: dict, study: TranslationStudyConfig) -> list[str
     if not lines:
         return []
     return [f"## The paper's comparisons ({test} BLEU, means over seeds)", ""] + lines + [""]
+
+
+def _earlier(protocol: EarlierProtocol, records: dict, results: dict, study: TranslationStudyConfig) -> list[str]:
+    """The rows an earlier protocol has cells of: its test BLEU beside this protocol's, and its GLAT
+    (softmax) gap to this protocol's AR softmax model (the AR rows are the same in both)."""
+    test = study.test_sets[0]
+    bleu = lambda r: (r["tests"].get(test) or {}).get("bleu")  # noqa: E731
+    lines = [f"## Earlier protocol: {protocol.label}", "",
+             f"Records in `{protocol.records}`; {test} BLEU, mean ± std over seeds (¹ one seed).", "",
+             "| direction | model | earlier protocol | seeds | this protocol | seeds |", "|---|---|---|---|---|---|"]
+    found = False
+    for direction in study.directions:
+        for row in study.rows:
+            before = _cell_values(records, direction, row.key, bleu)
+            if not before:
+                continue
+            found = True
+            now = _cell_values(results, direction, row.key, bleu)
+            lines.append(f"| {direction.replace('-', ' → ')} | {_label(row)} | {fmt_seeds(before, 2)} | {len(before)} | "
+                         f"{fmt_seeds(now, 2) if now else '—'} | {len(now) if now else '—'} |")
+    if not found:
+        return []
+    lines.append("")
+    ar = _mean(_cell_values(results, "en-de", "transformer/softmax", bleu))
+    nar = _mean(_cell_values(records, "en-de", "glat/softmax", bleu))
+    if ar is not None and nar is not None:
+        lines += [f"Under the earlier protocol GLAT (softmax) was {ar - nar:.2f} BLEU below the AR Transformer "
+                  f"(softmax) on En→De {test} (means over seeds).", ""]
+    return lines
 
 
 def _protocol(results: dict) -> list[str]:
