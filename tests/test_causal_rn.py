@@ -276,6 +276,21 @@ def test_mixer_step_equals_forward_in_float32(name):
 
 
 @pytest.mark.parametrize("name", ["causal-rn", "causal-rn-quadratic"])
+def test_hidden_ratio_sets_the_relation_width_from_the_model_width(name):
+    m = amlp.build_mixer(name, dim=8, heads=1, causal=True, hidden_ratio=4)
+    assert m.hidden == 32 and m.in_query.out_features == m.in_key.out_features == m.out_proj.in_features == 32
+    assert amlp.build_mixer(name, dim=10, heads=1, hidden_ratio=1.5).hidden == 15
+    assert amlp.build_mixer(name, dim=8, heads=1).hidden == 8  # the default: h = E
+    with pytest.raises(ValueError, match="hidden .* or hidden_ratio .*, not both"):
+        amlp.build_mixer(name, dim=8, heads=1, hidden=16, hidden_ratio=2)
+    for bad in (0, -1.0, "4", True):
+        with pytest.raises(ValueError, match="hidden_ratio must be a number > 0"):
+            amlp.build_mixer(name, dim=8, heads=1, hidden_ratio=bad)
+    with pytest.raises(ValueError, match="hidden must be an int >= 2"):
+        amlp.build_mixer(name, dim=8, heads=1, hidden_ratio=0.1)  # round(0.8) = 1 feature
+
+
+@pytest.mark.parametrize("name", ["causal-rn", "causal-rn-quadratic"])
 def test_mixer_errors(name):
     with pytest.raises(ValueError, match="hidden"):
         amlp.build_mixer(name, dim=8, heads=1, hidden=0)

@@ -84,6 +84,27 @@ def test_lm_report_checks_the_softmax_target_in_nats_and_states_the_claims():
     assert "HyperGLU minus" not in text  # no finished HyperGLU cell, no line
 
 
+def test_lm_report_shows_an_earlier_protocol_beside_this_one():
+    from amlp.tasks.lm.study import _earlier
+    from amlp.train.study_common import EarlierProtocol
+
+    study = load_lm_study(LM_STUDY)
+
+    def rec(size, mech, seed, bpc):
+        return {f"{size}/{mech}/seed{seed}": {"finished": True, "size": size, "mechanism": mech, "seed": seed,
+                                              "bpc": bpc}}
+
+    before = rec(400000, "causal-rn", 0, 2.85) | rec(400000, "causal-rn", 1, 2.81)
+    now = rec(400000, "causal-rn", 0, 2.5) | rec(400000, "softmax", 0, 2.4)
+    text = "\n".join(_earlier(EarlierProtocol("x.json", "CausalRN with h = E"), before, now, study))
+    assert text.startswith("## Earlier protocol: CausalRN with h = E")
+    assert "| 400,000 | CausalRN | 2.830 ± 0.028 | 2 | 2.500¹ | 1 |" in text
+    assert "softmax" not in text.split("|---|")[-1]  # no earlier softmax cell, no row
+    assert _earlier(EarlierProtocol("x.json", "y"), {}, now, study) == []
+    # the committed study names its earlier protocols' records, and they exist
+    assert study.earlier and all((ROOT / e.records).is_file() for e in study.earlier)
+
+
 def test_every_lm_row_is_matched_at_each_size():
     study = load_lm_study(LM_STUDY)
     base = load_config(ROOT / study.config)

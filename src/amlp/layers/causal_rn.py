@@ -43,14 +43,23 @@ class _RelationNetwork(Mixer):
         heads: accepted for the mixer contract and ignored (one head; see the module docstring).
         causal: pool over the prefix ``j <= i`` (True) or over the whole sequence.
         hidden: h, the width of the relation features (default: ``dim``).
+        hidden_ratio: h as a multiple of ``dim`` instead, ``round(hidden_ratio * dim)`` (the papers' language
+            model uses 4, so that a block has the parameters of a Transformer block; give ``hidden`` or this).
         init_std: standard deviation of the normal initialisation of W_1, W_2 and W_3 (0.02).
         out_init_std: that of W_3 (default ``init_std``; the original code uses
             ``0.02 / sqrt(number of blocks)``, which a model passes here).
     """
 
     def __init__(self, dim: int, heads: int = 1, *, causal: bool = False, cross: bool = False,
-                 hidden: int | None = None, init_std: float = 0.02, out_init_std: float | None = None):
+                 hidden: int | None = None, hidden_ratio: float | None = None, init_std: float = 0.02,
+                 out_init_std: float | None = None):
         super().__init__(dim, heads, causal=causal, cross=cross)
+        if hidden_ratio is not None:
+            if hidden is not None:
+                raise ValueError(f"give hidden ({hidden!r}) or hidden_ratio ({hidden_ratio!r}), not both")
+            if isinstance(hidden_ratio, bool) or not isinstance(hidden_ratio, (int, float)) or not hidden_ratio > 0:
+                raise ValueError(f"hidden_ratio must be a number > 0, got {hidden_ratio!r}")
+            hidden = int(round(hidden_ratio * dim))
         hidden = dim if hidden is None else hidden
         if not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 2:
             raise ValueError(f"hidden must be an int >= 2 (LN0 over one feature is always zero), got {hidden!r}")
@@ -168,10 +177,11 @@ class CausalRNQuadratic(_RelationNetwork):
     capabilities = Capabilities(causal=True, noncausal=True, cross=False, padding=True, recurrent=True)
 
     def __init__(self, dim: int, heads: int = 1, *, causal: bool = False, cross: bool = False,
-                 hidden: int | None = None, chunk_size: int | str = DEFAULT_CHUNK_SIZE, init_std: float = 0.02,
+                 hidden: int | None = None, hidden_ratio: float | None = None,
+                 chunk_size: int | str = DEFAULT_CHUNK_SIZE, init_std: float = 0.02,
                  out_init_std: float | None = None, prenorm: str = "exact", activation: str = "exp"):
-        super().__init__(dim, heads, causal=causal, cross=cross, hidden=hidden, init_std=init_std,
-                         out_init_std=out_init_std)
+        super().__init__(dim, heads, causal=causal, cross=cross, hidden=hidden, hidden_ratio=hidden_ratio,
+                         init_std=init_std, out_init_std=out_init_std)
         if chunk_size != "auto" and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
                                      or chunk_size < 1):
             raise ValueError(f"chunk_size must be an int >= 1 or 'auto', got {chunk_size!r}")

@@ -123,6 +123,26 @@ def cell_record(cfg, result, *, root: Path, config: str, overrides: list[str], r
             "train": to_plain(cfg.train), "model": to_plain(cfg.model), "data": to_plain(cfg.data)}
 
 
+@dataclasses.dataclass
+class EarlierProtocol:
+    """Cells of an earlier protocol of a study (study key ``earlier``), kept in their own records file and
+    shown in the report beside the same cells under the current protocol."""
+    records: str
+    #: what differed, e.g. "GLAT trained 3,200 steps (twice the AR updates)"
+    label: str
+
+
+def load_earlier(root: Path, earlier: Iterable[EarlierProtocol]) -> list[tuple[EarlierProtocol, dict]]:
+    """Each earlier protocol with its records (``ValueError`` naming a records file that does not exist)."""
+    out = []
+    for e in earlier:
+        path = root / e.records
+        if not path.is_file():
+            raise ValueError(f"study key 'earlier': the records file {e.records!r} does not exist")
+        out.append((e, _read_results(path)))
+    return out
+
+
 #: ``--set`` keys that leave a study's protocol as it is (where the data lies, progress bars): cells run
 #: with only these are recorded in the study's tracked records file
 SAME_PROTOCOL_KEYS = ("train.progress", "data.data_dir")

@@ -53,9 +53,9 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_study_file
-from ...train.study_common import (CellStore, cell_record, cell_store, check_doc_selection, fmt_seeds, load_note,
-                                   machine, measure_training, record_values, report_path, start_timing_pass,
-                                   timing_passes, torch_threads)
+from ...train.study_common import (CellStore, EarlierProtocol, cell_record, cell_store, check_doc_selection,
+                                   fmt_seeds, load_earlier, load_note, machine, measure_training, record_values,
+                                   report_path, start_timing_pass, timing_passes, torch_threads)
 from ...train.study_forecasting import _mean_std, mechanism_dir, parse_mechanism
 
 LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Performer", "cosformer": "cosFormer",
@@ -126,6 +126,8 @@ class LMStudyConfig:
     records: str | None = None
     doc: str = "docs/results/lm.md"
     overrides: list[str] = field(default_factory=list)
+    #: earlier protocols whose records the report compares with this one's
+    earlier: list[EarlierProtocol] = field(default_factory=list)
 
     def validate(self) -> None:
         if not self.mechanisms or len(set(self.mechanisms)) != len(self.mechanisms):
@@ -301,7 +303,7 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     results = store.read()
     doc = report_path(root, run_root, study.doc, missing_cells(study, results), write_doc)
     write_lm_report(doc, results, study=study, command=command, figure=write_doc, root=root,
-                    source=store.source(root))
+                    source=store.source(root), earlier=load_earlier(root, study.earlier))
     log(f"report written to {doc}")
     return doc
 
@@ -354,7 +356,8 @@ def _params(recs: list[dict]) -> str:
 
 
 def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command: str, figure: bool,
-                    root: Path, source: str | None = None) -> None:
+                    root: Path, source: str | None = None,
+                    earlier: list[tuple[EarlierProtocol, dict]] = ()) -> None:
     finished = [r for r in results.values() if r.get("finished")]
     g = study.generation
     source = source or f"{study.run_root}/results.json"
@@ -388,6 +391,8 @@ def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command:
               "(NanoGPT on OpenWebText2, pre-training on FineWeb-Edu) are another data set and scale, and their "
               "per-model values are not in the project's sources.", ""]
     lines += report_checks(results, study)
+    for protocol, records in earlier:
+        lines += _earlier(protocol, records, results, study)
     lines += _samples(results, study)
     if figure:
         lines += _figure(results, study, root / "docs" / "figures" / FIGURE, path, root)
@@ -396,6 +401,22 @@ def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
+
+
+def _earlier(protocol: EarlierProtocol, records: dict, results: dict, study: LMStudyConfig) -> list[str]:
+    """The cells an earlier protocol has: their validation bpc beside this protocol's."""
+    lines = [f"## Earlier protocol: {protocol.label}", "",
+             f"Records in `{protocol.records}`; validation bits per character, mean ± std over seeds (¹ one seed).",
+             "", "| parameters | mixer | earlier protocol | seeds | this protocol | seeds |", "|---|---|---|---|---|---|"]
+    found = False
+    for size in study.sizes:
+        for mech in study.mechanisms:
+            before, now = _bpcs(records, size, mech), _bpcs(results, size, mech)
+            if before:
+                found = True
+                lines.append(f"| {size:,} | {mechanism_label(mech)} | {fmt_seeds(before, 3)} | {len(before)} | "
+                             f"{fmt_seeds(now, 3) if now else '—'} | {len(now) if now else '—'} |")
+    return lines + [""] if found else []
 
 
 def _by_name(study: LMStudyConfig, name: str) -> str | None:

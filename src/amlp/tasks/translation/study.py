@@ -57,8 +57,8 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_study_file, to_plain
-from ...train.study_common import (CellStore, cell_store, fmt_seeds, load_note, machine, start_timing_pass,
-                                   timing_passes, torch_threads)
+from ...train.study_common import (CellStore, EarlierProtocol, cell_store, fmt_seeds, load_earlier, load_note,
+                                   machine, start_timing_pass, timing_passes, torch_threads)
 from ...train.study_forecasting import grid_refusal, mechanism_dir, parse_mechanism
 
 ARCHS = ("transformer", "glat")
@@ -94,15 +94,6 @@ class MoreSeeds:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     directions: list[str] = field(default_factory=lambda: ["en-de"])
     rows: list[str] = field(default_factory=list)
-
-
-@dataclass
-class EarlierProtocol:
-    """Cells of an earlier protocol of the study, kept in their own records file and shown in the report
-    beside the same rows under the current protocol."""
-    records: str
-    #: what differed, e.g. "GLAT trained 3,200 steps (twice the AR updates)"
-    label: str
 
 
 @dataclass
@@ -344,14 +335,8 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
         doc = root / study.doc
     else:
         doc = run_root / "report.md"
-    earlier = []
-    for e in study.earlier:
-        path = root / e.records
-        if not path.is_file():
-            raise ValueError(f"study key 'earlier': the records file {e.records!r} does not exist")
-        earlier.append((e, json.loads(path.read_text())))
     write_translation_report(doc, results, study=study, command=command, examples_root=root if write_doc else None,
-                             source=store.source(root), earlier=earlier)
+                             source=store.source(root), earlier=load_earlier(root, study.earlier))
     log(f"report written to {doc}")
     return doc
 
