@@ -197,7 +197,7 @@ def _resume_free_keys() -> frozenset[str]:
 
 def _resumed_config(run_dir: str, config: str | None, overrides: list[str]):
     """The config of the run being resumed: the one recorded in its folder, with only the keys of
-    the keys of :func:`_resume_free_keys` changed; any other difference from ``--config`` / ``--set`` is an error
+    :func:`_resume_free_keys` changed; any other difference from ``--config`` / ``--set`` is an error
     naming the key."""
     import json
     from pathlib import Path
