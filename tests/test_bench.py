@@ -15,7 +15,8 @@ from amlp.bench import (CROSSOVER_COLUMNS, GEN_COLUMNS, OPS_COLUMNS, GenerationS
 from amlp.bench.generation import _step_matches_forward
 from amlp.bench.memory import PeakMeter, cpu_peak_supported
 from amlp.bench.report import fmt_count, fmt_share
-from amlp.bench.workloads import Workload, count_aten_calls, count_flops, make_callable, options_for
+from amlp.bench.workloads import (Workload, count_aten_calls, count_flops, make_callable, options_for,
+                                  padding_mask)
 from amlp.layers.registry import accepted_options
 from amlp.cli import app
 from amlp.layers import Capabilities, Mixer, ProjectedMixer, register_mixer
@@ -121,6 +122,57 @@ def test_op_workload_is_the_mixers_per_head_op():
     assert facts["io_bytes"] == 8 * 2 * 5 * 2 * 3 * 8
     with pytest.raises(ValueError, match="kind"):
         make_callable(Workload(kind="nope", mixer="softmax", batch=1, length=4, heads=1, head_dim=2))
+
+
+def test_padding_mask_pads_the_end_of_every_row():
+    assert padding_mask(2, 8, 0.0) is None
+    mask = padding_mask(3, 8, 0.25)
+    assert mask.shape == (3, 8) and mask.dtype == torch.bool
+    assert mask.tolist() == [[True] * 6 + [False] * 2] * 3
+    assert padding_mask(1, 4, 0.99).tolist() == [[True, False, False, False]]  # one position stays real
+    for bad in (-0.1, 1.0, 1.5, True, "0.25"):
+        with pytest.raises(ValueError, match="padding"):
+            padding_mask(1, 4, bad)
+
+
+@pytest.mark.parametrize("kind,mixer,options", [("op", "amlp-cov", {"landmarks": 2, "form": "stable"}),
+                                                ("op", "softmax", {}),
+                                                ("layer", "amlp-pquery", {"landmarks": 2, "form": "official"})])
+def test_padded_workload_passes_the_masks(kind, mixer, options):
+    """With padding, the real positions' outputs are those of the same inputs cut to the real length;
+    without it (the same inputs, no masks), they are not."""
+    B, T, H, D, real = 2, 8, 2, 3, 6
+    w = Workload(kind=kind, mixer=mixer, batch=B, length=T, heads=H, head_dim=D, dtype="float64",
+                 options=options, padding=0.25)
+    fn, _ = make_callable(w)
+    padded = fn()
+    w.padding = 0.0
+    fn_full, _ = make_callable(w)
+    full = fn_full()
+    # rebuild the same inputs and module (the workload seeds both) and cut them to the real length
+    torch.manual_seed(w.seed)
+    gen = torch.Generator().manual_seed(w.seed)
+    module = amlp.build_mixer(mixer, dim=H * D, heads=H, **options).double().eval()
+    with torch.no_grad():
+        if kind == "op":
+            q, k, v = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float32).double() for _ in range(3))
+            cut = module.mix_heads(q[:, :real], k[:, :real], v[:, :real], None, None)
+        else:
+            x = torch.randn(B, T, H * D, generator=gen, dtype=torch.float32).double()
+            cut = module(x[:, :real])
+    torch.testing.assert_close(padded[:, :real], cut)
+    assert not torch.allclose(full[:, :real], cut)
+    w.padding = 0.25
+    w.mode = "fwdbwd"
+    fn, _ = make_callable(w)
+    assert all(torch.isfinite(g).all() for g in fn() if g is not None)
+
+
+def test_padding_is_refused_where_it_means_nothing():
+    with pytest.raises(ValueError, match="'op' and 'layer'"):
+        make_callable(Workload(kind="nar", mixer="softmax", batch=1, length=4, heads=1, head_dim=2, padding=0.5))
+    with pytest.raises(ValueError, match="padding"):
+        OpsSettings(padding=1.0).validate()
 
 
 def test_ar_step_gate_passes_for_softmax():
@@ -452,6 +504,22 @@ def test_cli_ops_end_to_end(tmp_path):
         assert (tmp_path / "ops_time.png").stat().st_size > 0
     res = CliRunner().invoke(app, ["bench", "plot", str(tmp_path / "missing")])
     assert res.exit_code == 2
+
+
+def test_cli_padded_run_records_the_padding(tmp_path):
+    res = CliRunner().invoke(app, ["bench", "ops", "--mixers", "amlp-pquery", "--padding", "0.25", "--lengths", "8",
+                                   "--heads", "2", "--head-dim", "4", "--landmarks", "2", "--min-run-time", "0.001",
+                                   "--bandwidth-mb", "1", "--no-memory", "--no-plots", "--threads", "1",
+                                   "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "25% of positions padded" in res.output
+    frame, header = read_csv(str(tmp_path / "ops.csv"))
+    assert (frame["padding"] == 0.25).all() and (frame["status"] == "ok").all()
+    assert header["settings.padding"] == "0.25"
+    res = CliRunner().invoke(app, ["bench", "report", str(tmp_path)])
+    assert res.exit_code == 0 and "25% of positions padded" in res.output
+    res = CliRunner().invoke(app, ["bench", "ops", "--padding", "1", "--out", str(tmp_path)])
+    assert res.exit_code == 2 and "padding" in res.output
 
 
 def test_cli_layer_level(tmp_path):

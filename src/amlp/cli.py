@@ -866,6 +866,8 @@ def bench_ops_command(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     level: str = typer.Option("op", help="op: mixer.mix_heads on [B,T,H,D]; layer: the whole module on [B,T,E]"),
     causal: bool = typer.Option(False, help="measure causal forms (mixers without one are skipped)"),
+    padding: float = typer.Option(0.0, help="fraction of each row's positions that are padding (its last ones), "
+                                            "masked out through the mixer's masks (0: no masks)"),
     baseline: str = typer.Option("softmax", help="mixer the others are compared with (added when not in --mixers; 'none': no comparison)"),
     min_run_time: float = typer.Option(None, help="seconds of timing per point (default 1; with --quick 0.05)"),
     memory: bool = typer.Option(True, help="measure peak memory"),
@@ -887,8 +889,9 @@ def bench_ops_command(
         settings = OpsSettings(
             mixers=parse_names(mixers), lengths=parse_lengths(_pick(lengths, quick, "256,512,1024", "256:8192")),
             batch=batch, heads=_pick(heads, quick, 4, 8), head_dim=_pick(head_dim, quick, 32, 64),
-            landmarks=landmarks, form=form, dtype=dtype, device=device, level=level, causal=causal, baseline=baseline,
-            min_run_time=_pick(min_run_time, quick, 0.05, 1.0), memory=memory, threads=_pick(threads, quick, 1, 0),
+            landmarks=landmarks, form=form, dtype=dtype, device=device, level=level, causal=causal, padding=padding,
+            baseline=baseline, min_run_time=_pick(min_run_time, quick, 0.05, 1.0), memory=memory,
+            threads=_pick(threads, quick, 1, 0),
             bandwidth_mb=_pick(bandwidth_mb, quick, 64, 256), counts=counts, matmul_size=matmul_size)
         settings.validate()
     except ValueError as exc:

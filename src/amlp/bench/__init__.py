@@ -35,7 +35,8 @@ def plots_available() -> bool:
 def _plot_title(header: dict) -> str:
     s = header["settings"]
     gpu = f", {header['gpu_model']}" if header.get("gpu_model", "none") != "none" else ""
-    sizes = (f"B={s['batch']}, H={s['heads']}, D={s['head_dim']}, c={s['landmarks']}, level={s['level']}"
+    padded = f", padding={s['padding']:g}" if s.get("padding") else ""
+    sizes = (f"B={s['batch']}, H={s['heads']}, D={s['head_dim']}, c={s['landmarks']}, level={s['level']}{padded}"
              if "dim" not in s else
              f"B={s['batch']}, E={s['dim']}, H={s['heads']}, layers={s['layers']}, c={s['landmarks']}, "
              f"sigma_1={s['activation']}")

@@ -35,8 +35,9 @@ def _machine(header: dict) -> str:
 def ops_markdown(payload: dict) -> str:
     header, rows = payload["header"], payload["rows"]
     s = header.get("settings", {})
+    padded = f", {s['padding']:.0%} of positions padded" if s.get("padding") else ""
     lines = [f"**ops** ({s.get('level', 'op')} level, {s.get('dtype')}, B = {s.get('batch')}, H = {s.get('heads')}, "
-             f"D = {s.get('head_dim')}, c = {s.get('landmarks')}): {_machine(header)}", "",
+             f"D = {s.get('head_dim')}, c = {s.get('landmarks')}{padded}): {_machine(header)}", "",
              _row(["mixer", "T", "fwd", "fwd+bwd", "fwd mem", "fwd+bwd mem", "x faster (fwd+bwd)",
                    "mem / softmax (fwd+bwd)", "fwd x floor", "% of peak (fwd+bwd)", "aten calls (fwd+bwd)",
                    "status"]),

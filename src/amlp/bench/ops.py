@@ -26,7 +26,8 @@ from .environment import (check_timing_settings, invocation, machine_header, mea
                           parse_dtype, resolve_device, torch_threads)
 from .memory import PeakMeter
 from .timing import measure_time
-from .workloads import MODES, Workload, count_aten_calls, count_flops, has_head_op, make_callable, options_for
+from .workloads import (MODES, Workload, check_padding, count_aten_calls, count_flops, has_head_op, make_callable,
+                        options_for)
 
 DEFAULT_MIXERS = ("softmax", "amlp-cov", "amlp-pquery")
 DEFAULT_LENGTHS = "256:8192"
@@ -40,7 +41,7 @@ METRICS = {  # crossover metric -> row column
 
 #: row columns, in order (the CSV/JSON schema)
 OPS_COLUMNS = [
-    "mixer", "status", "message", "level", "causal", "length", "batch", "heads", "head_dim", "landmarks",
+    "mixer", "status", "message", "level", "causal", "length", "batch", "padding", "heads", "head_dim", "landmarks",
     "dtype", "device",
     "fwd_time_s", "fwd_time_iqr_s", "fwd_runs", "fwdbwd_time_s", "fwdbwd_time_iqr_s", "fwdbwd_runs",
     "fwd_peak_bytes", "fwdbwd_peak_bytes", "fwd_first_peak_bytes", "fwdbwd_first_peak_bytes",
@@ -75,6 +76,9 @@ class OpsSettings:
     device: str = "auto"
     level: str = "op"
     causal: bool = False
+    #: fraction of each row's positions that are padding (its last ones), masked out through the
+    #: mixer's masks: what masking costs each mixer (0: no masks passed)
+    padding: float = 0.0
     #: mixer the others are compared with (added to ``mixers`` when missing); "" or "none": no comparison
     baseline: str = "softmax"
     min_run_time: float = 1.0
@@ -102,6 +106,7 @@ class OpsSettings:
             self.baseline = ""
         for name in self.mixers + ([self.baseline] if self.baseline else []):
             get_mixer_info(name)  # raises ValueError naming the registered mixers
+        check_padding(self.padding)
         parse_dtype(self.dtype)
         resolve_device(self.device)
         check_timing_settings(self.threads, self.min_run_time)
@@ -154,6 +159,7 @@ def run_ops(settings: OpsSettings, *, progress: Callable[[str], None] | None = N
             options = options_for(name, {"landmarks": settings.landmarks, "form": settings.form})
             level = _level_for(name, settings.level)
             base = {"mixer": name, "level": level, "causal": causal, "batch": settings.batch,
+                    "padding": settings.padding,
                     "heads": settings.heads, "head_dim": settings.head_dim,
                     "landmarks": options.get("landmarks"), "dtype": settings.dtype, "device": str(device)}
             status, message = _gate(name, options, settings, causal)
@@ -224,6 +230,8 @@ def _gate(name: str, options: dict, settings: OpsSettings, causal: bool) -> tupl
     info = get_mixer_info(name)
     if causal and not info.capabilities.causal:
         return "skipped", "no causal form"
+    if settings.padding and not info.capabilities.padding:
+        return "skipped", "takes no padding masks"
     result = check_mixer(name, **gate_kwargs(name), **options)
     if not result.passed:
         return "failed", f"correctness check against the reference failed: {result.message}"
@@ -246,7 +254,8 @@ def _measure_point(row, name, options, settings, device, causal, threads, bandwi
     for mode in MODES:
         w = Workload(kind=row["level"], mixer=name, batch=settings.batch, length=row["length"],
                      heads=settings.heads, head_dim=settings.head_dim, mode=mode, dtype=settings.dtype,
-                     device=str(device), causal=causal, options=options, seed=settings.seed)
+                     device=str(device), causal=causal, options=options, seed=settings.seed,
+                     padding=settings.padding)
         try:
             fn, facts = make_callable(w)
             t = measure_time(fn, min_run_time=settings.min_run_time, threads=threads)

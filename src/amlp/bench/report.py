@@ -122,7 +122,9 @@ def fmt_count(n) -> str:
 
 
 def ops_table(rows: list[dict], baseline: str) -> Table:
-    table = Table(title=f"sequence mixers: time and peak memory (speed-up and memory ratio vs {baseline})")
+    padding = next((r.get("padding") for r in rows if r.get("padding")), 0)
+    padded = f", {padding:.0%} of positions padded" if padding else ""
+    table = Table(title=f"sequence mixers: time and peak memory (speed-up and memory ratio vs {baseline}){padded}")
     for col in ("mixer", "T", "fwd", "fwd+bwd", "fwd mem", "fwd+bwd mem", f"x faster (fwd+bwd)",
                 "mem / base (fwd+bwd)", "fwd x floor", "% of peak (fwd+bwd)", "aten calls (fwd+bwd)", "status"):
         table.add_column(col, justify="left" if col in ("mixer", "status") else "right")

@@ -9,6 +9,11 @@ so that the same thing can be timed in this process and measured for memory in a
 * ``kind="ar"``: autoregressive generation of ``T`` tokens by the causal stack, one token per step
   through the mixers' recurrent ``step`` (a key/value cache for softmax attention).
 
+``padding`` (``op`` and ``layer`` only) is the fraction of each row's positions that are padding:
+the last ``round(padding * T)`` positions of every row (at least one stays real) are masked out, and
+the masks go to the mixer (``q_mask`` / ``kv_mask`` of the op, ``x_mask`` of the layer), so the
+time includes the mixer's masking work. Padded inputs hold random values, as real ones do.
+
 ``mode="fwd"`` runs the forward pass under ``torch.no_grad()``; ``mode="fwdbwd"`` runs the forward
 pass with autograd and the backward pass of a fixed random output gradient (gradients of the inputs
 and of every parameter, none accumulated between calls).
@@ -54,6 +59,7 @@ class Workload:
     layers: int = 2
     mlp_ratio: int = 4
     seed: int = 0
+    padding: float = 0.0
 
     @property
     def dim(self) -> int:
@@ -61,6 +67,21 @@ class Workload:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def padding_mask(batch: int, length: int, padding: float, device=None) -> torch.Tensor | None:
+    """Boolean ``[batch, length]`` mask (True = real) whose rows each end in ``round(padding * length)``
+    padded positions, at least one position kept real; None for ``padding == 0``."""
+    check_padding(padding)
+    if padding == 0:
+        return None
+    real = max(1, length - round(padding * length))
+    return (torch.arange(length, device=device) < real).expand(batch, length)
+
+
+def check_padding(padding) -> None:
+    if isinstance(padding, bool) or not isinstance(padding, (int, float)) or not 0 <= padding < 1:
+        raise ValueError(f"padding is the fraction of positions padded, in [0, 1); got {padding!r}")
 
 
 def options_for(name: str, wanted: dict) -> dict:
@@ -155,23 +176,29 @@ def make_callable(w: Workload) -> tuple[Callable[[], Any], dict]:
 
     B, T, H, D, E = w.batch, w.length, w.heads, w.head_dim, w.dim
     elem = torch.empty((), dtype=dtype).element_size()
+    check_padding(w.padding)
+    if w.padding and w.kind not in ("op", "layer"):
+        raise ValueError(f"padding applies to the 'op' and 'layer' workloads, not {w.kind!r}")
     if w.kind in ("op", "layer"):
         mixer = build_for_length(w.mixer, dim=E, heads=H, causal=w.causal, options=w.options, length=T)
         mixer = mixer.to(device=device, dtype=dtype).eval()
+        mask = padding_mask(B, T, w.padding, device)
+        if mask is not None and not mixer.capabilities.padding:
+            raise ValueError(f"mixer {w.mixer!r} does not take padding masks (capability 'padding')")
         if w.kind == "op":
             if not has_head_op(type(mixer)):
                 raise ValueError(f"mixer {w.mixer!r} has no per-head op (it mixes whole tokens); use level 'layer'")
             inputs = [randn(B, T, H, D, grad=True) for _ in range(3)]
 
             def forward():
-                return mixer.mix_heads(inputs[0], inputs[1], inputs[2], None, None)
+                return mixer.mix_heads(inputs[0], inputs[1], inputs[2], mask, mask)
 
             out_numel = B * T * H * D
         else:
             inputs = [randn(B, T, E, grad=True)]
 
             def forward():
-                return mixer(inputs[0])
+                return mixer(inputs[0], x_mask=mask)
 
             out_numel = B * T * E
         params = [p for p in mixer.parameters() if p.requires_grad]
