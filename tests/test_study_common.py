@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from amlp.train.study_common import check_doc_selection, fmt_seeds, load_note, report_path, torch_threads
+from amlp.train.study_common import (EarlierProtocol, check_doc_selection, earlier_section, fmt_seeds, load_note,
+                                    report_path, torch_threads)
 
 
 def test_fmt_seeds():
@@ -40,3 +41,14 @@ def test_torch_threads_restores():
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(original)
+
+
+def test_earlier_section_lists_only_rows_with_earlier_values():
+    protocol = EarlierProtocol(records="docs/results/records/x.json", label="fewer steps")
+    rows = [(["a", "one"], [1.0, 3.0], [2.0]), (["b", "two"], [], [5.0]), (["c", "three"], [4.0], [])]
+    lines = earlier_section(protocol, "loss", ["key", "name"], rows, 1)
+    assert lines[0] == "## Earlier protocol: fewer steps"
+    assert "`docs/results/records/x.json`; loss" in lines[2]
+    assert lines[4:6] == ["| key | name | earlier protocol | seeds | this protocol | seeds |", "|---|---|---|---|---|---|"]
+    assert lines[6:] == ["| a | one | 2.0 ± 1.4 | 2 | 2.0¹ | 1 |", "| c | three | 4.0¹ | 1 | — | — |", ""]
+    assert earlier_section(protocol, "loss", ["key"], [(["b"], [], [1.0])], 1) == []

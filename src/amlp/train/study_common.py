@@ -143,6 +143,26 @@ def load_earlier(root: Path, earlier: Iterable[EarlierProtocol]) -> list[tuple[E
     return out
 
 
+def earlier_section(protocol: EarlierProtocol, metric: str, key_columns: list[str],
+                    rows: Iterable[tuple[list[str], list[float], list[float]]], digits: int) -> list[str]:
+    """The report section of an earlier protocol: one table row per ``(key cells, earlier values, current
+    values)`` with earlier values, each side as mean ± std and its number of seeds; ``metric`` says what
+    the values are. Empty when no row has an earlier value."""
+    lines = [f"## Earlier protocol: {protocol.label}", "",
+             f"Records in `{protocol.records}`; {metric}, mean ± std over seeds (¹ one seed).", "",
+             "| " + " | ".join(key_columns + ["earlier protocol", "seeds", "this protocol", "seeds"]) + " |",
+             "|" + "---|" * (len(key_columns) + 4)]
+    found = False
+    for keys, before, now in rows:
+        if not before:
+            continue
+        found = True
+        lines.append("| " + " | ".join(keys + [fmt_seeds(before, digits), str(len(before)),
+                                               fmt_seeds(now, digits) if now else "—",
+                                               str(len(now)) if now else "—"]) + " |")
+    return lines + [""] if found else []
+
+
 #: ``--set`` keys that leave a study's protocol as it is (where the data lies, progress bars): cells run
 #: with only these are recorded in the study's tracked records file
 SAME_PROTOCOL_KEYS = ("train.progress", "data.data_dir")

@@ -54,7 +54,7 @@ import torch
 
 from ...train.config import from_dict, load_config, read_study_file
 from ...train.study_common import (CellStore, EarlierProtocol, cell_record, cell_store, check_doc_selection,
-                                   fmt_seeds, load_earlier, load_note, machine, measure_training, record_values,
+                                   earlier_section, fmt_seeds, load_earlier, load_note, machine, measure_training, record_values,
                                    report_path, start_timing_pass, timing_passes, torch_threads)
 from ...train.study_forecasting import _mean_std, mechanism_dir, parse_mechanism
 
@@ -405,18 +405,9 @@ def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command:
 
 def _earlier(protocol: EarlierProtocol, records: dict, results: dict, study: LMStudyConfig) -> list[str]:
     """The cells an earlier protocol has: their validation bpc beside this protocol's."""
-    lines = [f"## Earlier protocol: {protocol.label}", "",
-             f"Records in `{protocol.records}`; validation bits per character, mean ± std over seeds (¹ one seed).",
-             "", "| parameters | mixer | earlier protocol | seeds | this protocol | seeds |", "|---|---|---|---|---|---|"]
-    found = False
-    for size in study.sizes:
-        for mech in study.mechanisms:
-            before, now = _bpcs(records, size, mech), _bpcs(results, size, mech)
-            if before:
-                found = True
-                lines.append(f"| {size:,} | {mechanism_label(mech)} | {fmt_seeds(before, 3)} | {len(before)} | "
-                             f"{fmt_seeds(now, 3) if now else '—'} | {len(now) if now else '—'} |")
-    return lines + [""] if found else []
+    rows = (([f"{size:,}", mechanism_label(mech)], _bpcs(records, size, mech), _bpcs(results, size, mech))
+            for size in study.sizes for mech in study.mechanisms)
+    return earlier_section(protocol, "validation bits per character", ["parameters", "mixer"], rows, 3)
 
 
 def _by_name(study: LMStudyConfig, name: str) -> str | None:

@@ -57,8 +57,8 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_study_file, to_plain
-from ...train.study_common import (CellStore, EarlierProtocol, cell_store, fmt_seeds, load_earlier, load_note,
-                                   machine, start_timing_pass, timing_passes, torch_threads)
+from ...train.study_common import (CellStore, EarlierProtocol, cell_store, earlier_section, fmt_seeds, load_earlier,
+                                   load_note, machine, start_timing_pass, timing_passes, torch_threads)
 from ...train.study_forecasting import grid_refusal, mechanism_dir, parse_mechanism
 
 ARCHS = ("transformer", "glat")
@@ -662,22 +662,12 @@ def _earlier(protocol: EarlierProtocol, records: dict, results: dict, study: Tra
     (softmax) gap to this protocol's AR softmax model (the AR rows are the same in both)."""
     test = study.test_sets[0]
     bleu = lambda r: (r["tests"].get(test) or {}).get("bleu")  # noqa: E731
-    lines = [f"## Earlier protocol: {protocol.label}", "",
-             f"Records in `{protocol.records}`; {test} BLEU, mean ± std over seeds (¹ one seed).", "",
-             "| direction | model | earlier protocol | seeds | this protocol | seeds |", "|---|---|---|---|---|---|"]
-    found = False
-    for direction in study.directions:
-        for row in study.rows:
-            before = _cell_values(records, direction, row.key, bleu)
-            if not before:
-                continue
-            found = True
-            now = _cell_values(results, direction, row.key, bleu)
-            lines.append(f"| {direction.replace('-', ' → ')} | {_label(row)} | {fmt_seeds(before, 2)} | {len(before)} | "
-                         f"{fmt_seeds(now, 2) if now else '—'} | {len(now) if now else '—'} |")
-    if not found:
+    rows = (([direction.replace('-', ' → '), _label(row)], _cell_values(records, direction, row.key, bleu),
+             _cell_values(results, direction, row.key, bleu))
+            for direction in study.directions for row in study.rows)
+    lines = earlier_section(protocol, f"{test} BLEU", ["direction", "model"], rows, 2)
+    if not lines:
         return []
-    lines.append("")
     ar = _mean(_cell_values(results, "en-de", "transformer/softmax", bleu))
     nar = _mean(_cell_values(records, "en-de", "glat/softmax", bleu))
     if ar is not None and nar is not None:
