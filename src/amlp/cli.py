@@ -97,6 +97,15 @@ app.add_typer(study_app, name="study")
 app.add_typer(data_app, name="data")
 
 
+@train_app.callback()
+@study_app.callback()
+def _before_training() -> None:
+    # training processes keep freed memory for reuse (amlp.train.allocator; AMLP_RETAIN_FREED_MEMORY=0: off)
+    from .train.allocator import retain_freed_memory
+
+    retain_freed_memory()
+
+
 def _error(message: str) -> None:
     """Print an error to stderr (a redirected or piped output never holds it); the message is printed
     literally (paths, keys and values may hold brackets)."""
