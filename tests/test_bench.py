@@ -506,11 +506,15 @@ def test_cli_ops_end_to_end(tmp_path):
     assert res.exit_code == 2
 
 
+def _tiny_ops(tmp_path, *options):
+    """`amlp bench ops` at T = 8 on tiny heads, no memory, no plots, with the given options."""
+    return CliRunner().invoke(app, ["bench", "ops", "--lengths", "8", "--heads", "2", "--head-dim", "4", "--landmarks",
+                                    "2", "--min-run-time", "0.001", "--bandwidth-mb", "1", "--no-memory", "--no-plots",
+                                    "--out", str(tmp_path), *options])
+
+
 def test_cli_padded_run_records_the_padding(tmp_path):
-    res = CliRunner().invoke(app, ["bench", "ops", "--mixers", "amlp-pquery", "--padding", "0.25", "--lengths", "8",
-                                   "--heads", "2", "--head-dim", "4", "--landmarks", "2", "--min-run-time", "0.001",
-                                   "--bandwidth-mb", "1", "--no-memory", "--no-plots", "--threads", "1",
-                                   "--out", str(tmp_path)])
+    res = _tiny_ops(tmp_path, "--mixers", "amlp-pquery", "--padding", "0.25", "--threads", "1")
     assert res.exit_code == 0, res.output
     assert "25% of positions padded" in res.output
     frame, header = read_csv(str(tmp_path / "ops.csv"))
@@ -523,10 +527,7 @@ def test_cli_padded_run_records_the_padding(tmp_path):
 
 
 def test_cli_layer_level(tmp_path):
-    res = CliRunner().invoke(app, ["bench", "ops", "--level", "layer", "--mixers", "amlp-pquery", "--baseline", "none",
-                                   "--lengths", "8", "--heads", "2", "--head-dim", "4", "--landmarks", "2",
-                                   "--min-run-time", "0.001", "--bandwidth-mb", "1", "--no-memory", "--no-plots",
-                                   "--out", str(tmp_path)])
+    res = _tiny_ops(tmp_path, "--level", "layer", "--mixers", "amlp-pquery", "--baseline", "none")
     assert res.exit_code == 0, res.output
     frame, _ = read_csv(str(tmp_path / "ops.csv"))
     assert (frame["level"] == "layer").all() and (frame["fwdbwd_time_s"] > 0).all()
