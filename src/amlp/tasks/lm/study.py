@@ -54,8 +54,8 @@ import torch
 
 from ...train.config import from_dict, load_config, read_study_file
 from ...train.study_common import (CellStore, EarlierProtocol, cell_record, cell_store, check_doc_selection,
-                                   earlier_section, fmt_seeds, load_earlier, load_note, machine, measure_training, record_values,
-                                   report_path, start_timing_pass, timing_passes, torch_threads)
+                                   earlier_section, fmt_seeds, load_earlier, load_note, machine, measure_training,
+                                   record_values, report_path, start_timing_pass, timing_passes, torch_threads)
 from ...train.study_forecasting import _mean_std, mechanism_dir, parse_mechanism
 
 LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Performer", "cosformer": "cosFormer",
