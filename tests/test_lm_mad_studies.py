@@ -335,6 +335,12 @@ def test_mad_study_runs_a_cell_writes_the_report_and_refuses_the_doc(tmp_path):
     logs.clear()
     run_mad_study(study, command="amlp study mad", mechanisms=["softmax"], root=tmp_path, log=logs.append)
     assert any("in-context-recall/softmax/seed0: done before, skipped" in line for line in logs)
+    # the finished cell ran 3 steps: under a protocol of 4 it is neither skipped nor reported as done
+    longer = _mad_study(tmp_path, overrides=[o for o in MAD_TINY if not o.startswith("train.max_steps")]
+                        + ["train.max_steps=4"])
+    for doc_only in (False, True):
+        with pytest.raises(ValueError, match="in-context-recall/softmax/seed0: train.max_steps: 3 -> 4"):
+            run_mad_study(longer, command="amlp study mad", root=tmp_path, doc_only=doc_only, log=logs.append)
     with pytest.raises(ValueError, match="in-context-recall/hyper-glu:sequence_mixing=none/seed0"):
         run_mad_study(study, command="amlp study mad", write_doc=True, doc_only=True, root=tmp_path)
     assert not (tmp_path / "docs").exists()

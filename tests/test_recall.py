@@ -291,7 +291,7 @@ def test_recall_study_runs_resumes_and_writes_the_report(tmp_path):
     assert not any(": training" in line for line in logs)
 
 
-def test_recall_study_never_continues_a_run_of_another_protocol(tmp_path):
+def test_recall_study_never_counts_or_continues_a_run_of_another_protocol(tmp_path):
     from amlp.train import CheckpointError
     from amlp.train.study_recall import load_recall_study, run_recall_study
 
@@ -306,6 +306,10 @@ def test_recall_study_never_continues_a_run_of_another_protocol(tmp_path):
         return load_recall_study(path)
 
     run_recall_study(study(2), command="x", root=tmp_path, log=lambda line: None)
+    # the cell's record kept: it is refused as a result of another protocol, not skipped as done
+    for doc_only in (False, True):
+        with pytest.raises(ValueError, match=r"copying/softmax/S2/dim8/seed0: train\.max_steps: 2 -> 3"):
+            run_recall_study(study(3), command="x", root=tmp_path, doc_only=doc_only, log=lambda line: None)
     # the cell's record is lost, its run folder kept, and the protocol changed since: the study must not
     # continue the old run under the new protocol
     (tmp_path / "runs" / "s" / "results.json").unlink()

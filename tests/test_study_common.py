@@ -1,11 +1,17 @@
-"""Helpers shared by the grid studies: formatting over seeds, the load sentence, the report target."""
+"""Helpers shared by the grid studies: formatting over seeds, the load sentence, the report target, the
+check that a finished cell ran under the protocol of the study now."""
 
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from amlp.train.study_common import (EarlierProtocol, check_doc_selection, earlier_section, fmt_seeds, load_note,
-                                    report_path, torch_threads)
+from amlp.train.config import load_config, to_plain
+from amlp.train.study_common import (EarlierProtocol, check_doc_selection, check_protocols, earlier_section, fmt_seeds,
+                                    load_note, protocol_changes, report_path, torch_threads)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_fmt_seeds():
@@ -52,3 +58,80 @@ def test_earlier_section_lists_only_rows_with_earlier_values():
     assert lines[4:6] == ["| key | name | earlier protocol | seeds | this protocol | seeds |", "|---|---|---|---|---|---|"]
     assert lines[6:] == ["| a | one | 2.0 ± 1.4 | 2 | 2.0¹ | 1 |", "| c | three | 4.0¹ | 1 | — | — |", ""]
     assert earlier_section(protocol, "loss", ["key"], [(["b"], [], [1.0])], 1) == []
+
+
+def _record(cfg) -> dict:
+    # as a record holds it after a round trip through its JSON file
+    return json.loads(json.dumps({"finished": True, **{k: to_plain(getattr(cfg, k)) for k in ("model", "train", "data")}}))
+
+
+def test_protocol_changes_name_the_fields_that_differ():
+    cfg = load_config(ROOT / "configs/mad/cpu/in-context-recall.yaml")
+    record = _record(cfg)
+    assert protocol_changes(record, cfg) == []
+    steps = cfg.train.max_steps
+    record["train"]["max_steps"] = steps + 7
+    assert protocol_changes(record, cfg) == [f"train.max_steps: {steps + 7!r} -> {steps!r}"]
+    # fields that do not change what a cell measures, and fields one side lacks, are not compared
+    record = _record(cfg)
+    record["train"]["progress"] = not cfg.train.progress
+    record["data"]["data_dir"] = "/elsewhere"
+    del record["model"]["dim"]
+    record["train"]["a_field_from_an_older_version"] = 1
+    del record["data"]
+    assert protocol_changes(record, cfg) == []
+
+
+def test_protocol_changes_compare_only_the_options_of_the_cells_mixer():
+    cfg = load_config(ROOT / "configs/mad/cpu/in-context-recall.yaml", ["model.mixer=softmax"])
+    record = _record(cfg)
+    # options for another mixer, added since the cell ran, leave the cell's protocol as it was
+    record["model"]["mixer_options"] = {"softmax": record["model"]["mixer_options"].get("softmax", {})}
+    assert protocol_changes(record, load_config(ROOT / "configs/mad/cpu/in-context-recall.yaml",
+                                                ["model.mixer=softmax", "model.mixer_options.local.wsize=3"])) == []
+    # an option of the cell's own mixer changes it
+    changed = load_config(ROOT / "configs/mad/cpu/in-context-recall.yaml",
+                          ["model.mixer=local", "model.mixer_options.local.wsize=3"])
+    before = _record(load_config(ROOT / "configs/mad/cpu/in-context-recall.yaml", ["model.mixer=local"]))
+    assert [c.split(":")[0] for c in protocol_changes(before, changed)] == ["model.mixer_options"]
+
+
+def test_check_protocols_refuses_cells_of_another_protocol_and_names_them():
+    cfg = load_config(ROOT / "configs/mad/cpu/in-context-recall.yaml")
+    same, other = _record(cfg), _record(cfg)
+    other["train"]["max_steps"] = cfg.train.max_steps + 1
+    results = {"a": same, "b": other, "c": {**other, "finished": False}}
+    check_protocols(results, [("a", lambda r: cfg), ("c", lambda r: cfg), ("missing", lambda r: cfg)], "r.json")
+    with pytest.raises(ValueError, match=r"(?s)1 finished cell\(s\) in r.json .*\n  b: train.max_steps: .*'earlier'"):
+        check_protocols(results, [("a", lambda r: cfg), ("b", lambda r: cfg)], "r.json")
+
+
+@pytest.mark.parametrize("study, records, agree", [
+    ("translation", "translation-cpu.json", True), ("translation", "translation-cpu-glat3200.json", False),
+    ("lm", "lm-cpu.json", True), ("lm", "lm-cpu-causal-rn-hidden-e.json", False)])
+def test_the_tracked_records_agree_with_the_study_configs_and_the_earlier_protocols_do_not(study, records, agree):
+    """Every finished cell in a study's tracked records ran under the protocol its configs give now; the
+    cells kept as an earlier protocol are told apart by the check."""
+    import functools
+
+    path = ROOT / "docs/results/records" / records
+    results = json.loads(path.read_text())
+    if study == "translation":
+        from amlp.tasks.translation import study as mod
+
+        st = mod.load_translation_study(ROOT / "configs/translation/study/cpu.yaml")
+        current = [(c.key, functools.partial(mod._config_now, st, ROOT, list(st.overrides), c))
+                   for c in mod.study_cells(st)]
+    else:
+        from amlp.tasks.lm import study as mod
+
+        st = mod.load_lm_study(ROOT / "configs/lm/study/cpu.yaml")
+        current = [(mod.cell_key(*c), lambda r, c=c: load_config(ROOT / st.config, list(st.overrides)
+                                                                  + mod._cell_overrides(*c)))
+                   for c in mod.study_cells(st)]
+    assert any(r.get("finished") for r in results.values())
+    if agree:
+        check_protocols(results, current, records)
+    else:
+        with pytest.raises(ValueError, match="another protocol"):
+            check_protocols(results, current, records)

@@ -517,6 +517,10 @@ def test_study_records_carry_the_grid_to_a_machine_without_its_run_folders(tmp_p
     examples = doc[doc.index("## Examples"):doc.index("## Protocol")]
     for label in ("Tr (softmax)", "GLAT (ABC)", "GLAT (softmax)"):
         assert examples.count(f"| {label} | ") == 2, label
+    # a cell that finished under another protocol is refused, not skipped as done
+    with pytest.raises(ValueError, match="en-de/glat/softmax/seed0: train.max_steps: 4 -> 3"):
+        run_translation_study(study, command="amlp study translation", rows=["glat/softmax"],
+                              extra_overrides=["train.max_steps=3"], log=logged.append)
     # without the teacher's checkpoint or its saved targets a NAR cell cannot start, and says why
     saved.unlink()
     shutil.rmtree(tmp_path / "runs")

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -204,6 +204,71 @@ class CellStore:
         path = Path(record.get("checkpoint") or "")
         path = path if path.is_absolute() else root / path
         return path if record.get("checkpoint") and path.exists() else None
+
+
+#: config fields that do not change what a cell measures (where the data and caches lie, progress bars):
+#: a finished cell recorded with other values here still belongs to the protocol
+PROTOCOL_FREE_FIELDS = SAME_PROTOCOL_KEYS + ("data.cache_dir",)
+
+
+def _protocol_fields(section: dict) -> dict:
+    """A config section's fields as compared between a record and the protocol now: per-mixer option tables
+    (``mixer_options``, keyed by mixer name) reduced to the entry of the section's ``mixer``."""
+    out = dict(section)
+    if isinstance(out.get("mixer"), str) and isinstance(out.get("mixer_options"), dict):
+        table = out["mixer_options"]
+        if all(isinstance(v, dict) for v in table.values()):
+            out["mixer_options"] = {out["mixer"]: table.get(out["mixer"], {})}
+    return out
+
+
+def protocol_changes(record: dict, cfg) -> list[str]:
+    """How the protocol of a finished cell's ``record`` differs from ``cfg`` (the cell's experiment config
+    now): ``"section.field: recorded -> now"`` for each field of ``model``, ``train`` and ``data`` that
+    both have and whose values differ (a whole options mapping is one field). Fields one side lacks (a
+    field the code added since the cell finished, a record without the section) are not compared, nor
+    :data:`PROTOCOL_FREE_FIELDS`."""
+    changes = []
+    for name in ("model", "train", "data"):
+        recorded = record.get(name)
+        if not isinstance(recorded, dict):
+            continue
+        before, now = _protocol_fields(recorded), _protocol_fields(to_plain(getattr(cfg, name)))
+        for key in before:
+            dotted = f"{name}.{key}"
+            if key in now and dotted not in PROTOCOL_FREE_FIELDS and _plain(before[key]) != _plain(now[key]):
+                changes.append(f"{dotted}: {before[key]!r} -> {now[key]!r}")
+    return changes
+
+
+def _plain(value):
+    """``value`` as JSON gives it back (tuples as lists, keys as strings), so a record read from its file
+    compares equal to the config it was written from."""
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def check_protocols(results: dict, current: Iterable[tuple[str, Callable[[dict], object]]], source: str) -> None:
+    """Refuse (``ValueError``) when a finished cell was recorded under another protocol than the study's
+    now, before any work: its result would otherwise be counted, and reported, as this protocol's.
+
+    ``current`` gives ``(cell key, function of the cell's record -> the cell's experiment config now)``
+    for the cells to check; ``results`` are the study's records, ``source`` the file that holds them."""
+    stale = []
+    for key, config_now in current:
+        record = results.get(key) or {}
+        if record.get("finished"):
+            changes = protocol_changes(record, config_now(record))
+            if changes:
+                stale.append(f"  {key}: " + "; ".join(changes))
+    if stale:
+        raise ValueError(
+            f"{len(stale)} finished cell(s) in {source} were recorded under another protocol than the study's "
+            "configs give now, and would be reported as this protocol's:\n" + "\n".join(stale) + "\n"
+            "Keep them as an earlier protocol (move them to a records file of their own and name it under the "
+            "study key 'earlier'), or delete them from the records (and their run folders) to train them again "
+            "under the protocol now; or restore the configs they ran with.")
 
 
 def cell_store(root: Path, run_root: Path, records: str | None, extra_overrides: Iterable[str] = (),

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import from_dict, load_config, read_study_file, to_plain
-from .study_common import cell_store
+from .study_common import cell_store, check_protocols
 from .study_forecasting import _fmt, grid_refusal, _mean_std, mechanism_dir, parse_mechanism
 
 TASK_AXES = {"copying": ("data.string_len", "S"), "mqar": ("data.num_pairs", "pairs")}
@@ -194,6 +194,13 @@ def run_recall_study(study: RecallStudyConfig, *, command: str, mechanisms: list
         outside = [k for k in missing() if k not in mine]
         if outside:
             raise ValueError(_refusal(study, outside))
+
+    def config_now(task, cfg_path, mech, value, dim, seed):
+        return lambda record: recall_cell_config(root, cfg_path, task, mech, value, dim, seed, overrides)
+
+    checked = _cells(study, root, overrides, study.mechanisms, None, None, None, None) if write_doc else cells
+    check_protocols(store.read(), ((recall_cell_key(t, m, v, d, s), config_now(t, p, m, v, d, s))
+                                   for t, p, m, v, d, s in checked), store.source(root))
     if not doc_only:
         # every cell's config is checked before the first trains: a bad value fails now, not hours in
         for task, cfg_path, mech, value, dim, seed in cells:

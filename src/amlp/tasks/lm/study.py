@@ -54,8 +54,9 @@ import torch
 
 from ...train.config import from_dict, load_config, read_study_file
 from ...train.study_common import (CellStore, EarlierProtocol, cell_record, cell_store, check_doc_selection,
-                                   earlier_section, fmt_seeds, load_earlier, load_note, machine, measure_training,
-                                   record_values, report_path, start_timing_pass, timing_passes, torch_threads)
+                                   check_protocols, earlier_section, fmt_seeds, load_earlier, load_note, machine,
+                                   measure_training, record_values, report_path, start_timing_pass, timing_passes,
+                                   torch_threads)
 from ...train.study_forecasting import _mean_std, mechanism_dir, parse_mechanism
 
 LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Performer", "cosformer": "cosFormer",
@@ -94,6 +95,11 @@ def mechanism_overrides(mech: str) -> list[str]:
     options for that mixer)."""
     mixer, options = parse_mechanism(mech, "causal")
     return [f"model.mixer={mixer}"] + [f"model.mixer_options.{mixer}.{k}={json.dumps(v)}" for k, v in options.items()]
+
+
+def _cell_overrides(size: int, mech: str, seed: int) -> list[str]:
+    """The overrides that make a cell of the study's config: seed, parameter budget and mixer."""
+    return [f"seed={seed}", f"model.match_params={size}"] + mechanism_overrides(mech)
 
 
 @dataclass
@@ -272,6 +278,12 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     if write_doc:
         check_doc_selection(study.doc, missing_cells(study, store.read()),
                             (cell_key(*c) for c in cells))
+
+    def config_now(size: int, mech: str, seed: int):
+        return lambda record: load_config(root / study.config, overrides + _cell_overrides(size, mech, seed))
+
+    checked = study_cells(study) if write_doc else cells
+    check_protocols(store.read(), ((cell_key(*c), config_now(*c)) for c in checked), store.source(root))
     if retime and not doc_only:
         _retime(study, cells, root, store, log)
     elif not doc_only:
@@ -281,7 +293,7 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
             if store.finished(key):
                 log(f"({i}/{len(cells)}) {key}: done before, skipped")
                 continue
-            cell_overrides = [f"seed={seed}", f"model.match_params={size}"] + mechanism_overrides(mech)
+            cell_overrides = _cell_overrides(size, mech, seed)
             cfg = load_config(root / study.config, overrides + cell_overrides)
             run_dir = run_root / f"p{size}" / mechanism_dir(mech) / f"seed{seed}"
             log(f"({i}/{len(cells)}) {key}: training in {run_dir}")

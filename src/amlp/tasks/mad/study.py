@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Callable
 
 from ...train.config import from_dict, load_config, read_study_file
-from ...train.study_common import cell_record, cell_store, check_doc_selection, fmt_seeds, report_path
+from ...train.study_common import (cell_record, cell_store, check_doc_selection, check_protocols, fmt_seeds,
+                                   report_path)
 from ...train.study_forecasting import mechanism_dir
 from ..lm.study import check_causal_mechanism, mechanism_label, mechanism_overrides
 from .data import MAD_TASK_NAMES
@@ -111,6 +112,11 @@ def missing_cells(study: MADStudyConfig, tasks: list[str], results: dict) -> lis
     return [k for k in keys if not results.get(k, {}).get("finished")]
 
 
+def _cell_overrides(mech: str, seed: int) -> list[str]:
+    """The overrides that make a cell of its task's config: seed and mixer."""
+    return [f"seed={seed}"] + mechanism_overrides(mech)
+
+
 def run_mad_study(study: MADStudyConfig, *, command: str, mechanisms: list[str] | None = None,
                   tasks: list[str] | None = None, seeds: list[int] | None = None,
                   extra_overrides: list[str] | None = None, root: Path | None = None,
@@ -137,13 +143,20 @@ def run_mad_study(study: MADStudyConfig, *, command: str, mechanisms: list[str] 
     if write_doc:
         check_doc_selection(study.doc, missing_cells(study, list(configs), store.read()),
                             (cell_key(t, m, s) for m, t, s in cells))
+
+    def config_now(mech: str, task: str, seed: int):
+        return lambda record: load_config(root / configs[task], overrides + _cell_overrides(mech, seed))
+
+    checked = study_cells(study, list(configs)) if write_doc else cells
+    check_protocols(store.read(), ((cell_key(t, m, s), config_now(m, t, s)) for m, t, s in checked),
+                    store.source(root))
     if not doc_only:
         for i, (mech, task, seed) in enumerate(cells, 1):
             key = cell_key(task, mech, seed)
             if store.finished(key):
                 log(f"({i}/{len(cells)}) {key}: done before, skipped")
                 continue
-            cell_overrides = [f"seed={seed}"] + mechanism_overrides(mech)
+            cell_overrides = _cell_overrides(mech, seed)
             cfg = load_config(root / configs[task], overrides + cell_overrides)
             run_dir = run_root / task / mechanism_dir(mech) / f"seed{seed}"
             log(f"({i}/{len(cells)}) {key}: training in {run_dir}")

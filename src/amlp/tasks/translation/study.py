@@ -48,6 +48,7 @@ A study file::
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -57,8 +58,8 @@ from typing import Any, Callable
 import torch
 
 from ...train.config import from_dict, load_config, read_study_file, to_plain
-from ...train.study_common import (CellStore, EarlierProtocol, cell_store, earlier_section, fmt_seeds, load_earlier,
-                                   load_note, machine, start_timing_pass, timing_passes, torch_threads)
+from ...train.study_common import (CellStore, EarlierProtocol, cell_store, check_protocols, earlier_section, fmt_seeds,
+                                   load_earlier, load_note, machine, start_timing_pass, timing_passes, torch_threads)
 from ...train.study_forecasting import grid_refusal, mechanism_dir, parse_mechanism
 
 ARCHS = ("transformer", "glat")
@@ -194,6 +195,20 @@ def _site_overrides(row: StudyRow) -> list[str]:
     return out
 
 
+def _cell_overrides(cell) -> list[str]:
+    """The overrides that make a cell of its row's config: direction, seed and the mixers of the sites (the
+    GLAT rows add their distilled targets)."""
+    source, target = cell.direction.split("-")
+    return [f"data.source={source}", f"data.target={target}", f"seed={cell.seed}"] + _site_overrides(cell.row)
+
+
+def _config_now(study: TranslationStudyConfig, root: Path, overrides: list[str], cell, record: dict):
+    """The experiment config a finished cell would run with now (its distilled targets as its record
+    names them)."""
+    distill = [o for o in record.get("overrides", []) if o.startswith("data.distill_")]
+    return load_config(root / study.configs[cell.row.arch], overrides + _cell_overrides(cell) + distill)
+
+
 def _tested_checkpoint(run_dir: Path, cfg) -> Path:
     name = {"average": "averaged", "best": "best"}.get(cfg.train.test_checkpoint)
     if name and (run_dir / "checkpoints" / name).is_dir():
@@ -264,6 +279,8 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
         outside = [k for k in missing_cells(study, store.read()) if k not in {c.key for c in cells}]
         if outside:
             raise ValueError(_refusal(study, outside))
+    check_protocols(store.read(), ((c.key, functools.partial(_config_now, study, root, overrides, c))
+                                   for c in (study_cells(study) if write_doc else cells)), store.source(root))
     if retime and not doc_only:
         started = start_timing_pass(log)
         for i, cell, record, ckpt in _finished(cells, store, root, log, "time"):
@@ -296,11 +313,8 @@ def run_translation_study(study: TranslationStudyConfig, *, command: str, rows: 
                 if is_teacher:
                     _save_distilled(study, store, root, cell.direction, overrides, log)
                 continue
-            source, target = cell.direction.split("-")
-            cell_overrides = [f"data.source={source}", f"data.target={target}", f"seed={cell.seed}"]
-            cell_overrides += _site_overrides(cell.row)
-            if cell.row.arch == "glat":
-                cell_overrides.append(_distill_override(study, store, root, cell, overrides, log))
+            distill = [_distill_override(study, store, root, cell, overrides, log)] if cell.row.arch == "glat" else []
+            cell_overrides = _cell_overrides(cell) + distill
             cfg = load_config(root / study.configs[cell.row.arch], overrides + cell_overrides)
             run_dir = run_root / cell.direction / cell.row.arch / mechanism_dir(cell.row.mechanism) / f"seed{cell.seed}"
             log(f"({i}/{len(cells)}) {cell.key}: training in {run_dir}")
