@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import json
 import math
 import os
 import tempfile
@@ -244,8 +245,6 @@ def protocol_changes(record: dict, cfg) -> list[str]:
 def _plain(value):
     """``value`` as JSON gives it back (tuples as lists, keys as strings), so a record read from its file
     compares equal to the config it was written from."""
-    import json
-
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
