@@ -14,7 +14,9 @@ from amlp.ops.causal_rn import (
     causal_rn_quadratic,
     causal_rn_quadratic_reference,
     layer_norm0,
+    layer_norm0_reference,
 )
+from amlp.ops.causal_rn import _prefix_log_sum_exp
 
 F64 = torch.float64
 
@@ -56,6 +58,64 @@ def test_layer_norm0_matches_torch_and_guards_constant_rows():
     assert torch.isfinite(const.grad).all()
     # eps = 0: exactly invariant to a positive scale
     torch.testing.assert_close(layer_norm0(1e-30 * x), layer_norm0(x))
+
+
+@pytest.mark.parametrize("dim", [-1, 1])
+def test_layer_norm0_equals_its_definition_in_value_and_gradient(dim):
+    """The written-out backward against autograd through the definition, with constant rows (whose
+    gradient is that of centring), tiny and huge scales and another reduction axis."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 6, 8, generator=g, dtype=F64)
+    x[0, 2] = 5.0  # constant rows along the last axis
+    x[1, :, 3] = -2.0  # and along axis 1
+    x[2] *= 1e-200
+    x[1, 4] *= 1e200
+    weight = torch.randn(x.shape, generator=g, dtype=F64)
+    fast_in, ref_in = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast, ref = layer_norm0(fast_in, dim), layer_norm0_reference(ref_in, dim)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    (fast * weight).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(fast_in.grad, ref_in.grad, rtol=1e-9, atol=1e-9)
+
+
+def test_layer_norm0_gradcheck():
+    x = torch.randn(2, 3, 5, dtype=F64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer_norm0, (x,))
+
+
+@pytest.mark.parametrize("h,dtype", [(2, F64), (7, torch.float32), (1601, torch.float32),
+                                     (1700, torch.float32), (4096, F64)])
+def test_prefix_log_sum_exp_equals_logcumsumexp(h, dtype):
+    """Exact for LN0 outputs at every width, including spiky rows that reach +-sqrt(h - 1) (past
+    h = 1,601 float32 inputs are summed in float64, which must not underflow either)."""
+    g = torch.Generator().manual_seed(h)
+    x = torch.randn(2, 9, h, generator=g, dtype=F64)
+    x[0, 3, 0] = 1e6  # a one-hot row: LN0 puts sqrt(h - 1) and -1 / sqrt(h - 1) in it
+    x[1, 0, 1] = -1e6  # a row with its most negative entry at the first position
+    b_hat = layer_norm0_reference(x).to(dtype)
+    assert float(b_hat.abs().max()) > 0.99 * (h - 1) ** 0.5
+    ours_in, ref_in = b_hat.clone().requires_grad_(), b_hat.double().requires_grad_()
+    ours, ref = _prefix_log_sum_exp(ours_in, h), torch.logcumsumexp(ref_in, dim=1)
+    assert ours.dtype == dtype
+    tol = 1e-12 if dtype == F64 else 1e-5
+    torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+    weight = torch.randn(ours.shape, generator=g, dtype=F64)
+    (ours.double() * weight).sum().backward()
+    (ref * weight).sum().backward()
+    torch.testing.assert_close(ours_in.grad.double(), ref_in.grad, rtol=tol, atol=tol)
+
+
+def test_prefix_log_sum_exp_is_finite_before_the_first_real_key():
+    """Left padding: the prefixes of padded keys alone stay finite, in value and gradient, and the
+    later ones equal logcumsumexp."""
+    real = torch.tensor([False, False, True, True, True])[None, :, None]
+    b_hat = layer_norm0(torch.randn(1, 5, 4, dtype=F64)).masked_fill(~real, -1.0e4).requires_grad_()
+    out = _prefix_log_sum_exp(b_hat, 4)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:, 2:], torch.logcumsumexp(b_hat, dim=1)[:, 2:], rtol=1e-12, atol=1e-12)
+    out.sum().backward()
+    assert torch.isfinite(b_hat.grad).all()
 
 
 # -- linear ("approx") form ------------------------------------------------------------------
