@@ -307,6 +307,24 @@ def test_lm_study_records_carry_the_grid_to_a_machine_without_its_run_folders(tm
     assert "from `tracked/lm.json`" in text and "timed with the cell's model untrained" in text
 
 
+def test_lm_study_cell_on_more_threads_stays_in_the_protocol_and_is_timed_again_on_the_protocols(tmp_path):
+    study = _lm_study(tmp_path, mechanisms=["softmax"], more_seeds=None, records="tracked/lm.json")
+    report = run_lm_study(study, command="amlp study lm", root=tmp_path, extra_overrides=["train.threads=2"],
+                          log=lambda line: None)
+    rec = json.loads((tmp_path / "tracked/lm.json").read_text())["6000/softmax/seed0"]
+    assert rec["finished"] and rec["train"]["threads"] == 2 and "train.threads=2" in rec["overrides"]
+    text = report.read_text()
+    assert "1 cell(s) trained with another thread count than the protocol's (6,000 softmax seed 0)" in text
+    # without the override the cell is the protocol's: done, not refused as another protocol's
+    logs: list[str] = []
+    run_lm_study(study, command="amlp study lm", root=tmp_path, log=logs.append)
+    assert any("6000/softmax/seed0: done before, skipped" in line for line in logs)
+    run_lm_study(study, command="amlp study lm", root=tmp_path, retime=True, log=lambda line: None)
+    timed = json.loads((tmp_path / "tracked/lm.json").read_text())["6000/softmax/seed0"]
+    assert timed["train_machine"]["threads"] == 1 and timed["during_training"]
+    assert "another thread count" not in report.read_text()
+
+
 MAD_TINY = ["data.seq_len=16", "data.train_examples=64", "data.val_examples=16", "data.test_examples=32",
             "model.dim=16", "train.batch_size=16", "train.max_steps=3", "train.eval_every=0",
             "train.checkpoint_every=0", "train.warmup_steps=0", "train.progress=false", "train.threads=1"]

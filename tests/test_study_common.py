@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amlp.train.config import load_config, to_plain
-from amlp.train.study_common import (EarlierProtocol, check_doc_selection, check_protocols, earlier_section, fmt_seeds,
+from amlp.train.study_common import (EarlierProtocol, cell_store, check_doc_selection, check_protocols, earlier_section, fmt_seeds,
                                     load_note, protocol_changes, report_path, torch_threads)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,6 +104,24 @@ def test_check_protocols_refuses_cells_of_another_protocol_and_names_them():
     check_protocols(results, [("a", lambda r: cfg), ("c", lambda r: cfg), ("missing", lambda r: cfg)], "r.json")
     with pytest.raises(ValueError, match=r"(?s)1 finished cell\(s\) in r.json .*\n  b: train.max_steps: .*'earlier'"):
         check_protocols(results, [("a", lambda r: cfg), ("b", lambda r: cfg)], "r.json")
+
+
+def test_a_studys_free_fields_are_not_compared_and_keep_its_cells_tracked(tmp_path):
+    cfg = load_config(ROOT / "configs/mad/cpu/in-context-recall.yaml")
+    record = _record(cfg)
+    record["train"]["threads"] = (cfg.train.threads or 1) + 1
+    assert [c.split(":")[0] for c in protocol_changes(record, cfg)] == ["train.threads"]
+    assert protocol_changes(record, cfg, free=["train.threads"]) == []
+    check_protocols({"a": record}, [("a", lambda r: cfg)], "r.json", free=["train.threads"])
+    with pytest.raises(ValueError, match="train.threads"):
+        check_protocols({"a": record}, [("a", lambda r: cfg)], "r.json")
+    # --set of a free key records in the tracked file; any other key does not
+    notes: list[str] = []
+    store = cell_store(tmp_path, tmp_path / "runs", "tracked.json", ["train.threads=2"], notes.append,
+                       free=["train.threads"])
+    assert store.tracked == tmp_path / "tracked.json" and not notes
+    store = cell_store(tmp_path, tmp_path / "runs", "tracked.json", ["train.threads=2"], notes.append)
+    assert store.tracked is None and "train.threads changes the study's protocol" in notes[0]
 
 
 @pytest.mark.parametrize("study, records, agree", [

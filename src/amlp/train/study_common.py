@@ -223,12 +223,13 @@ def _protocol_fields(section: dict) -> dict:
     return out
 
 
-def protocol_changes(record: dict, cfg) -> list[str]:
+def protocol_changes(record: dict, cfg, free: Iterable[str] = ()) -> list[str]:
     """How the protocol of a finished cell's ``record`` differs from ``cfg`` (the cell's experiment config
     now): ``"section.field: recorded -> now"`` for each field of ``model``, ``train`` and ``data`` that
     both have and whose values differ (a whole options mapping is one field). Fields one side lacks (a
     field the code added since the cell finished, a record without the section) are not compared, nor
-    :data:`PROTOCOL_FREE_FIELDS`."""
+    :data:`PROTOCOL_FREE_FIELDS`, nor the study's own ``free`` fields (dotted names)."""
+    free = set(PROTOCOL_FREE_FIELDS) | set(free)
     changes = []
     for name in ("model", "train", "data"):
         recorded = record.get(name)
@@ -237,7 +238,7 @@ def protocol_changes(record: dict, cfg) -> list[str]:
         before, now = _protocol_fields(recorded), _protocol_fields(to_plain(getattr(cfg, name)))
         for key in before:
             dotted = f"{name}.{key}"
-            if key in now and dotted not in PROTOCOL_FREE_FIELDS and _plain(before[key]) != _plain(now[key]):
+            if key in now and dotted not in free and _plain(before[key]) != _plain(now[key]):
                 changes.append(f"{dotted}: {before[key]!r} -> {now[key]!r}")
     return changes
 
@@ -248,17 +249,20 @@ def _plain(value):
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def check_protocols(results: dict, current: Iterable[tuple[str, Callable[[dict], object]]], source: str) -> None:
+def check_protocols(results: dict, current: Iterable[tuple[str, Callable[[dict], object]]], source: str,
+                    free: Iterable[str] = ()) -> None:
     """Refuse (``ValueError``) when a finished cell was recorded under another protocol than the study's
     now, before any work: its result would otherwise be counted, and reported, as this protocol's.
 
     ``current`` gives ``(cell key, function of the cell's record -> the cell's experiment config now)``
-    for the cells to check; ``results`` are the study's records, ``source`` the file that holds them."""
+    for the cells to check; ``results`` are the study's records, ``source`` the file that holds them, ``free``
+    the fields that study lets differ (see :func:`protocol_changes`)."""
+    free = tuple(free)
     stale = []
     for key, config_now in current:
         record = results.get(key) or {}
         if record.get("finished"):
-            changes = protocol_changes(record, config_now(record))
+            changes = protocol_changes(record, config_now(record), free)
             if changes:
                 stale.append(f"  {key}: " + "; ".join(changes))
     if stale:
@@ -271,15 +275,15 @@ def check_protocols(results: dict, current: Iterable[tuple[str, Callable[[dict],
 
 
 def cell_store(root: Path, run_root: Path, records: str | None, extra_overrides: Iterable[str] = (),
-               log=print) -> CellStore:
+               log=print, free: Iterable[str] = ()) -> CellStore:
     """The study's :class:`CellStore`. Its tracked ``records`` file is left out when ``extra_overrides``
-    (the command line's ``--set``) change the protocol (any key but :data:`SAME_PROTOCOL_KEYS`): such
-    cells neither count the tracked cells as done nor are recorded there. Finished local cells missing
-    from the tracked file are copied into it."""
+    (the command line's ``--set``) change the protocol (any key but :data:`SAME_PROTOCOL_KEYS` and the
+    study's own ``free`` keys): such cells neither count the tracked cells as done nor are recorded there.
+    Finished local cells missing from the tracked file are copied into it."""
     local = run_root / "results.json"
     if not records:
         return CellStore(local)
-    changed = sorted({o.split("=", 1)[0].strip() for o in extra_overrides} - set(SAME_PROTOCOL_KEYS))
+    changed = sorted({o.split("=", 1)[0].strip() for o in extra_overrides} - set(SAME_PROTOCOL_KEYS) - set(free))
     if changed:
         log(f"note: --set {', '.join(changed)} changes the study's protocol; its cells are recorded only in "
             f"{local}, not in the tracked {records}")

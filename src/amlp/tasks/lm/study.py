@@ -24,6 +24,11 @@ Both speeds are measured beside whatever else the machine runs; ``amlp study lm 
 every finished cell again in one pass (training steps of its config, and the generation), so that
 the mixers' speeds compare under one load.
 
+``--set train.threads=N`` keeps a cell in the study's protocol (:data:`SPEED_ONLY_KEYS`): the thread
+count changes how fast a cell trains, not what it learns, so a long cell may train with every core of
+an otherwise idle machine. Its training speed is then not comparable; the report names such cells
+until ``--retime`` has timed them again, which it does with the study config's own threads.
+
 A study file::
 
     title: "..."
@@ -64,6 +69,8 @@ LABELS = {"softmax": "softmax", "linear": "linear attention", "performer": "Perf
           "causal-rn": "CausalRN", "causal-rn-quadratic": "CausalRN (quadratic)", "hyper-mlp": "HyperMLP",
           "hyper-glu": "HyperGLU"}
 FIGURE = "lm_learning_curves.png"
+#: ``--set`` keys that change a cell's speed only: a cell run with them stays in the study's protocol
+SPEED_ONLY_KEYS = ("train.threads",)
 #: the CPU protocol's target for softmax: a validation loss per character of at most this, in nats
 SOFTMAX_TARGET = 1.6
 NATS_PER_BIT = math.log(2)
@@ -266,7 +273,7 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     study.validate()
     root = Path(root or ".")
     run_root = root / study.run_root
-    store = cell_store(root, run_root, study.records, extra_overrides or [], log)
+    store = cell_store(root, run_root, study.records, extra_overrides or [], log, free=SPEED_ONLY_KEYS)
     overrides = list(study.overrides) + list(extra_overrides or [])
     for name, wanted, known in (("--mechanisms", mechanisms, study.mechanisms), ("--sizes", sizes, study.sizes)):
         unknown = [w for w in wanted or [] if w not in known]
@@ -283,7 +290,8 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
         return lambda record: load_config(root / study.config, overrides + _cell_overrides(size, mech, seed))
 
     checked = study_cells(study) if write_doc else cells
-    check_protocols(store.read(), ((cell_key(*c), config_now(*c)) for c in checked), store.source(root))
+    check_protocols(store.read(), ((cell_key(*c), config_now(*c)) for c in checked), store.source(root),
+                    free=SPEED_ONLY_KEYS)
     if retime and not doc_only:
         _retime(study, cells, root, store, log)
     elif not doc_only:
@@ -320,6 +328,11 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     return doc
 
 
+def protocol_overrides(overrides: list[str]) -> list[str]:
+    """``overrides`` without the :data:`SPEED_ONLY_KEYS`: the cell's config as the study's protocol times it."""
+    return [o for o in overrides if o.split("=", 1)[0].strip() not in SPEED_ONLY_KEYS]
+
+
 #: training steps timed by ``--retime``, after the warm-up steps
 TIMING_STEPS, TIMING_WARMUP = 20, 3
 
@@ -334,7 +347,8 @@ def _retime(study: LMStudyConfig, cells, root: Path, store: CellStore, log: Call
             log(f"({i}/{len(cells)}) {key}: not finished, nothing to time")
             continue
         log(f"({i}/{len(cells)}) {key}: timing {TIMING_STEPS} training steps and {g.new_tokens} generated characters")
-        cfg = load_config(root / study.config, record["overrides"])
+        cfg = load_config(root / study.config, protocol_overrides(record["overrides"]) + [
+            o for o in study.overrides if o not in protocol_overrides([o])])
         timing = measure_training(cfg, TIMING_STEPS, TIMING_WARMUP)
         # a cell finished on another machine has no checkpoint here: its untrained model decodes as fast
         ckpt = store.checkpoint(root, record)
@@ -408,7 +422,7 @@ def write_lm_report(path: Path, results: dict, *, study: LMStudyConfig, command:
     lines += _samples(results, study)
     if figure:
         lines += _figure(results, study, root / "docs" / "figures" / FIGURE, path, root)
-    lines += _protocol(finished, study)
+    lines += _protocol(finished, study, load_config(root / study.config, list(study.overrides)).train.threads)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text("\n".join(lines) + "\n")
@@ -540,10 +554,12 @@ def _figure(results: dict, study: LMStudyConfig, out: Path, doc: Path, root: Pat
     return ["## Learning curves", "", f"![validation bits per character against step]({rel})", ""]
 
 
-def _protocol(recs: list[dict], study: LMStudyConfig) -> list[str]:
+def _protocol(recs: list[dict], study: LMStudyConfig, threads: int | None) -> list[str]:
+    """The report's protocol section; ``threads`` is the protocol's training thread count."""
     if not recs:
         return ["No finished cells yet."]
-    r = recs[0]
+    # the protocol as a cell trained with the protocol's threads gives it
+    r = next((x for x in recs if x["train"].get("threads") == threads), recs[0])
     m, t, d = r["model"], r["train"], r["data"]
     options = {k: v for k, v in m["mixer_options"].items()
                if k in {parse_mechanism(x, "causal")[0] for x in study.mechanisms}}
@@ -558,6 +574,12 @@ def _protocol(recs: list[dict], study: LMStudyConfig) -> list[str]:
     speed = f"- Speeds: training characters per second are {how}. {timing_passes(passes, 'amlp study lm --retime')}"
     if set(passes) != {None} and None in passes:
         speed += " Cells not yet timed again keep the speeds measured during their training."
+    threaded = [f"{x['size']:,} {mechanism_label(x['mechanism'])} seed {x['seed']}" for x in recs
+                if x.get("timing_pass") is None and x["train"].get("threads") != threads]
+    if threaded:
+        speed += (f" {len(threaded)} cell(s) trained with another thread count than the protocol's "
+                  f"({'; '.join(threaded)}): their training speeds compare with no other cell's until "
+                  "`amlp study lm --retime` times them again.")
     untrained = sum(bool(x["generation"].get("untrained")) for x in recs)
     if untrained:
         speed += (f" The generation of {untrained} cell(s) trained on another machine was timed with the cell's model "
