@@ -44,7 +44,7 @@ from ._checks import check_mask, check_qkv, compute_dtype, padded_rows_to_zero
 
 #: logit given to padded keys: exp(SENTINEL - any real logit) is exactly 0, and sums stay finite
 SENTINEL = -1e30
-DEFAULT_CHUNK = 16
+DEFAULT_CHUNK = 8
 
 
 def check_control(control: torch.Tensor, batch: int, length: int, heads: int) -> int:
