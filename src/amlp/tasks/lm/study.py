@@ -328,9 +328,13 @@ def run_lm_study(study: LMStudyConfig, *, command: str, mechanisms: list[str] | 
     return doc
 
 
+def _speed_only(override: str) -> bool:
+    return override.split("=", 1)[0].strip() in SPEED_ONLY_KEYS
+
+
 def protocol_overrides(overrides: list[str]) -> list[str]:
     """``overrides`` without the :data:`SPEED_ONLY_KEYS`: the cell's config as the study's protocol times it."""
-    return [o for o in overrides if o.split("=", 1)[0].strip() not in SPEED_ONLY_KEYS]
+    return [o for o in overrides if not _speed_only(o)]
 
 
 #: training steps timed by ``--retime``, after the warm-up steps
@@ -347,8 +351,9 @@ def _retime(study: LMStudyConfig, cells, root: Path, store: CellStore, log: Call
             log(f"({i}/{len(cells)}) {key}: not finished, nothing to time")
             continue
         log(f"({i}/{len(cells)}) {key}: timing {TIMING_STEPS} training steps and {g.new_tokens} generated characters")
-        cfg = load_config(root / study.config, protocol_overrides(record["overrides"]) + [
-            o for o in study.overrides if o not in protocol_overrides([o])])
+        # the study's own speed-only overrides are its protocol; the command line's are not
+        cfg = load_config(root / study.config, protocol_overrides(record["overrides"])
+                          + [o for o in study.overrides if _speed_only(o)])
         timing = measure_training(cfg, TIMING_STEPS, TIMING_WARMUP)
         # a cell finished on another machine has no checkpoint here: its untrained model decodes as fast
         ckpt = store.checkpoint(root, record)
