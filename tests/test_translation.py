@@ -665,3 +665,49 @@ def test_report_shows_an_earlier_protocol_beside_this_one():
     root = Path(__file__).resolve().parents[1]
     committed = load_translation_study(root / "configs/translation/study/cpu.yaml")
     assert committed.earlier and all((root / e.records).is_file() for e in committed.earlier)
+
+
+def test_report_shows_rows_outside_the_grid_beside_the_grids_row():
+    from amlp.tasks.translation.study import StudyRow, TranslationStudyConfig, _other_rows
+
+    study = TranslationStudyConfig(configs={"transformer": "t.yaml", "glat": "g.yaml"},
+                                   rows=[StudyRow("transformer", "softmax"), StudyRow("glat", "abc:landmarks=16")],
+                                   other_rows=[StudyRow("glat", "abc"), StudyRow("glat", "performer")],
+                                   other_rows_note="At the TTS sizes.", directions=["en-de"],
+                                   test_sets=["test2016", "test2017"])
+    study.validate()
+
+    def record(row, seed, bleu):
+        return {f"en-de/{row}/seed{seed}": {"finished": True, "direction": "en-de", "row": row, "seed": seed,
+                                            "tests": {"test2016": {"bleu": bleu}, "test2017": {"bleu": bleu - 8}}}}
+
+    results = (record("transformer/softmax", 0, 32.0) | record("glat/abc", 0, 25.0)
+               | record("glat/abc:landmarks=16", 0, 22.0) | record("glat/abc:landmarks=16", 1, 23.0))
+    text = "\n".join(_other_rows(results, study))
+    assert text.startswith("## Rows outside the grid\n\nAt the TTS sizes.")
+    assert "| en → de | GLAT (ABC) | 25.00¹ | 17.00¹ | 1 | GLAT (ABC `landmarks=16`) | 22.50 ± 0.71 |" in text
+    assert "Performer" not in text  # no finished cell of it
+    assert _other_rows(record("transformer/softmax", 0, 32.0), study) == []
+
+
+def test_study_file_refuses_an_other_row_that_is_in_the_grid():
+    from amlp.tasks.translation.study import StudyRow, TranslationStudyConfig
+
+    study = TranslationStudyConfig(configs={"transformer": "t.yaml"}, rows=[StudyRow("transformer", "softmax")],
+                                   other_rows=[StudyRow("transformer", "softmax")])
+    with pytest.raises(ValueError, match="'other_rows': 'transformer/softmax' is a row of the grid"):
+        study.validate()
+    study.other_rows = [StudyRow("rnn", "softmax")]
+    with pytest.raises(ValueError, match="has no arch of transformer, glat"):
+        study.validate()
+
+
+def test_committed_study_runs_the_efficient_rows_at_the_papers_mt_sizes():
+    """AMLP paper Table 8, MT column: local window 5, ABC 16 slots, Performer 16 features, AMLP 16 landmarks."""
+    from amlp.tasks.translation.study import load_translation_study
+
+    study = load_translation_study(Path(__file__).resolve().parents[1] / "configs/translation/study/cpu.yaml")
+    mechanisms = {r.mechanism for r in study.rows}
+    assert {"local:wsize=5", "abc:landmarks=16", "performer:approx_attn_dim=16"} <= mechanisms
+    assert all("landmarks=16" in m for m in mechanisms if m.startswith("amlp-"))
+    assert {r.key for r in study.other_rows} == {"transformer/local", "transformer/performer", "glat/abc"}

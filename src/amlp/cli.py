@@ -655,7 +655,7 @@ def study_recall_command(
 @study_app.command("translation")
 def study_translation_command(
     config: str = typer.Option("configs/translation/study/cpu.yaml", "--config", "-c", help="study file"),
-    rows: str = typer.Option(None, "--rows", help="semicolon-separated rows, e.g. 'transformer/softmax;glat/abc' "
+    rows: str = typer.Option(None, "--rows", help="semicolon-separated rows, e.g. 'transformer/softmax;glat/abc:landmarks=16' "
                                                   "(default: the study's)"),
     directions: str = typer.Option(None, "--directions", help="comma-separated: en-de,de-en (default: the study's)"),
     seeds: str = _SEEDS,

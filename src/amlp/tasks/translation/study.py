@@ -126,6 +126,12 @@ class TranslationStudyConfig:
     examples: int = 3
     #: earlier protocols whose records the report compares with this one's
     earlier: list[EarlierProtocol] = field(default_factory=list)
+    #: rows outside the grid (never trained by the study) whose finished cells in the records the report
+    #: shows in a table of their own, beside the grid's row of the same arch and mechanism; e.g. the
+    #: same mechanisms at other sizes
+    other_rows: list[StudyRow] = field(default_factory=list)
+    #: what the other rows are, printed above their table
+    other_rows_note: str = ""
 
     def validate(self) -> None:
         unknown = sorted(set(self.configs) - set(ARCHS))
@@ -148,6 +154,12 @@ class TranslationStudyConfig:
             missing = [k for k in self.more_seeds.rows if k not in keys]
             if missing:
                 raise ValueError(f"study key 'more_seeds.rows' names rows that are not in 'rows': {missing}")
+        for r in self.other_rows:
+            if r.key in keys:
+                raise ValueError(f"study key 'other_rows': {r.key!r} is a row of the grid ('rows')")
+            if r.arch not in ARCHS:
+                raise ValueError(f"study key 'other_rows': {r.key!r} has no arch of {', '.join(ARCHS)}")
+            parse_mechanism(r.mechanism, "causal" if r.arch == "transformer" and not r.cross else "noncausal")
         if any(b < 1 for b in self.latency.batch_sizes) or self.latency.sentences < 1:
             raise ValueError("study key 'latency': batch sizes and sentences must be >= 1")
         if self.examples < 0:
@@ -545,6 +557,7 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
               "as decoded, as the GLAT and AMLP papers report it.", ""]
     lines += _requirements(results, study)
     lines += _paper_comparisons(results, study)
+    lines += _other_rows(results, study)
     for protocol, records in earlier:
         lines += _earlier(protocol, records, results, study)
     if examples_root is not None:
@@ -669,6 +682,38 @@ def _paper_comparisons(results: dict, study: TranslationStudyConfig) -> list[str
     if not lines:
         return []
     return [f"## The paper's comparisons ({test} BLEU, means over seeds)", ""] + lines + [""]
+
+
+def _other_rows(results: dict, study: TranslationStudyConfig) -> list[str]:
+    """The study's ``other_rows`` that have finished cells: their test BLEU per test set beside the grid's
+    row of the same arch and mechanism (the first one, when several differ only in options)."""
+    tests = list(dict.fromkeys(study.test_sets))
+    grid = {}
+    for row in study.rows:
+        grid.setdefault(f"{row.arch}/{row.mechanism.split(':')[0]}", row)
+    bleu = lambda t: lambda r: (r["tests"].get(t) or {}).get("bleu")  # noqa: E731
+    body = []
+    for direction in study.directions:
+        for row in study.other_rows:
+            own = [_cell_values(results, direction, row.key, bleu(t)) for t in tests]
+            if not own[0]:
+                continue
+            match = grid.get(f"{row.arch}/{row.mechanism.split(':')[0]}")
+            cells = [direction.replace('-', ' → '), _label(row)] + [fmt_seeds(v, 2) for v in own]
+            cells.append(str(len(own[0])))
+            if match is None:
+                cells += ["—"] * 2
+            else:
+                theirs = _cell_values(results, direction, match.key, bleu(tests[0]))
+                cells += [_label(match), fmt_seeds(theirs, 2)]
+            body.append("| " + " | ".join(cells) + " |")
+    if not body:
+        return []
+    head = ["direction", "model"] + [f"{t} BLEU" for t in tests] + ["seeds", "row of the grid", f"its {tests[0]} BLEU"]
+    lines = ["## Rows outside the grid", ""]
+    if study.other_rows_note:
+        lines += [study.other_rows_note.strip(), ""]
+    return lines + ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + body + [""]
 
 
 def _earlier(protocol: EarlierProtocol, records: dict, results: dict, study: TranslationStudyConfig) -> list[str]:
