@@ -650,6 +650,15 @@ def _requirements(results: dict, study: TranslationStudyConfig) -> list[str]:
     return out + [""]
 
 
+def _rows_by_name(study: TranslationStudyConfig) -> dict[str, StudyRow]:
+    """The grid's row of each arch and mechanism name without options (``glat/abc`` for
+    ``glat/abc:landmarks=16``); the first one where several rows differ only in options."""
+    out: dict[str, StudyRow] = {}
+    for row in study.rows:
+        out.setdefault(f"{row.arch}/{row.mechanism.split(':')[0]}", row)
+    return out
+
+
 #: the AMLP paper's claims about its MT rows (Table 2): (row, row it is compared with), the paper's
 #: WMT14 BLEU of each from PAPER_BLEU
 PAPER_COMPARISONS = (("glat/amlp-pquery", "glat/softmax"), ("glat/amlp-pquery", "glat/abc"))
@@ -660,9 +669,7 @@ def _paper_comparisons(results: dict, study: TranslationStudyConfig) -> list[str
     behind, and against GLAT with ABC, about 3 BLEU ahead) on this study's test2016 means, beside
     the paper's WMT14 differences; empty until both rows of a pair have a finished cell."""
     test = study.test_sets[0]
-    by_name = {}
-    for row in study.rows:
-        by_name.setdefault(f"{row.arch}/{row.mechanism.split(':')[0]}", row)
+    by_name = _rows_by_name(study)
     lines = []
     for direction in study.directions:
         column = 0 if direction == "en-de" else 1
@@ -688,9 +695,7 @@ def _other_rows(results: dict, study: TranslationStudyConfig) -> list[str]:
     """The study's ``other_rows`` that have finished cells: their test BLEU per test set beside the grid's
     row of the same arch and mechanism (the first one, when several differ only in options)."""
     tests = list(dict.fromkeys(study.test_sets))
-    grid = {}
-    for row in study.rows:
-        grid.setdefault(f"{row.arch}/{row.mechanism.split(':')[0]}", row)
+    grid = _rows_by_name(study)
     bleu = lambda t: lambda r: (r["tests"].get(t) or {}).get("bleu")  # noqa: E731
     body = []
     for direction in study.directions:
