@@ -89,6 +89,15 @@ class StudyRow:
     def key(self) -> str:
         return f"{self.arch}/{self.mechanism}"
 
+    @property
+    def name(self) -> str:
+        """The key without the mechanism's options: ``glat/abc`` for ``glat/abc:landmarks=16``."""
+        return f"{self.arch}/{self.mechanism.split(':')[0]}"
+
+    def check_mechanism(self) -> None:
+        """Parse the mechanism for its site (``ValueError`` from the registry when it cannot serve it)."""
+        parse_mechanism(self.mechanism, "causal" if self.arch == "transformer" and not self.cross else "noncausal")
+
 
 @dataclass
 class MoreSeeds:
@@ -147,7 +156,7 @@ class TranslationStudyConfig:
         for r in self.rows:
             if r.arch not in self.configs:
                 raise ValueError(f"study row {r.key!r}: no config for arch {r.arch!r} under 'configs'")
-            parse_mechanism(r.mechanism, "causal" if r.arch == "transformer" and not r.cross else "noncausal")
+            r.check_mechanism()
         if self.teacher not in keys or not self.teacher.startswith("transformer/"):
             raise ValueError(f"study key 'teacher' must name an AR row (transformer/...), got {self.teacher!r}")
         if self.more_seeds:
@@ -159,7 +168,7 @@ class TranslationStudyConfig:
                 raise ValueError(f"study key 'other_rows': {r.key!r} is a row of the grid ('rows')")
             if r.arch not in ARCHS:
                 raise ValueError(f"study key 'other_rows': {r.key!r} has no arch of {', '.join(ARCHS)}")
-            parse_mechanism(r.mechanism, "causal" if r.arch == "transformer" and not r.cross else "noncausal")
+            r.check_mechanism()
         if any(b < 1 for b in self.latency.batch_sizes) or self.latency.sentences < 1:
             raise ValueError("study key 'latency': batch sizes and sentences must be >= 1")
         if self.examples < 0:
@@ -547,7 +556,7 @@ def write_translation_report(path: Path, results: dict, *, study: TranslationStu
             last = str(study.latency.batch_sizes[-1])
             cells.append(fmt_seeds(_cell_values(results, direction, key,
                                            lambda r: r["latency"]["batch_sizes"].get(last, {}).get("peak_mib")), 0))
-            paper = PAPER_BLEU.get(f"{row.arch}/{row.mechanism.split(':')[0]}")
+            paper = PAPER_BLEU.get(row.name)
             value = paper[column] if paper else None
             cells.append("—" if value is None else value if isinstance(value, str) else f"{value:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
@@ -655,7 +664,7 @@ def _rows_by_name(study: TranslationStudyConfig) -> dict[str, StudyRow]:
     ``glat/abc:landmarks=16``); the first one where several rows differ only in options."""
     out: dict[str, StudyRow] = {}
     for row in study.rows:
-        out.setdefault(f"{row.arch}/{row.mechanism.split(':')[0]}", row)
+        out.setdefault(row.name, row)
     return out
 
 
@@ -703,7 +712,7 @@ def _other_rows(results: dict, study: TranslationStudyConfig) -> list[str]:
             own = [_cell_values(results, direction, row.key, bleu(t)) for t in tests]
             if not own[0]:
                 continue
-            match = grid.get(f"{row.arch}/{row.mechanism.split(':')[0]}")
+            match = grid.get(row.name)
             cells = [direction.replace('-', ' → '), _label(row)] + [fmt_seeds(v, 2) for v in own]
             cells.append(str(len(own[0])))
             if match is None:
